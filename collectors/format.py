@@ -1,0 +1,315 @@
+"""The ledger's on-disk format and the records it holds.
+
+This module is the root of the import graph: stdlib only, no other project import.
+
+A ledger is one fixed-size file per process (each TP worker, and the engine):
+
+    [header: 512 bytes][meta area: append-only JSON entries][ring: n_slots x 96-byte slots]
+
+* The header is written once, except two counters at fixed offsets: ``cursor`` (the
+  sequence number of the next ring record) and ``meta_used`` (bytes used in the meta area).
+* The meta area holds rare, variable-sized entries (configuration, capture manifests) as
+  ``[u32 length][u32 crc32][json]``; it is never overwritten, so manifests survive a ring that
+  has wrapped many times.
+* Each ring slot is ``[u64 record seq][u16 kind][6 pad][72-byte payload][u64 record seq]``.
+  The writer stores head and payload in one pack, then the trailing seq. A reader accepts a
+  slot only if both seqs equal the one that slot should hold, so a slot torn by a kill or read
+  while being overwritten is skipped, never misread. (A checksum would cost as much again as
+  the whole write on the hot path; the header and meta entries, written rarely, do carry crc32.)
+
+No prompt text, token ids or request ids are ever recorded: shapes and counts only.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+import zlib
+from dataclasses import dataclass
+from typing import Final
+
+MAGIC: Final = b"TPWDLDG1"
+FORMAT_VERSION: Final = 1
+HEADER_SIZE: Final = 512
+SLOT_SIZE: Final = 96
+PAYLOAD_SIZE: Final = SLOT_SIZE - 24
+TRAILER_OFFSET: Final = SLOT_SIZE - 8
+DEFAULT_SLOTS: Final = 8192
+DEFAULT_META_SIZE: Final = 256 * 1024
+
+# magic, version, kind, rank, world_size, pid, n_slots, slot_size, meta_size,
+# start_wall_ns, start_mono_ns, host, instance, boot_id
+HEADER_STATIC: Final = struct.Struct("<8sHHiiiIII4xQQ64s32s36s")
+# Dynamic counters live after the static part, each 8-byte aligned.
+CURSOR_OFFSET: Final = 256
+META_USED_OFFSET: Final = 264
+HEADER_CRC_OFFSET: Final = 272  # crc32 of the static header
+U64: Final = struct.Struct("<Q")
+U32: Final = struct.Struct("<I")
+
+SLOT_HEAD: Final = struct.Struct("<QH6x")  # record seq, kind
+META_HEAD: Final = struct.Struct("<II")  # length, crc
+
+
+class ProcessKind(enum.IntEnum):
+    WORKER = 0
+    ENGINE = 1
+
+
+class CUDAGraphMode(enum.StrEnum):
+    """Runtime mode of one forward pass, as vLLM's dispatcher returns it."""
+
+    NONE = "NONE"
+    PIECEWISE = "PIECEWISE"
+    FULL = "FULL"
+
+
+MODE_CODES: Final = {CUDAGraphMode.NONE: 0, CUDAGraphMode.PIECEWISE: 1, CUDAGraphMode.FULL: 2}
+MODES_BY_CODE: Final = {v: k for k, v in MODE_CODES.items()}
+
+OPS: Final = (
+    "unknown", "all_reduce", "all_gather", "reduce_scatter", "broadcast",
+    "all_to_all", "send", "recv", "barrier",
+)  # fmt: skip
+DTYPES: Final = (
+    "unknown", "float32", "float16", "bfloat16", "int32", "int64", "uint8",
+    "float8_e4m3fn", "float64", "int8",
+)  # fmt: skip
+
+
+def code_of(table: tuple[str, ...], name: str) -> int:
+    try:
+        return table.index(name)
+    except ValueError:
+        return 0
+
+
+class Role(enum.IntEnum):
+    MODEL = 0
+    DRAFTER = 1
+
+
+class RecordKind(enum.IntEnum):
+    STEP_BEGIN = 1
+    STEP_END = 2
+    LAUNCH = 3
+    COLLECTIVE = 4
+    ENGINE_STEP = 10
+    ENGINE_RESULT = 11
+    ENGINE_QUEUE = 12
+
+
+# Slot layouts, one per record kind: the slot head followed by the payload fields.
+# STEP_BEGIN: step, mono, mode, uniform, has_lora, num_tokens, num_reqs(-1=None),
+#             active_loras, unpadded_tokens, unpadded_reqs, padded_reqs, placeholders
+P_STEP_BEGIN: Final = struct.Struct("<QH6xqqBBBxIiHxxIIII")
+P_STEP_END: Final = struct.Struct("<QH6xqqB")  # step, mono, ok
+# LAUNCH: step, mono, role, mode, uniform, has_lora, num_tokens, num_reqs, active_loras, manifest hash
+P_LAUNCH: Final = struct.Struct("<QH6xqqBBBBIiHxxI")
+# COLLECTIVE: step, mono, group, op, dtype, numel, group seq
+P_COLLECTIVE: Final = struct.Struct("<QH6xqq8sBBxxxxxxQQ")
+# ENGINE_STEP: step, mono, total_tokens, num_reqs, num_decode_reqs, placeholders,
+#              max_query_len, min_query_len, running, waiting
+P_ENGINE_STEP: Final = struct.Struct("<QH6xqqIIIIIIII")
+P_ENGINE_RESULT: Final = struct.Struct("<QH6xqqBxxxIII")  # step, mono, ok, running, waiting, finished
+P_ENGINE_QUEUE: Final = struct.Struct("<QH6xqII")  # mono, running, waiting
+
+for _s in (P_STEP_BEGIN, P_STEP_END, P_LAUNCH, P_COLLECTIVE, P_ENGINE_STEP, P_ENGINE_RESULT, P_ENGINE_QUEUE):
+    assert _s.size <= TRAILER_OFFSET, _s.format
+
+
+@dataclass(frozen=True, slots=True)
+class GraphKey:
+    """What vLLM's dispatcher chose for one forward pass: (runtime mode, BatchDescriptor)."""
+
+    mode: CUDAGraphMode
+    num_tokens: int
+    num_reqs: int | None = None
+    uniform: bool = False
+    has_lora: bool = False
+    num_active_loras: int = 0
+
+    def label(self) -> str:
+        reqs = "-" if self.num_reqs is None else str(self.num_reqs)
+        tail = " uniform" if self.uniform else ""
+        lora = f" lora={self.num_active_loras}" if self.has_lora else ""
+        return f"{self.mode.value}(tokens={self.num_tokens}, reqs={reqs}{tail}{lora})"
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "mode": self.mode.value,
+            "num_tokens": self.num_tokens,
+            "num_reqs": self.num_reqs,
+            "uniform": self.uniform,
+            "has_lora": self.has_lora,
+            "num_active_loras": self.num_active_loras,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, object]) -> GraphKey:
+        num_reqs = data.get("num_reqs")
+        return cls(
+            mode=CUDAGraphMode(str(data["mode"])),
+            num_tokens=int(str(data["num_tokens"])),
+            num_reqs=None if num_reqs is None else int(str(num_reqs)),
+            uniform=bool(data.get("uniform", False)),
+            has_lora=bool(data.get("has_lora", False)),
+            num_active_loras=int(str(data.get("num_active_loras", 0))),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class CollectiveOp:
+    """One collective as a graph or the host issues it: shapes only."""
+
+    op: str
+    group: str
+    dtype: str
+    numel: int
+
+    def to_json(self) -> list[object]:
+        return [self.op, self.group, self.dtype, self.numel]
+
+    @classmethod
+    def from_json(cls, data: object) -> CollectiveOp:
+        if not isinstance(data, list) or len(data) != 4:
+            raise ValueError(f"collective entry must be [op, group, dtype, numel], got {data!r}")
+        op, group, dtype, numel = data
+        return cls(str(op), str(group), str(dtype), int(numel))
+
+
+def manifest_hash(collectives: tuple[CollectiveOp, ...] | list[CollectiveOp]) -> int:
+    text = ";".join(f"{c.op},{c.group},{c.dtype},{c.numel}" for c in collectives)
+    return zlib.crc32(text.encode())
+
+
+# ---- decoded ring records -------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StepBegin:
+    seq: int
+    step: int
+    mono_ns: int
+    key: GraphKey
+    unpadded_tokens: int
+    unpadded_reqs: int
+    padded_reqs: int
+    placeholders: int
+
+
+@dataclass(frozen=True, slots=True)
+class StepEnd:
+    seq: int
+    step: int
+    mono_ns: int
+    ok: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Launch:
+    seq: int
+    step: int
+    mono_ns: int
+    role: Role
+    key: GraphKey
+    manifest_hash: int
+
+
+@dataclass(frozen=True, slots=True)
+class Collective:
+    seq: int
+    step: int
+    mono_ns: int
+    group: str
+    op: str
+    dtype: str
+    numel: int
+    group_seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStep:
+    seq: int
+    step: int
+    mono_ns: int
+    total_tokens: int
+    num_reqs: int
+    num_decode_reqs: int
+    placeholders: int
+    max_query_len: int
+    min_query_len: int
+    running: int
+    waiting: int
+
+
+@dataclass(frozen=True, slots=True)
+class EngineResult:
+    seq: int
+    step: int
+    mono_ns: int
+    ok: bool
+    running: int
+    waiting: int
+    finished: int
+
+
+@dataclass(frozen=True, slots=True)
+class EngineQueue:
+    seq: int
+    mono_ns: int
+    running: int
+    waiting: int
+
+
+Record = StepBegin | StepEnd | Launch | Collective | EngineStep | EngineResult | EngineQueue
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    """The ordered collectives captured into one CUDA graph."""
+
+    role: Role
+    key: GraphKey
+    collectives: tuple[CollectiveOp, ...]
+    hash: int
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    version: int
+    kind: ProcessKind
+    rank: int
+    world_size: int
+    pid: int
+    n_slots: int
+    slot_size: int
+    meta_size: int
+    start_wall_ns: int
+    start_mono_ns: int
+    host: str
+    instance: str
+    boot_id: str
+
+    @property
+    def ring_offset(self) -> int:
+        return HEADER_SIZE + self.meta_size
+
+    @property
+    def file_size(self) -> int:
+        return self.ring_offset + self.n_slots * self.slot_size
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "version": self.version,
+            "kind": self.kind.name.lower(),
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "pid": self.pid,
+            "n_slots": self.n_slots,
+            "host": self.host,
+            "instance": self.instance,
+            "boot_id": self.boot_id,
+            "start_wall_ns": self.start_wall_ns,
+            "start_mono_ns": self.start_mono_ns,
+        }

@@ -1,0 +1,321 @@
+"""Reading ledgers from outside the process that writes them. Stdlib only.
+
+Works while the writer is running, stuck (GIL held or not) or dead (SIGKILL): the file is a
+plain shared mapping, so whatever the writer stored is in the page cache.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from collectors.format import (
+    CURSOR_OFFSET,
+    DTYPES,
+    FORMAT_VERSION,
+    HEADER_CRC_OFFSET,
+    HEADER_SIZE,
+    HEADER_STATIC,
+    MAGIC,
+    META_HEAD,
+    META_USED_OFFSET,
+    MODES_BY_CODE,
+    OPS,
+    P_COLLECTIVE,
+    P_ENGINE_QUEUE,
+    P_ENGINE_RESULT,
+    P_ENGINE_STEP,
+    P_LAUNCH,
+    P_STEP_BEGIN,
+    P_STEP_END,
+    SLOT_HEAD,
+    SLOT_SIZE,
+    TRAILER_OFFSET,
+    U32,
+    U64,
+    Collective,
+    CollectiveOp,
+    EngineQueue,
+    EngineResult,
+    EngineStep,
+    GraphKey,
+    Header,
+    Launch,
+    Manifest,
+    ProcessKind,
+    Record,
+    RecordKind,
+    Role,
+    StepBegin,
+    StepEnd,
+)
+from collectors.recorder import META_DROPPED_OFFSET
+
+MAX_SLOTS = 1 << 24
+MAX_META = 64 << 20
+
+
+class LedgerError(Exception):
+    """A file that is not a ledger, or one too damaged to read. The message is one line."""
+
+
+def _text(raw: bytes) -> str:
+    return raw.rstrip(b"\0").decode("utf-8", "replace")
+
+
+def parse_header(data: bytes | mmap.mmap, where: str = "ledger") -> Header:
+    if len(data) < HEADER_SIZE:
+        raise LedgerError(f"{where}: too short for a ledger header ({len(data)} bytes)")
+    if bytes(data[:8]) != MAGIC:
+        raise LedgerError(f"{where}: not a watchdog ledger (bad magic)")
+    static = bytes(data[: HEADER_STATIC.size])
+    if U32.unpack_from(data, HEADER_CRC_OFFSET)[0] != zlib.crc32(static):
+        raise LedgerError(f"{where}: ledger header is damaged (checksum mismatch)")
+    (_, version, kind, rank, world, pid, n_slots, slot_size, meta_size, wall, mono, host, inst, boot) = (
+        HEADER_STATIC.unpack(static)
+    )
+    if version != FORMAT_VERSION:
+        raise LedgerError(f"{where}: ledger format version {version} is not supported (want {FORMAT_VERSION})")
+    if slot_size != SLOT_SIZE or not 0 < n_slots <= MAX_SLOTS or not 0 <= meta_size <= MAX_META:
+        raise LedgerError(f"{where}: ledger header has impossible sizes")
+    try:
+        pkind = ProcessKind(kind)
+    except ValueError:
+        raise LedgerError(f"{where}: unknown process kind {kind}") from None
+    return Header(
+        version=version,
+        kind=pkind,
+        rank=rank,
+        world_size=world,
+        pid=pid,
+        n_slots=n_slots,
+        slot_size=slot_size,
+        meta_size=meta_size,
+        start_wall_ns=wall,
+        start_mono_ns=mono,
+        host=_text(host),
+        instance=_text(inst),
+        boot_id=_text(boot),
+    )
+
+
+def _key(mode: int, uniform: int, has_lora: int, tokens: int, reqs: int, loras: int) -> GraphKey:
+    return GraphKey(
+        mode=MODES_BY_CODE[mode],
+        num_tokens=tokens,
+        num_reqs=None if reqs < 0 else reqs,
+        uniform=bool(uniform),
+        has_lora=bool(has_lora),
+        num_active_loras=loras,
+    )
+
+
+def decode_slot(slot: bytes, expected_seq: int) -> Record | None:
+    """The record in one slot, or None if it is torn, stale, foreign or unknown."""
+    if len(slot) != SLOT_SIZE:
+        return None
+    seq, kind = SLOT_HEAD.unpack_from(slot, 0)
+    if seq != expected_seq or U64.unpack_from(slot, TRAILER_OFFSET)[0] != expected_seq:
+        return None
+    try:
+        if kind == RecordKind.STEP_BEGIN:
+            step, mono, mode, uni, lora, tok, reqs, loras, ut, ur, pad, ph = P_STEP_BEGIN.unpack_from(slot, 0)[2:]
+            return StepBegin(seq, step, mono, _key(mode, uni, lora, tok, reqs, loras), ut, ur, pad, ph)
+        if kind == RecordKind.STEP_END:
+            step, mono, ok = P_STEP_END.unpack_from(slot, 0)[2:]
+            return StepEnd(seq, step, mono, bool(ok))
+        if kind == RecordKind.LAUNCH:
+            step, mono, role, mode, uni, lora, tok, reqs, loras, h = P_LAUNCH.unpack_from(slot, 0)[2:]
+            return Launch(seq, step, mono, Role(role), _key(mode, uni, lora, tok, reqs, loras), h)
+        if kind == RecordKind.COLLECTIVE:
+            step, mono, group, op, dtype, numel, gseq = P_COLLECTIVE.unpack_from(slot, 0)[2:]
+            return Collective(seq, step, mono, _text(group), OPS[op], DTYPES[dtype], numel, gseq)
+        if kind == RecordKind.ENGINE_STEP:
+            return EngineStep(seq, *P_ENGINE_STEP.unpack_from(slot, 0)[2:])
+        if kind == RecordKind.ENGINE_RESULT:
+            step, mono, ok, running, waiting, finished = P_ENGINE_RESULT.unpack_from(slot, 0)[2:]
+            return EngineResult(seq, step, mono, bool(ok), running, waiting, finished)
+        if kind == RecordKind.ENGINE_QUEUE:
+            return EngineQueue(seq, *P_ENGINE_QUEUE.unpack_from(slot, 0)[2:])
+    except (KeyError, IndexError, ValueError):
+        return None  # a valid checksum over values this version cannot name
+    return None
+
+
+@dataclass(frozen=True)
+class Ledger:
+    """A consistent read of one ledger file."""
+
+    path: str
+    header: Header
+    meta: tuple[dict[str, Any], ...]
+    manifests: dict[int, Manifest]
+    records: tuple[Record, ...]
+    cursor: int
+    skipped: int = 0  # slots inside the live window that failed validation (torn or damaged)
+    lost: int = 0  # records already overwritten by the ring wrapping
+    problems: tuple[str, ...] = field(default=())
+
+    @property
+    def rank(self) -> int:
+        return self.header.rank
+
+    @property
+    def config(self) -> dict[str, Any]:
+        merged: dict[str, Any] = {}
+        for entry in self.meta:
+            if entry.get("t") == "config":
+                merged.update({k: v for k, v in entry.items() if k != "t"})
+        return merged
+
+
+def _parse_meta(data: bytes | mmap.mmap, header: Header, where: str) -> tuple[list[dict[str, Any]], list[str]]:
+    used = min(U64.unpack_from(data, META_USED_OFFSET)[0], header.meta_size)
+    entries: list[dict[str, Any]] = []
+    problems: list[str] = []
+    off = HEADER_SIZE
+    end = HEADER_SIZE + used
+    while off + META_HEAD.size <= end:
+        length, crc = META_HEAD.unpack_from(data, off)
+        body = bytes(data[off + META_HEAD.size : off + META_HEAD.size + length])
+        if length == 0 or len(body) != length or zlib.crc32(body) != crc:
+            problems.append(f"{where}: meta area damaged at byte {off}; later entries ignored")
+            break
+        try:
+            entry = json.loads(body)
+        except ValueError:
+            entry = None
+        if isinstance(entry, dict):
+            entries.append(entry)
+        else:
+            problems.append(f"{where}: meta entry at byte {off} is not a JSON object")
+        off += META_HEAD.size + length
+    dropped = U32.unpack_from(data, META_DROPPED_OFFSET)[0]
+    if dropped:
+        problems.append(f"{where}: meta area full, {dropped} entries (e.g. capture manifests) not recorded")
+    return entries, problems
+
+
+def _manifests(entries: list[dict[str, Any]], where: str, problems: list[str]) -> dict[int, Manifest]:
+    out: dict[int, Manifest] = {}
+    for entry in entries:
+        if entry.get("t") != "manifest":
+            continue
+        try:
+            m = Manifest(
+                role=Role[str(entry["role"]).upper()],
+                key=GraphKey.from_json(entry["key"]),
+                collectives=tuple(CollectiveOp.from_json(c) for c in entry["collectives"]),
+                hash=int(entry["hash"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            problems.append(f"{where}: unreadable capture manifest ({exc})")
+            continue
+        out[m.hash] = m
+    return out
+
+
+def _ring(data: bytes | mmap.mmap, header: Header, start: int = 0) -> tuple[list[Record], int, int, int]:
+    """Records with seq >= start still in the ring; also cursor, skipped and lost counts."""
+    cursor = U64.unpack_from(data, CURSOR_OFFSET)[0]
+    n = header.n_slots
+    base = header.ring_offset
+    first = max(start, cursor - n if cursor > n else 0)
+    lost = max(0, first - start)
+    records: list[Record] = []
+    skipped = 0
+
+    def slot(seq: int) -> bytes:
+        off = base + (seq % n) * SLOT_SIZE
+        return bytes(data[off : off + SLOT_SIZE])
+
+    for seq in range(first, cursor):
+        rec = decode_slot(slot(seq), seq)
+        if rec is None:
+            skipped += 1
+        else:
+            records.append(rec)
+    # The cursor can lag: a writer killed between storing a slot and bumping it, or two
+    # writer threads finishing out of order. Take valid records past it.
+    if cursor >= first:
+        for _ in range(n):
+            tail = decode_slot(slot(cursor), cursor)
+            if tail is None:
+                break
+            records.append(tail)
+            cursor += 1
+    return records, cursor, skipped, lost
+
+
+def parse_ledger(data: bytes, path: str = "ledger") -> Ledger:
+    header = parse_header(data, path)
+    if len(data) < header.file_size:
+        raise LedgerError(f"{path}: ledger is truncated ({len(data)} of {header.file_size} bytes)")
+    entries, problems = _parse_meta(data, header, path)
+    manifests = _manifests(entries, path, problems)
+    records, cursor, skipped, lost = _ring(data, header)
+    if skipped:
+        problems.append(f"{path}: {skipped} damaged or torn records skipped")
+    return Ledger(path, header, tuple(entries), manifests, tuple(records), cursor, skipped, lost, tuple(problems))
+
+
+def read_ledger(path: str | os.PathLike[str]) -> Ledger:
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except OSError as exc:
+        raise LedgerError(f"{p}: cannot read ledger: {exc.strerror or exc}") from None
+    return parse_ledger(data, str(p))
+
+
+def ledger_paths(directory: str | os.PathLike[str]) -> list[Path]:
+    return sorted(p for p in Path(directory).glob("*.ledger") if p.is_file())
+
+
+class LedgerTail:
+    """Incremental reader for a live agent: each poll() returns only new records.
+
+    Re-opens the file when it is replaced (a restarted worker writes a new ledger).
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self._mm: mmap.mmap | None = None
+        self._ino = -1
+        self.header: Header | None = None
+        self.next_seq = 0
+        self.lost = 0
+        self.skipped = 0
+
+    def _open(self) -> None:
+        st = os.stat(self.path)
+        if self._mm is not None and st.st_ino == self._ino:
+            return
+        self.close()
+        with open(self.path, "rb") as f:
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        header = parse_header(mm, str(self.path))
+        if len(mm) < header.file_size:
+            mm.close()
+            raise LedgerError(f"{self.path}: ledger is truncated")
+        self._mm, self._ino, self.header, self.next_seq = mm, st.st_ino, header, 0
+
+    def poll(self) -> list[Record]:
+        self._open()
+        assert self._mm is not None and self.header is not None
+        records, cursor, skipped, lost = _ring(self._mm, self.header, self.next_seq)
+        self.next_seq = cursor
+        self.skipped += skipped
+        self.lost += lost
+        return records
+
+    def close(self) -> None:
+        if self._mm is not None:
+            self._mm.close()
+            self._mm = None
+

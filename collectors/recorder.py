@@ -1,0 +1,346 @@
+"""The in-process ledger writer. Runs inside vLLM workers and the engine: stdlib only.
+
+Contract with its host process: it never raises. Any failure (unwritable directory, full
+disk, a bug) disables the recorder with one logged warning and every later call is a no-op.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import mmap
+import os
+import socket
+import threading
+import time
+import uuid
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+from struct import Struct
+from typing import Any
+
+from collectors.format import (
+    CURSOR_OFFSET,
+    DEFAULT_META_SIZE,
+    DEFAULT_SLOTS,
+    DTYPES,
+    FORMAT_VERSION,
+    HEADER_CRC_OFFSET,
+    HEADER_SIZE,
+    HEADER_STATIC,
+    MAGIC,
+    META_HEAD,
+    META_USED_OFFSET,
+    MODE_CODES,
+    OPS,
+    P_COLLECTIVE,
+    P_ENGINE_QUEUE,
+    P_ENGINE_RESULT,
+    P_ENGINE_STEP,
+    P_LAUNCH,
+    P_STEP_BEGIN,
+    P_STEP_END,
+    SLOT_SIZE,
+    TRAILER_OFFSET,
+    U32,
+    U64,
+    CollectiveOp,
+    GraphKey,
+    ProcessKind,
+    RecordKind,
+    Role,
+    code_of,
+    manifest_hash,
+)
+
+log = logging.getLogger("watchdog.ledger")
+
+META_DROPPED_OFFSET = 280  # u32: meta entries that did not fit
+
+
+# Plain ints: packing an IntEnum member costs an __index__ call on the hot path.
+_K_STEP_BEGIN = int(RecordKind.STEP_BEGIN)
+_K_STEP_END = int(RecordKind.STEP_END)
+_K_LAUNCH = int(RecordKind.LAUNCH)
+_K_COLLECTIVE = int(RecordKind.COLLECTIVE)
+_K_ENGINE_STEP = int(RecordKind.ENGINE_STEP)
+_K_ENGINE_RESULT = int(RecordKind.ENGINE_RESULT)
+_K_ENGINE_QUEUE = int(RecordKind.ENGINE_QUEUE)
+
+
+def ledger_name(kind: ProcessKind, rank: int) -> str:
+    return "engine.ledger" if kind is ProcessKind.ENGINE else f"rank{rank:03d}.ledger"
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+class Recorder:
+    """Writes one process's ledger. Thread-safe; every method is a no-op once disabled."""
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        kind: ProcessKind,
+        rank: int,
+        world_size: int,
+        instance: str = "",
+        n_slots: int = DEFAULT_SLOTS,
+        meta_size: int = DEFAULT_META_SIZE,
+    ) -> None:
+        self.enabled = False
+        self.path = Path(directory) / ledger_name(kind, rank)
+        self._lock = threading.Lock()
+        self._mm: mmap.mmap | None = None
+        self._n = n_slots
+        self._ring_off = HEADER_SIZE + meta_size
+        self._meta_size = meta_size
+        self._meta_used = 0
+        self._seqs = itertools.count()
+        self._group_seq: dict[str, int] = {}
+        try:
+            self._mm = self._create(kind, rank, world_size, instance)
+            self.enabled = True
+        except Exception as exc:  # never raise into the host process
+            log.warning("watchdog ledger disabled: cannot create %s: %s", self.path, exc)
+
+    def _create(self, kind: ProcessKind, rank: int, world_size: int, instance: str) -> mmap.mmap:
+        if self._n <= 0 or self._meta_size < 0:
+            raise ValueError("ledger needs n_slots > 0 and meta_size >= 0")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        size = self._ring_off + self._n * SLOT_SIZE
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        with open(tmp, "w+b") as f:
+            f.truncate(size)
+            mm = mmap.mmap(f.fileno(), size)
+        static = HEADER_STATIC.pack(
+            MAGIC,
+            FORMAT_VERSION,
+            int(kind),
+            rank,
+            world_size,
+            os.getpid(),
+            self._n,
+            SLOT_SIZE,
+            self._meta_size,
+            time.time_ns(),
+            time.monotonic_ns(),
+            socket.gethostname().encode()[:64],
+            (instance or uuid.uuid4().hex).encode()[:32],
+            _boot_id().encode()[:36],
+        )
+        mm[: len(static)] = static
+        U32.pack_into(mm, HEADER_CRC_OFFSET, zlib.crc32(static))
+        os.replace(tmp, self.path)  # readers never see a half-made header
+        return mm
+
+    def _disable(self, exc: BaseException) -> None:
+        if self.enabled:
+            self.enabled = False
+            log.warning("watchdog ledger %s disabled after an error: %r", self.path, exc)
+
+    # ---- ring ------------------------------------------------------------------------
+
+    def _put(self, layout: Struct, kind: int, *fields: Any) -> None:
+        # Hot path. No lock: next() on an itertools.count is atomic under the GIL, so
+        # concurrent writers get distinct slots; the cursor may briefly lag, and readers
+        # scan past it while slots stay valid.
+        if not self.enabled:
+            return
+        try:
+            mm = self._mm
+            assert mm is not None
+            seq = next(self._seqs)
+            off = self._ring_off + (seq % self._n) * SLOT_SIZE
+            layout.pack_into(mm, off, seq, kind, *fields)
+            U64.pack_into(mm, off + TRAILER_OFFSET, seq)
+            U64.pack_into(mm, CURSOR_OFFSET, seq + 1)
+        except Exception as exc:
+            self._disable(exc)
+
+    def step_begin(
+        self,
+        step: int,
+        key: GraphKey,
+        *,
+        unpadded_tokens: int,
+        unpadded_reqs: int,
+        padded_reqs: int = 0,
+        placeholders: int = 0,
+    ) -> None:
+        self._put(
+            P_STEP_BEGIN,
+            _K_STEP_BEGIN,
+            step,
+            time.monotonic_ns(),
+            MODE_CODES[key.mode],
+            key.uniform,
+            key.has_lora,
+            key.num_tokens,
+            -1 if key.num_reqs is None else key.num_reqs,
+            key.num_active_loras,
+            unpadded_tokens,
+            unpadded_reqs,
+            padded_reqs,
+            placeholders,
+        )
+
+    def launch(self, step: int, role: Role, key: GraphKey, manifest: int = 0) -> None:
+        """A forward pass starts: a graph replay (manifest = its hash) or an eager run (0)."""
+        self._put(
+            P_LAUNCH,
+            _K_LAUNCH,
+            step,
+            time.monotonic_ns(),
+            int(role),
+            MODE_CODES[key.mode],
+            key.uniform,
+            key.has_lora,
+            key.num_tokens,
+            -1 if key.num_reqs is None else key.num_reqs,
+            key.num_active_loras,
+            manifest,
+        )
+
+    def collective(self, step: int, group: str, op: str, dtype: str, numel: int) -> None:
+        """An eager collective issued by the host, numbered per group."""
+        if not self.enabled:
+            return
+        seq = self._group_seq.get(group, 0)
+        self._group_seq[group] = seq + 1
+        self._put(
+            P_COLLECTIVE,
+            _K_COLLECTIVE,
+            step,
+            time.monotonic_ns(),
+            group.encode()[:8],
+            code_of(OPS, op),
+            code_of(DTYPES, dtype),
+            numel,
+            seq,
+        )
+
+    def step_end(self, step: int, ok: bool = True) -> None:
+        self._put(
+            P_STEP_END,
+            RecordKind.STEP_END, step, time.monotonic_ns(), ok)
+
+    def engine_step(
+        self,
+        step: int,
+        *,
+        total_tokens: int,
+        num_reqs: int,
+        num_decode_reqs: int,
+        placeholders: int,
+        max_query_len: int,
+        min_query_len: int,
+        running: int,
+        waiting: int,
+    ) -> None:
+        self._put(
+            P_ENGINE_STEP,
+            _K_ENGINE_STEP,
+            step,
+            time.monotonic_ns(),
+            total_tokens,
+            num_reqs,
+            num_decode_reqs,
+            placeholders,
+            max_query_len,
+            min_query_len,
+            running,
+            waiting,
+        )
+
+    def engine_result(self, step: int, *, ok: bool, running: int, waiting: int, finished: int) -> None:
+        self._put(
+            P_ENGINE_RESULT,
+            _K_ENGINE_RESULT,
+            step,
+            time.monotonic_ns(),
+            ok,
+            running,
+            waiting,
+            finished,
+        )
+
+    def engine_queue(self, *, running: int, waiting: int) -> None:
+        self._put(
+            P_ENGINE_QUEUE,
+            RecordKind.ENGINE_QUEUE, time.monotonic_ns(), running, waiting)
+
+    # ---- meta area -------------------------------------------------------------------
+
+    def meta(self, entry: dict[str, Any]) -> None:
+        """Append one JSON entry (configuration, rings, ...) to the never-overwritten area."""
+        if not self.enabled:
+            return
+        try:
+            data = json.dumps(entry, separators=(",", ":"), sort_keys=True).encode()
+            with self._lock:
+                mm = self._mm
+                assert mm is not None
+                need = META_HEAD.size + len(data)
+                if self._meta_used + need > self._meta_size:
+                    dropped = U32.unpack_from(mm, META_DROPPED_OFFSET)[0]
+                    U32.pack_into(mm, META_DROPPED_OFFSET, dropped + 1)
+                    return
+                off = HEADER_SIZE + self._meta_used
+                mm[off + META_HEAD.size : off + need] = data
+                META_HEAD.pack_into(mm, off, len(data), zlib.crc32(data))
+                self._meta_used += need
+                U64.pack_into(mm, META_USED_OFFSET, self._meta_used)
+        except Exception as exc:
+            self._disable(exc)
+
+    def config(self, **info: Any) -> None:
+        self.meta({"t": "config", **info})
+
+    def manifest(self, role: Role, key: GraphKey, collectives: Sequence[CollectiveOp]) -> int:
+        """Record the collectives captured into the graph for ``key``; returns the hash."""
+        ops = tuple(collectives)
+        h = manifest_hash(ops)
+        self.meta(
+            {
+                "t": "manifest",
+                "role": role.name.lower(),
+                "key": key.to_json(),
+                "collectives": [c.to_json() for c in ops],
+                "hash": h,
+            }
+        )
+        return h
+
+    def close(self) -> None:
+        with self._lock:
+            if self._mm is not None:
+                try:
+                    self._mm.flush()
+                    self._mm.close()
+                except Exception:  # closing must not raise either
+                    pass
+                self._mm = None
+            self.enabled = False
+
+
+def open_recorder(
+    directory: str | os.PathLike[str] | None,
+    *,
+    kind: ProcessKind,
+    rank: int,
+    world_size: int,
+    **kwargs: Any,
+) -> Recorder | None:
+    """A recorder for this process, or None when no ledger directory is configured."""
+    if not directory:
+        return None
+    return Recorder(directory, kind=kind, rank=rank, world_size=world_size, **kwargs)
+

@@ -1,0 +1,264 @@
+"""The watchdog's records: evidence, snapshots, findings and the diagnosis.
+
+Imports nothing from ``watchdog``; only the ledger records of ``collectors``. Every other
+module imports this one. JSON shapes here are the stable, versioned contract.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from collectors.format import CollectiveOp, GraphKey
+from collectors.reader import Ledger
+
+DIAGNOSIS_SCHEMA = "watchdog.diagnosis/v1"
+EVIDENCE_SCHEMA = "watchdog.evidence/v1"
+
+
+class Verdict(enum.StrEnum):
+    COLLECTIVE_MISMATCH = "collective_mismatch"
+    DEVICE_HANG = "device_hang"
+    HOST_HANG = "host_hang"
+    WORKER_DEAD = "worker_dead"
+    ENGINE_STALL = "engine_stall"
+    INCONCLUSIVE = "inconclusive"
+    NO_DEADLOCK = "no_deadlock"
+
+    @property
+    def is_deadlock(self) -> bool:
+        return self not in (Verdict.INCONCLUSIVE, Verdict.NO_DEADLOCK)
+
+
+class RankState(enum.StrEnum):
+    WAITING_COLLECTIVE = "waiting_collective"
+    WAITING_DEVICE = "waiting_device"
+    HOST_BUSY = "host_busy"
+    IDLE = "idle"
+    DEAD = "dead"
+    UNKNOWN = "unknown"
+
+
+class ThreadActivity(enum.StrEnum):
+    """What one thread's stack says it is doing (see analyzer.stacks)."""
+
+    RING_WAIT = "ring_wait"  # idle, waiting for the next broadcast message
+    DEVICE_SYNC = "device_sync"  # host blocked until the device finishes
+    COLLECTIVE = "collective"  # inside a collective (host-issued, or the device's stream)
+    KERNEL = "kernel"  # a device stream running a compute kernel
+    QUEUE_WAIT = "queue_wait"  # a device stream with nothing to do
+    HOST_CODE = "host_code"  # anything else: busy or blocked in host code
+    UNKNOWN = "unknown"
+
+
+# ---- evidence -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Frame:
+    name: str
+    filename: str
+    line: int
+
+
+@dataclass(frozen=True)
+class ThreadStack:
+    name: str
+    thread_id: int
+    active: bool
+    frames: tuple[Frame, ...]  # innermost first, as py-spy prints them
+
+
+@dataclass(frozen=True)
+class StackDump:
+    pid: int
+    threads: tuple[ThreadStack, ...]
+    native: bool = False
+
+
+@dataclass(frozen=True)
+class ProcInfo:
+    pid: int
+    alive: bool
+    status: str = ""  # psutil status: running, sleeping, disk-sleep, zombie, ...
+    cpu_user_s: float = 0.0
+    cpu_system_s: float = 0.0
+    num_threads: int = 0
+    wchan: str = ""
+    # CPU seconds each thread used during the sampling window (name or tid -> seconds)
+    thread_cpu_s: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    index: int
+    utilization_pct: float
+    power_w: float
+    sm_clock_mhz: float
+    xid_events: tuple[int, ...] = ()
+    pids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class RingChunk:
+    written: bool
+    read: tuple[bool, ...]
+
+
+@dataclass(frozen=True)
+class RingState:
+    """One vLLM ShmRingBuffer, read from outside: per chunk its written flag and read flags."""
+
+    name: str
+    role: str  # "broadcast" or "response"
+    n_readers: int
+    chunks: tuple[RingChunk, ...]
+
+    def unread_by(self, reader: int) -> int:
+        """Chunks written but not yet read by this reader."""
+        return sum(1 for c in self.chunks if c.written and not c.read[reader])
+
+
+@dataclass(frozen=True)
+class ProcessEvidence:
+    """Everything known about one process: a TP rank (rank >= 0) or the engine (rank None)."""
+
+    rank: int | None
+    pid: int
+    ledger: Ledger | None
+    stack: StackDump | None = None
+    native_stack: StackDump | None = None
+    proc: ProcInfo | None = None
+
+
+@dataclass(frozen=True)
+class StallInfo:
+    """Why the detector fired (None on a post-mortem or a forced diagnosis)."""
+
+    kind: str  # "open_step" or "no_dispatch"
+    step: int | None
+    age_s: float
+    deadline_s: float
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A frozen view of one deployment at one moment: the analyzer's only input."""
+
+    taken_mono_ns: int
+    taken_wall_ns: int
+    boot_id: str
+    ranks: Mapping[int, ProcessEvidence]
+    engine: ProcessEvidence | None
+    rings: tuple[RingState, ...] = ()
+    gpus: tuple[GpuInfo, ...] = ()
+    missing: tuple[str, ...] = ()
+    stall: StallInfo | None = None
+    live: bool = True  # False for a post-mortem on ledgers alone
+
+
+# ---- analysis -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Divergence:
+    """The first collective at which ranks' expected sequences differ."""
+
+    step: int
+    index: int
+    per_rank: Mapping[int, CollectiveOp | None]  # None: that rank has no collective there
+    sources: Mapping[int, str]  # per rank: which graph key / eager call it came from
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "index": self.index,
+            "per_rank": {
+                str(r): None if c is None else {"op": c.op, "group": c.group, "dtype": c.dtype, "numel": c.numel}
+                for r, c in sorted(self.per_rank.items())
+            },
+            "sources": {str(r): s for r, s in sorted(self.sources.items())},
+        }
+
+
+@dataclass(frozen=True)
+class RankReport:
+    rank: int
+    state: RankState
+    step: int | None  # the step this rank is in (open) or last finished
+    graph_key: GraphKey | None
+    drafter_key: GraphKey | None = None
+    padded_reqs: int = 0
+    detail: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        def key(k: GraphKey | None) -> dict[str, Any] | None:
+            if k is None:
+                return None
+            return {"mode": k.mode.value, "num_tokens": k.num_tokens, "num_reqs": k.num_reqs, "uniform": k.uniform}
+
+        return {
+            "state": self.state.value,
+            "step": self.step,
+            "graph_key": key(self.graph_key),
+            "drafter_key": key(self.drafter_key),
+            "padded_reqs": self.padded_reqs,
+            "detail": self.detail,
+        }
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    action: str  # "restart_safer_mode", "restart", "none", "collect_more_evidence"
+    cudagraph_mode: str | None = None
+    reason: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"action": self.action, "cudagraph_mode": self.cudagraph_mode, "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class Finding:
+    """What one rule concluded. The highest-priority finding becomes the verdict."""
+
+    rule: str
+    verdict: Verdict
+    step: int | None
+    culprit_ranks: tuple[int, ...]
+    summary: str
+    evidence: tuple[str, ...] = ()
+    divergence: Divergence | None = None
+    novelty: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    verdict: Verdict
+    step: int | None
+    culprit_ranks: tuple[int, ...]
+    ranks: Mapping[int, RankReport]
+    summary: str
+    recommendation: Recommendation
+    first_divergence: Divergence | None = None
+    novelty: tuple[str, ...] = ()
+    missing: tuple[str, ...] = ()
+    evidence: tuple[str, ...] = ()
+    findings: tuple[Finding, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema": DIAGNOSIS_SCHEMA,
+            "verdict": self.verdict.value,
+            "step": self.step,
+            "culprit_ranks": list(self.culprit_ranks),
+            "ranks": {str(r): rep.to_json() for r, rep in sorted(self.ranks.items())},
+            "first_divergence": None if self.first_divergence is None else self.first_divergence.to_json(),
+            "novelty": list(self.novelty),
+            "missing": list(self.missing),
+            "evidence": list(self.evidence),
+            "summary": self.summary,
+            "recommendation": self.recommendation.to_json(),
+            "rules_fired": [f.rule for f in self.findings],
+        }
