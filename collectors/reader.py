@@ -318,4 +318,3 @@ class LedgerTail:
         if self._mm is not None:
             self._mm.close()
             self._mm = None
-

@@ -228,9 +228,7 @@ class Recorder:
         )
 
     def step_end(self, step: int, ok: bool = True) -> None:
-        self._put(
-            P_STEP_END,
-            RecordKind.STEP_END, step, time.monotonic_ns(), ok)
+        self._put(P_STEP_END, RecordKind.STEP_END, step, time.monotonic_ns(), ok)
 
     def engine_step(
         self,
@@ -273,9 +271,7 @@ class Recorder:
         )
 
     def engine_queue(self, *, running: int, waiting: int) -> None:
-        self._put(
-            P_ENGINE_QUEUE,
-            RecordKind.ENGINE_QUEUE, time.monotonic_ns(), running, waiting)
+        self._put(P_ENGINE_QUEUE, RecordKind.ENGINE_QUEUE, time.monotonic_ns(), running, waiting)
 
     # ---- meta area -------------------------------------------------------------------
 
@@ -343,4 +339,3 @@ def open_recorder(
     if not directory:
         return None
     return Recorder(directory, kind=kind, rank=rank, world_size=world_size, **kwargs)
-

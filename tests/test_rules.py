@@ -1,0 +1,152 @@
+"""Each analyzer rule on ledgers written by the real Recorder (tests/factory.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from watchdog.analyzer import diagnose
+from watchdog.types import RankState, StallInfo, Verdict
+
+from .factory import Deployment
+
+
+def warm(dep: Deployment, steps: int = 5, reqs: int = 16) -> None:
+    for s in range(steps):
+        dep.decode_step(s, reqs)
+
+
+def test_device_hang_every_rank_in_one_kernel_names_the_padded_slot(tmp_path: Path) -> None:
+    dep = Deployment(tmp_path, tp=2)
+    warm(dep)
+    dep.decode_step(5, 15, open_on=[0, 1])
+    d = diagnose(dep.snapshot(host={0: "sync", 1: "sync"}, device={0: "kernel", 1: "kernel"}))
+    assert d.verdict is Verdict.DEVICE_HANG
+    assert d.step == 5
+    assert d.culprit_ranks == (0, 1)
+    assert all(r.state is RankState.WAITING_DEVICE for r in d.ranks.values())
+    assert d.ranks[0].graph_key is not None and d.ranks[0].graph_key.num_tokens == 32
+    assert d.ranks[0].padded_reqs == 1
+    assert any("padded request slots" in n for n in d.novelty), d.novelty
+    assert "sparse_indexer_topk" in d.summary
+    assert d.recommendation.action == "restart_safer_mode"
+    assert d.recommendation.cudagraph_mode == "FULL_DECODE_ONLY"
+
+
+def test_graph_key_divergence_referee_names_the_rank_with_the_wrong_drafter_key(tmp_path: Path) -> None:
+    dep = Deployment(tmp_path, tp=2)
+    warm(dep)
+    dep.decode_step(5, 15, open_on=[0], drafter_override={1: 15}, result=False)
+    d = diagnose(dep.snapshot(host={0: "sync", 1: "ring"}, device={0: "collective", 1: "idle"}))
+    assert d.verdict is Verdict.COLLECTIVE_MISMATCH
+    assert d.culprit_ranks == (1,)
+    div = d.first_divergence
+    assert div is not None and div.step == 5
+    assert div.index == 8  # 8 model all-reduces match; the drafter's first one differs
+    assert div.per_rank[0] is not None and div.per_rank[0].numel == 32 * 32
+    assert div.per_rank[1] is not None and div.per_rank[1].numel == 16 * 32
+    assert "engine's batch" in d.summary
+    assert d.ranks[0].state is RankState.WAITING_COLLECTIVE
+    assert d.ranks[1].state is RankState.IDLE
+    assert d.ranks[1].drafter_key is not None and d.ranks[1].drafter_key.num_tokens == 16
+    assert d.recommendation.cudagraph_mode == "FULL_DECODE_ONLY"
+
+
+def test_divergence_without_engine_referee_uses_the_majority(tmp_path: Path) -> None:
+    dep = Deployment(tmp_path, tp=3)
+    warm(dep)
+    dep.decode_step(5, 15, open_on=[0, 2], drafter_override={1: 15}, result=False)
+    snap = dep.snapshot(
+        host={0: "sync", 1: "ring", 2: "sync"},
+        device={0: "collective", 1: "idle", 2: "collective"},
+        engine_ledger=False,  # no referee
+    )
+    d = diagnose(snap)
+    assert d.verdict is Verdict.COLLECTIVE_MISMATCH
+    assert d.culprit_ranks == (1,)
+    assert "minority" in d.summary
+
+
+def test_rank_skips_eager_collective_at_tp2_progress_names_the_rank_that_left(tmp_path: Path) -> None:
+    dep = Deployment(tmp_path, tp=2)
+    dep.eager_step(0, 300, 10, 0)
+    dep.eager_step(1, 300, 12, 4, skip_last_on=[1], open_on=[0])
+    d = diagnose(dep.snapshot(host={0: "sync", 1: "ring"}, device={0: "collective", 1: "idle"}))
+    assert d.verdict is Verdict.COLLECTIVE_MISMATCH
+    assert d.culprit_ranks == (1,)
+    # Same-sized all-reduces: the sequences first cannot match where rank 1 has run out.
+    assert d.first_divergence is not None and d.first_divergence.index == 9
+    assert d.first_divergence.per_rank[1] is None
+    assert "rank 0: 10 so far, rank 1: 9" in " ".join(d.evidence)
+    assert d.recommendation.action == "restart"  # eager code: a safer graph mode would not help
+
+
+def test_host_hang_one_rank_in_host_code_peers_waiting(tmp_path: Path) -> None:
+    dep = Deployment(tmp_path, tp=2)
+    warm(dep)
+    dep.decode_step(5, 16, open_on=[0], not_launched=[1])
+    d = diagnose(dep.snapshot(host={0: "sync", 1: "host"}, device={0: "collective", 1: "idle"}))
+    assert d.verdict is Verdict.HOST_HANG
+    assert d.culprit_ranks == (1,)
+    assert d.ranks[1].state is RankState.HOST_BUSY
+    assert "_update_step_stats" in " ".join(d.evidence)
+
+
+def test_host_hang_from_ledgers_alone(tmp_path: Path) -> None:
+    dep = Deployment(tmp_path, tp=2)
+    warm(dep)
+    dep.decode_step(5, 16, open_on=[0], not_launched=[1])
+    d = diagnose(dep.snapshot(procs=False))
+    assert d.verdict is Verdict.HOST_HANG
+    assert d.culprit_ranks == (1,)
+    assert any("worker_dead skipped" in m for m in d.missing)
+
+
+def test_worker_dead(tmp_path: Path) -> None:
+    dep = Deployment(tmp_path, tp=2)
+    warm(dep)
+    dep.decode_step(5, 16, open_on=[0, 1])
+    d = diagnose(dep.snapshot(host={0: "sync"}, device={0: "collective"}, dead=[1]))
+    assert d.verdict is Verdict.WORKER_DEAD
+    assert d.culprit_ranks == (1,)
+    assert d.ranks[1].state is RankState.DEAD
+    assert d.recommendation.action == "restart"
+    assert d.recommendation.cudagraph_mode == "FULL_AND_PIECEWISE"
+
+
+def test_engine_stall(tmp_path: Path) -> None:
+    dep = Deployment(tmp_path, tp=2)
+    warm(dep)
+    dep.engine_result(4, running=16, waiting=3)
+    d = diagnose(
+        dep.snapshot(host={0: "ring", 1: "ring"}, engine_host="sched", stall=StallInfo("no_dispatch", None, 5.0, 1.0))
+    )
+    assert d.verdict is Verdict.ENGINE_STALL
+    assert d.culprit_ranks == ()
+    assert all(r.state is RankState.IDLE for r in d.ranks.values())
+    assert "_rebalance" in " ".join(d.evidence)
+
+
+def test_finished_run_is_no_deadlock(tmp_path: Path) -> None:
+    dep = Deployment(tmp_path, tp=2)
+    warm(dep)
+    dep.engine_result(4, running=0)
+    d = diagnose(dep.snapshot(procs=False))
+    assert d.verdict is Verdict.NO_DEADLOCK
+
+
+def test_pending_requests_post_mortem_is_inconclusive_not_healthy(tmp_path: Path) -> None:
+    dep = Deployment(tmp_path, tp=2)
+    warm(dep)
+    snap = dep.snapshot(procs=False)
+    d = diagnose(snap)
+    assert d.verdict is Verdict.INCONCLUSIVE
+    assert "16 requests" in d.summary
+
+
+def test_no_ledgers_is_inconclusive(tmp_path: Path) -> None:
+    dep = Deployment(tmp_path, tp=2)
+    snap = dep.snapshot()
+    empty = type(snap)(snap.taken_mono_ns, snap.taken_wall_ns, "", {}, None, missing=("rank 0: no ledger",))
+    d = diagnose(empty)
+    assert d.verdict is Verdict.INCONCLUSIVE
+    assert "rank 0: no ledger" in d.missing

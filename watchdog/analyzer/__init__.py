@@ -1,0 +1,7 @@
+"""The pure analyzer: ``diagnose(Snapshot, AnalyzerConfig) -> Diagnosis``. No I/O in this package."""
+
+from watchdog.analyzer.config import AnalyzerConfig
+from watchdog.analyzer.diagnose import diagnose
+from watchdog.analyzer.rules import RULES, Rule
+
+__all__ = ["RULES", "AnalyzerConfig", "Rule", "diagnose"]

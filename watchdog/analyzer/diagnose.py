@@ -1,0 +1,152 @@
+"""``diagnose(snapshot, config) -> Diagnosis``: run the rules, pick the verdict. Pure."""
+
+from __future__ import annotations
+
+from collectors.format import CUDAGraphMode, Role
+from watchdog.analyzer.config import AnalyzerConfig
+from watchdog.analyzer.facts import RankFacts, engine_facts, facts_of
+from watchdog.analyzer.rules import PRIORITY, RULES, Context, key_modes
+from watchdog.analyzer.stacks import where
+from watchdog.keys import next_rung
+from watchdog.types import (
+    Diagnosis,
+    Divergence,
+    Finding,
+    RankReport,
+    RankState,
+    Recommendation,
+    Snapshot,
+    ThreadActivity,
+    Verdict,
+)
+
+
+def _available(ctx: Context) -> dict[str, bool]:
+    return {
+        "ledgers": any(f.ledger is not None for f in ctx.facts.values()),
+        "stacks": ctx.has_stacks,
+        "procs": ctx.has_procs,
+        "engine": ctx.engine is not None,
+    }
+
+
+def _state(f: RankFacts, div: Divergence | None) -> tuple[RankState, str]:
+    if f.alive is False:
+        return RankState.DEAD, "process is gone"
+    t = f.open_step
+    activity = f.describe_activity()
+    if t is None:
+        if f.host in (ThreadActivity.RING_WAIT, ThreadActivity.UNKNOWN):
+            return RankState.IDLE, activity or "no open step (ledger)"
+        return RankState.HOST_BUSY, activity
+    if f.host is ThreadActivity.HOST_CODE:
+        return RankState.HOST_BUSY, activity
+    if f.host is ThreadActivity.COLLECTIVE or f.device is ThreadActivity.COLLECTIVE:
+        return RankState.WAITING_COLLECTIVE, activity
+    if f.device in (ThreadActivity.KERNEL, ThreadActivity.QUEUE_WAIT):
+        return RankState.WAITING_DEVICE, activity
+    if f.host is ThreadActivity.DEVICE_SYNC or (f.host is ThreadActivity.UNKNOWN and t.launches):
+        if div is not None and div.step == t.step and div.per_rank.get(f.rank) is not None:
+            return RankState.WAITING_COLLECTIVE, activity or f"step {t.step} open at collective #{div.index} (ledger)"
+        return RankState.WAITING_DEVICE, activity or f"step {t.step} launched, not finished (ledger)"
+    if f.host is ThreadActivity.UNKNOWN:
+        return RankState.HOST_BUSY, f"step {t.step} begun, nothing launched (ledger)"
+    return RankState.UNKNOWN, activity
+
+
+def _report(f: RankFacts, div: Divergence | None) -> RankReport:
+    state, detail = _state(f, div)
+    t = f.open_step
+    if t is None and f.last_begun is not None:
+        t = f.steps[f.last_begun]
+    begin = t.begin if t is not None else None
+    return RankReport(
+        rank=f.rank,
+        state=state,
+        step=None if t is None else t.step,
+        graph_key=None if begin is None else begin.key,
+        drafter_key=None if t is None else t.key(Role.DRAFTER),
+        padded_reqs=0 if begin is None else begin.padded_reqs,
+        detail=detail,
+    )
+
+
+def _recommend(ctx: Context, top: Finding | None, cfg: AnalyzerConfig) -> Recommendation:
+    if top is None:
+        return Recommendation("none")
+    mode = ctx.dispatch.cudagraph_mode if ctx.dispatch else None
+    graphs = key_modes(ctx, top.step) - {CUDAGraphMode.NONE}
+    if top.verdict in (Verdict.COLLECTIVE_MISMATCH, Verdict.DEVICE_HANG) and graphs and mode is not None:
+        safer = next_rung(mode, cfg.ladder)
+        if safer is not None:
+            return Recommendation(
+                "restart_safer_mode", safer, f"the stuck step replayed {', '.join(sorted(graphs))} CUDA graphs"
+            )
+    reasons = {
+        Verdict.COLLECTIVE_MISMATCH: "the divergence is in eager code: a safer graph mode would not remove it",
+        Verdict.DEVICE_HANG: "the hang is not inside a CUDA graph",
+        Verdict.WORKER_DEAD: "a dead worker is not a graph problem: restart at the same mode",
+        Verdict.HOST_HANG: "a host-side hang: restart, and read the culprit's stack in the bundle",
+        Verdict.ENGINE_STALL: "the engine stopped scheduling: restart, and read its stack in the bundle",
+    }
+    return Recommendation("restart", mode, reasons.get(top.verdict, ""))
+
+
+def diagnose(snapshot: Snapshot, cfg: AnalyzerConfig | None = None) -> Diagnosis:
+    cfg = cfg or AnalyzerConfig()
+    facts = facts_of(snapshot, cfg)
+    ctx = Context.build(snapshot, facts, engine_facts(snapshot.engine, cfg))
+    have = _available(ctx)
+    missing = list(snapshot.missing)
+    findings: list[Finding] = []
+    for rule in RULES:
+        lacking = [r for r in rule.requires if not have[r]]
+        if lacking:
+            missing.append(f"rule {rule.name} skipped: no {', '.join(lacking)}")
+            continue
+        findings.extend(rule.fn(ctx, cfg))
+    findings.sort(key=lambda f: PRIORITY.index(f.verdict))
+    top = findings[0] if findings else None
+    div = next((f.divergence for f in findings if f.divergence is not None), None)
+    reports = {r: _report(f, div) for r, f in facts.items()}
+
+    if top is not None:
+        verdict, step, culprits, summary = top.verdict, top.step, top.culprit_ranks, top.summary
+    else:
+        stuck = _stuck(ctx)
+        verdict = (
+            Verdict.INCONCLUSIVE if stuck or snapshot.stall is not None or not have["ledgers"] else Verdict.NO_DEADLOCK
+        )
+        step, culprits = None, ()
+        if verdict is Verdict.NO_DEADLOCK:
+            summary = "no rank is inside an unfinished step and the engine has nothing pending"
+        else:
+            summary = "a stall, but no rule could explain it" + (f": {stuck}" if stuck else "")
+            if missing:
+                summary += f" (missing: {'; '.join(missing)})"
+    return Diagnosis(
+        verdict=verdict,
+        step=step,
+        culprit_ranks=tuple(culprits),
+        ranks=reports,
+        summary=summary,
+        recommendation=_recommend(ctx, top, cfg) if top else _recommend(ctx, None, cfg),
+        first_divergence=div,
+        novelty=top.novelty if top is not None else (),
+        missing=tuple(missing),
+        evidence=top.evidence if top is not None else (),
+        findings=tuple(findings),
+    )
+
+
+def _stuck(ctx: Context) -> str:
+    opened = sorted(f.rank for f in ctx.facts.values() if f.open_step is not None)
+    if opened:
+        return f"ranks {', '.join(map(str, opened))} are inside unfinished steps"
+    eng = ctx.engine
+    if eng is not None and eng.open_step is not None:
+        return f"the engine dispatched step {eng.open_step.step} and no reply came"
+    if eng is not None and eng.pending:
+        frame = f"; engine in {where(eng.host_frame)}" if eng.host_frame else ""
+        return f"the engine holds {eng.pending} requests and dispatches nothing{frame}"
+    return ""

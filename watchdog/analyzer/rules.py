@@ -1,0 +1,364 @@
+"""The analyzer's rules: each a pure function of the derived facts. No I/O anywhere here.
+
+A rule returns findings; ``diagnose`` picks the verdict by priority. A rule whose evidence is
+missing is skipped, and the diagnosis says what was missing: never a silent "healthy".
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from collectors.format import CollectiveOp, CUDAGraphMode, GraphKey, Role
+from watchdog.analyzer.config import AnalyzerConfig
+from watchdog.analyzer.facts import EngineFacts, RankFacts, dispatch_config
+from watchdog.analyzer.stacks import where
+from watchdog.keys import DispatchConfig, dispatch, drafter_dispatch
+from watchdog.types import Divergence, Finding, Snapshot, ThreadActivity, Verdict
+
+
+@dataclass(frozen=True)
+class Context:
+    snapshot: Snapshot
+    facts: dict[int, RankFacts]
+    engine: EngineFacts | None
+    dispatch: DispatchConfig | None
+    num_spec: int
+
+    @classmethod
+    def build(cls, snapshot: Snapshot, facts: dict[int, RankFacts], engine: EngineFacts | None) -> Context:
+        cfg, num_spec = dispatch_config(facts)
+        return cls(snapshot, facts, engine, cfg, num_spec)
+
+    @property
+    def has_stacks(self) -> bool:
+        return any(f.evidence.stack is not None for f in self.facts.values())
+
+    @property
+    def has_procs(self) -> bool:
+        return any(f.alive is not None for f in self.facts.values())
+
+    def expected_keys(self, step: int) -> tuple[GraphKey, GraphKey | None] | None:
+        """The referee: the keys every rank should have chosen for what the engine scheduled."""
+        if self.engine is None or self.dispatch is None:
+            return None
+        sched = self.engine.dispatched.get(step)
+        if sched is None:
+            return None
+        q = self.dispatch.uniform_decode_query_len
+        uniform = (
+            sched.num_reqs > 0
+            and sched.num_decode_reqs == sched.num_reqs
+            and sched.min_query_len == sched.max_query_len == q
+        )
+        model = dispatch(self.dispatch, sched.total_tokens, sched.num_reqs, uniform).key
+        drafter = drafter_dispatch(self.dispatch, sched.total_tokens) if self.num_spec else None
+        return model, drafter
+
+    def describe_batch(self, step: int) -> str:
+        sched = self.engine.dispatched.get(step) if self.engine else None
+        if sched is None:
+            return "unknown batch (no engine record)"
+        kind = "all decode" if sched.num_decode_reqs == sched.num_reqs else f"{sched.num_decode_reqs} decode"
+        return (
+            f"{sched.total_tokens} tokens, {sched.num_reqs} requests ({kind}, {sched.placeholders} draft placeholders)"
+        )
+
+
+RuleFn = Callable[[Context, AnalyzerConfig], list[Finding]]
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    requires: tuple[str, ...]  # evidence kinds: "ledgers", "stacks", "procs", "engine"
+    fn: RuleFn
+
+
+# ---- collective_mismatch ------------------------------------------------------------
+
+
+def find_divergence(ctx: Context) -> Divergence | None:
+    """The first step and index at which ranks' collective sequences cannot all match."""
+    ranks = [f for f in ctx.facts.values() if f.ledger is not None and f.first_complete is not None]
+    if len(ranks) < 2:
+        return None
+    start = max(f.first_complete for f in ranks if f.first_complete is not None)
+    end = max(f.last_begun for f in ranks if f.last_begun is not None)
+    for step in range(start, end + 1):
+        seqs = {f.rank: f.sequence(step) for f in ranks}
+        present = {r: s for r, s in seqs.items() if s is not None and not s.unknown_manifest}
+        if len(present) < 2:
+            continue
+        longest = max(len(s.items) for s in present.values())
+        for i in range(longest):
+            ops: dict[int, CollectiveOp | None] = {}
+            sources: dict[int, str] = {}
+            for r, s in present.items():
+                if i < len(s.items):
+                    ops[r] = s.items[i].op
+                    sources[r] = s.items[i].source
+                elif s.complete:
+                    ops[r] = None  # finished the step: it will never issue this one
+                    sources[r] = "nothing: the step ended"
+            if len(set(ops.values())) > 1:
+                return Divergence(step, i, ops, sources)
+    return None
+
+
+def _culprits(ctx: Context, div: Divergence) -> tuple[tuple[int, ...], str]:
+    ranks = sorted(div.per_rank)
+    expected = ctx.expected_keys(div.step)
+    if expected is not None:
+        model, drafter = expected
+        wrong = []
+        for r in ranks:
+            trace = ctx.facts[r].steps.get(div.step)
+            if trace is None:
+                continue
+            if trace.key(Role.MODEL) not in (None, model) or (
+                drafter is not None and trace.key(Role.DRAFTER) not in (None, drafter)
+            ):
+                wrong.append(r)
+        if wrong and len(wrong) < len(ranks):
+            return tuple(wrong), "its graph key differs from the one the engine's batch calls for"
+    counts = Counter(div.per_rank[r] for r in ranks)
+    (top, n), *rest = counts.most_common()
+    if rest and n > rest[0][1]:
+        return tuple(r for r in ranks if div.per_rank[r] != top), "it is in the minority"
+    finished = [r for r in ranks if div.per_rank[r] is None]
+    if finished and len(finished) < len(ranks):
+        return tuple(finished), "it finished the step without the collective its peers wait in"
+    return tuple(ranks), "no rank could be singled out"
+
+
+def rule_collective_mismatch(ctx: Context, cfg: AnalyzerConfig) -> list[Finding]:
+    div = find_divergence(ctx)
+    if div is None:
+        return []
+    culprits, why = _culprits(ctx, div)
+    evidence = [f"engine batch at step {div.step}: {ctx.describe_batch(div.step)}"]
+    expected = ctx.expected_keys(div.step)
+    if expected is not None:
+        model, drafter = expected
+        evidence.append(f"expected keys: model {model.label()}" + (f", drafter {drafter.label()}" if drafter else ""))
+    for r, f in sorted(ctx.facts.items()):
+        trace = f.steps.get(div.step)
+        if trace is None:
+            continue
+        keys = ", ".join(f"{lk.role.name.lower()} {lk.key.label()}" for lk in trace.launches) or "no launch"
+        evidence.append(f"rank {r} step {div.step}: {keys}")
+    counts = {r: f.sequence(div.step) for r, f in sorted(ctx.facts.items())}
+    evidence.append(
+        f"collectives issued in step {div.step}: "
+        + ", ".join(f"rank {r}: {len(q.items)}" + ("" if q.complete else " so far") for r, q in counts.items() if q)
+    )
+    for r in culprits:
+        if ctx.facts[r].alive is False:
+            evidence.append(f"rank {r} is dead (its ledger still shows the divergence)")
+    ops = "; ".join(
+        f"rank {r}: " + ("none" if op is None else f"{op.op} {op.dtype} x{op.numel}")
+        for r, op in sorted(div.per_rank.items())
+    )
+    names = ", ".join(str(r) for r in culprits)
+    summary = f"ranks diverged at step {div.step}, collective #{div.index} ({ops}); culprit rank {names}: {why}"
+    return [
+        Finding(
+            "collective_mismatch",
+            Verdict.COLLECTIVE_MISMATCH,
+            div.step,
+            culprits,
+            summary,
+            tuple(evidence),
+            divergence=div,
+        )
+    ]
+
+
+# ---- worker_dead --------------------------------------------------------------------
+
+
+def rule_worker_dead(ctx: Context, cfg: AnalyzerConfig) -> list[Finding]:
+    dead = [f for f in ctx.facts.values() if f.alive is False]
+    if not dead:
+        return []
+    evidence = []
+    for f in dead:
+        t = f.open_step
+        last = f"open step {t.step}" if t else f"last step {f.last_begun}"
+        evidence.append(f"rank {f.rank} (pid {f.evidence.pid}) is gone; its ledger ends in {last}")
+    step = min((f.open_step.step for f in dead if f.open_step), default=None)
+    ranks = tuple(f.rank for f in dead)
+    summary = f"worker rank {', '.join(map(str, ranks))} died" + (f" during step {step}" if step is not None else "")
+    return [Finding("worker_dead", Verdict.WORKER_DEAD, step, ranks, summary, tuple(evidence))]
+
+
+# ---- host_hang ----------------------------------------------------------------------
+
+
+def _waiting(f: RankFacts) -> bool:
+    if f.host in (ThreadActivity.DEVICE_SYNC, ThreadActivity.COLLECTIVE):
+        return True
+    t = f.open_step
+    return f.host is ThreadActivity.UNKNOWN and t is not None and bool(t.launches)
+
+
+def _host_stuck(f: RankFacts, step: int) -> bool:
+    if f.alive is False:
+        return False
+    if f.host is ThreadActivity.HOST_CODE:
+        return True
+    t = f.steps.get(step)
+    return f.host is ThreadActivity.UNKNOWN and t is not None and t.open and not t.launches
+
+
+def rule_host_hang(ctx: Context, cfg: AnalyzerConfig) -> list[Finding]:
+    opened = [f.open_step.step for f in ctx.facts.values() if f.open_step is not None]
+    if not opened:
+        return []
+    step = max(opened)
+    stuck = [f for f in ctx.facts.values() if _host_stuck(f, step)]
+    peers = [f for f in ctx.facts.values() if f not in stuck and f.alive is not False]
+    if not stuck or not peers or not all(_waiting(p) for p in peers):
+        return []
+    evidence = []
+    for f in stuck:
+        where_ = where(f.host_frame) if f.host_frame else "host code (ledger: step begun, nothing launched)"
+        evidence.append(f"rank {f.rank}: host thread in {where_}")
+    for p in peers:
+        evidence.append(f"rank {p.rank}: {p.describe_activity() or 'launched step ' + str(step) + ', not finished'}")
+    ranks = tuple(f.rank for f in stuck)
+    summary = (
+        f"rank {', '.join(map(str, ranks))} is stuck in host code at step {step} "
+        f"while its peers wait for it on the device"
+    )
+    return [Finding("host_hang", Verdict.HOST_HANG, step, ranks, summary, tuple(evidence))]
+
+
+# ---- device_hang --------------------------------------------------------------------
+
+
+def novelty(ctx: Context, step: int) -> tuple[str, ...]:
+    """What is new about this step's keys compared with every earlier step in the ledgers."""
+    notes: list[str] = []
+    for f in ctx.facts.values():
+        trace = f.steps.get(step)
+        if trace is None or trace.begin is None:
+            continue
+        key, padded = trace.begin.key, trace.begin.padded_reqs
+        earlier = [t.begin for s, t in f.steps.items() if s < step and t.begin is not None]
+        same = [b for b in earlier if b.key == key]
+        if not same:
+            notes.append(f"first time key {key.label()} ran")
+        elif padded and not any(b.padded_reqs for b in same):
+            notes.append(
+                f"first time key {key.label()} ran with padded request slots "
+                f"({padded} of {key.num_reqs} slots padded; {len(same)} earlier runs had none)"
+            )
+        elif padded and not any(b.padded_reqs == padded for b in same):
+            notes.append(f"first time key {key.label()} ran with {padded} padded slots")
+        for launch in trace.launches:
+            if launch.role is Role.DRAFTER:
+                seen = any(
+                    lk.role is Role.DRAFTER and lk.key == launch.key
+                    for s, t in f.steps.items()
+                    if s < step
+                    for lk in t.launches
+                )
+                if not seen:
+                    notes.append(f"first time drafter key {launch.key.label()} ran")
+        break  # every rank agrees (checked by the rule); one rank's history speaks for all
+    return tuple(notes)
+
+
+def rule_device_hang(ctx: Context, cfg: AnalyzerConfig) -> list[Finding]:
+    facts = list(ctx.facts.values())
+    if not facts or any(f.alive is False for f in facts):
+        return []
+    opens = [f.open_step for f in facts]
+    if any(t is None or not t.launches for t in opens):
+        return []
+    steps = {t.step for t in opens if t is not None}
+    keys = {t.key(Role.MODEL) for t in opens if t is not None}
+    if len(steps) != 1 or len(keys) != 1:
+        return []
+    if any(f.host not in (ThreadActivity.DEVICE_SYNC, ThreadActivity.UNKNOWN) for f in facts):
+        return []
+    step = steps.pop()
+    key = keys.pop()
+    in_kernel = [f.rank for f in facts if f.device is ThreadActivity.KERNEL]
+    evidence = [f"rank {f.rank}: {f.describe_activity() or 'launched, not finished (ledger only)'}" for f in facts]
+    busy = [g for g in ctx.snapshot.gpus if g.utilization_pct >= cfg.busy_gpu_utilization_pct]
+    if busy:
+        evidence.append("GPU " + ", ".join(f"{g.index}: {g.utilization_pct:.0f}% busy" for g in busy))
+    culprits = tuple(in_kernel) if in_kernel else tuple(f.rank for f in facts)
+    label = key.label() if key else "?"
+    kernel = where(ctx.facts[in_kernel[0]].device_frame) if in_kernel else "the graph"
+    summary = (
+        f"all {len(facts)} ranks agree on step {step} and key {label} and are stuck on the device "
+        f"inside {kernel}: a device-side hang, not a collective mismatch"
+    )
+    return [
+        Finding(
+            "device_hang",
+            Verdict.DEVICE_HANG,
+            step,
+            culprits,
+            summary,
+            tuple(evidence),
+            novelty=novelty(ctx, step),
+        )
+    ]
+
+
+# ---- engine_stall -------------------------------------------------------------------
+
+
+def rule_engine_stall(ctx: Context, cfg: AnalyzerConfig) -> list[Finding]:
+    eng = ctx.engine
+    if eng is None or eng.open_step is not None or eng.pending == 0:
+        return []
+    if any(f.open_step is not None for f in ctx.facts.values()):
+        return []
+    if any(f.host not in (ThreadActivity.RING_WAIT, ThreadActivity.UNKNOWN) for f in ctx.facts.values()):
+        return []
+    stalled = ctx.snapshot.stall is not None and ctx.snapshot.stall.kind == "no_dispatch"
+    if not stalled and eng.host is not ThreadActivity.HOST_CODE:
+        return []
+    last = eng.last_result
+    assert last is not None
+    evidence = [
+        f"engine's last step {last.step} finished with {last.running} running and {last.waiting} waiting requests",
+        "every rank is idle, waiting on the broadcast ring",
+    ]
+    if eng.host is not ThreadActivity.UNKNOWN:
+        evidence.append(f"engine main thread: {eng.host.value} in {where(eng.host_frame)}")
+    summary = (
+        f"the engine stopped dispatching after step {last.step} with {last.running + last.waiting} requests "
+        "pending; workers are idle"
+    )
+    return [Finding("engine_stall", Verdict.ENGINE_STALL, last.step + 1, (), summary, tuple(evidence))]
+
+
+RULES: tuple[Rule, ...] = (
+    Rule("collective_mismatch", ("ledgers",), rule_collective_mismatch),
+    Rule("worker_dead", ("procs",), rule_worker_dead),
+    Rule("host_hang", ("ledgers",), rule_host_hang),
+    Rule("device_hang", ("ledgers",), rule_device_hang),
+    Rule("engine_stall", ("ledgers", "engine"), rule_engine_stall),
+)
+
+PRIORITY = (
+    Verdict.COLLECTIVE_MISMATCH,
+    Verdict.WORKER_DEAD,
+    Verdict.HOST_HANG,
+    Verdict.DEVICE_HANG,
+    Verdict.ENGINE_STALL,
+)
+
+
+def key_modes(ctx: Context, step: int | None) -> set[CUDAGraphMode]:
+    if step is None:
+        return set()
+    return {lk.key.mode for f in ctx.facts.values() if (t := f.steps.get(step)) for lk in t.launches}

@@ -1,0 +1,100 @@
+"""Incident bundles: everything needed to re-run a diagnosis, written atomically.
+
+    <incidents>/<id>/
+        ledgers/*.ledger   the ledger bytes exactly as the analyzer read them
+        evidence.json      stacks, process state, GPUs, rings, what was missing, the stall
+        diagnosis.json     the Diagnosis (schema watchdog.diagnosis/v1)
+        report.txt         the human report
+
+The bundle is built in a hidden temporary directory beside its final place and renamed into
+place, so a reader never sees half an incident; files are fsynced first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from watchdog.errors import InputError
+from watchdog.snapshot import LedgerSet, assemble, read_ledger_dir, read_ledger_files
+from watchdog.types import EVIDENCE_SCHEMA, Diagnosis, Snapshot
+
+
+def _write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_bundle(
+    incidents_dir: str | Path,
+    ledgers: LedgerSet,
+    evidence: dict[str, Any],
+    diagnosis: Diagnosis,
+    report: str,
+) -> Path:
+    root = Path(incidents_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    ident = f"{stamp}-{diagnosis.verdict.value}-{secrets.token_hex(3)}"
+    tmp = root / f".{ident}.tmp"
+    try:
+        (tmp / "ledgers").mkdir(parents=True)
+        for name, data in ledgers.raw.items():
+            _write(tmp / "ledgers" / Path(name).name, data)
+        _write(tmp / "evidence.json", json.dumps(evidence, indent=1, sort_keys=True).encode())
+        _write(tmp / "diagnosis.json", json.dumps(diagnosis.to_json(), indent=1).encode() + b"\n")
+        _write(tmp / "report.txt", report.encode())
+        final = root / ident
+        os.rename(tmp, final)
+        dir_fd = os.open(root, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        return final
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def is_bundle(path: Path) -> bool:
+    return (path / "evidence.json").is_file()
+
+
+def load_snapshot(path: str | Path) -> Snapshot:
+    """A Snapshot from an incident bundle, or from a raw ledger directory (post-mortem)."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{p}: no such file or directory")
+    if p.is_file():
+        if p.suffix == ".ledger":
+            try:
+                return assemble(read_ledger_files({p.name: p.read_bytes()}), {})
+            except OSError as exc:
+                raise InputError(f"{p}: {exc.strerror or exc}") from None
+        raise InputError(f"{p}: not an incident bundle or ledger directory (expected a directory)")
+    if is_bundle(p):
+        try:
+            evidence = json.loads((p / "evidence.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise InputError(f"{p / 'evidence.json'}: unreadable evidence ({exc})") from None
+        if not isinstance(evidence, dict) or evidence.get("schema") != EVIDENCE_SCHEMA:
+            raise InputError(f"{p / 'evidence.json'}: not watchdog evidence (schema {EVIDENCE_SCHEMA} expected)")
+        ledgers = read_ledger_dir(p / "ledgers")
+        try:
+            return assemble(ledgers, evidence)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InputError(f"{p / 'evidence.json'}: damaged evidence ({type(exc).__name__}: {exc})") from None
+    ledgers = read_ledger_dir(p)
+    if not ledgers.raw:
+        raise InputError(f"{p}: no *.ledger files and no evidence.json: not a bundle or ledger directory")
+    if not ledgers.ranks and ledgers.engine is None:
+        raise InputError(f"{p}: no readable ledger ({'; '.join(ledgers.missing)})")
+    return assemble(ledgers, {})

@@ -1,0 +1,183 @@
+"""The ``watchdog`` command line.
+
+Exit codes (all commands):
+    0  ran fine; for diagnose: no deadlock found
+    1  error or bad input (one line on stderr, never a traceback)
+    2  usage error
+    3  a deadlock was diagnosed
+    4  diagnose: a stall or missing evidence, cause not determined (inconclusive)
+
+Data goes to stdout (``--json``: one stable, versioned JSON object as the last line); progress
+and messages go to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import click
+import typer
+
+from collectors.reader import LedgerError
+from watchdog.errors import WatchdogError
+from watchdog.types import Verdict
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_DEADLOCK, EXIT_INCONCLUSIVE = 0, 1, 2, 3, 4
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Deadlock watchdog for tensor-parallel vLLM serving.",
+    pretty_exceptions_enable=False,
+)
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print figures.")
+app.add_typer(bench_app, name="bench")
+
+
+def _err(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _verdict_exit(verdict: Verdict) -> int:
+    if verdict.is_deadlock:
+        return EXIT_DEADLOCK
+    return EXIT_INCONCLUSIVE if verdict is Verdict.INCONCLUSIVE else EXIT_OK
+
+
+@app.command()
+def diagnose(
+    path: Annotated[Path, typer.Argument(help="An incident bundle, or a ledger directory of a dead deployment.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the Diagnosis as JSON.")] = False,
+) -> int:
+    """Re-run the analyzer on an incident bundle or a raw ledger directory."""
+    from watchdog.analyzer import diagnose as run_analyzer
+    from watchdog.bundle import load_snapshot
+    from watchdog.report import render
+
+    diagnosis = run_analyzer(load_snapshot(path))
+    if as_json:
+        print(json.dumps(diagnosis.to_json(), sort_keys=False))
+    else:
+        print(render(diagnosis), end="")
+    return _verdict_exit(diagnosis.verdict)
+
+
+@app.command()
+def demo(
+    tp: Annotated[int, typer.Option(help="Tensor-parallel ranks (worker processes).")] = 2,
+    requests: Annotated[int, typer.Option(help="Requests the bench client sends.")] = 128,
+    concurrency: Annotated[int, typer.Option(help="Max requests in flight.")] = 32,
+    input_len: Annotated[int, typer.Option(help="Max prompt length (tokens).")] = 128,
+    output_len: Annotated[int, typer.Option(help="Max output length (tokens).")] = 64,
+    range_ratio: Annotated[float, typer.Option(help="Lengths drawn from [ratio*len, len], as SGLang's.")] = 0.0,
+    cudagraph_mode: Annotated[str, typer.Option(help="FULL_AND_PIECEWISE, FULL_DECODE_ONLY or NONE.")] = (
+        "FULL_AND_PIECEWISE"
+    ),
+    fault: Annotated[str, typer.Option(help="Fault to inject: see `watchdog demo --list-faults`.")] = "none",
+    fault_rank: Annotated[int, typer.Option(help="Rank the fault lives on (rank faults).")] = 1,
+    fault_step: Annotated[int | None, typer.Option(help="Only at this step (default: when the workload hits it).")] = (
+        None
+    ),
+    seed: Annotated[int, typer.Option(help="Workload and model seed.")] = 0,
+    workdir: Annotated[Path | None, typer.Option(help="Where ledgers and incident bundles go.")] = None,
+    timeout: Annotated[float, typer.Option(help="Give up after this many seconds.")] = 300.0,
+    native: Annotated[bool, typer.Option(help="Also take native (C) stacks with py-spy --native.")] = True,
+    list_faults: Annotated[bool, typer.Option("--list-faults", help="List the fault catalogue and exit.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the demo result as JSON (last line).")] = False,
+) -> int:
+    """Run a real TP deployment (engine + workers, gloo collectives), inject a fault, watch it get diagnosed."""
+    from watchdog.demo.faults import DESCRIPTIONS, FAULTS
+    from watchdog.demo.run import DemoOptions, run_demo
+
+    if list_faults:
+        for name in FAULTS:
+            print(f"{name:<26} {DESCRIPTIONS[name]}")
+        return EXIT_OK
+    if cudagraph_mode not in ("FULL_AND_PIECEWISE", "FULL_DECODE_ONLY", "NONE"):
+        raise WatchdogError(f"--cudagraph-mode {cudagraph_mode!r}: choose FULL_AND_PIECEWISE, FULL_DECODE_ONLY or NONE")
+    if fault not in FAULTS:
+        raise WatchdogError(f"--fault {fault!r}: unknown; choose one of {', '.join(FAULTS)}")
+    opts = DemoOptions(
+        tp=tp,
+        requests=requests,
+        concurrency=concurrency,
+        input_len=input_len,
+        output_len=output_len,
+        range_ratio=range_ratio,
+        cudagraph_mode=cudagraph_mode,
+        fault=fault,
+        fault_rank=fault_rank,
+        fault_step=fault_step,
+        seed=seed,
+        workdir=None if workdir is None else str(workdir),
+        timeout_s=timeout,
+        native_stacks=native,
+    )
+    result = run_demo(opts, say=_err)
+    _print_demo(result)
+    if as_json:
+        slim = {k: v for k, v in result.items()}
+        slim["incidents"] = [{k: v for k, v in i.items() if k != "report"} for i in result["incidents"]]
+        print(json.dumps(slim))
+    return EXIT_DEADLOCK if result["incidents"] else EXIT_OK
+
+
+def _print_demo(result: dict[str, Any]) -> None:
+    req = result["requests"]
+    print(
+        f"demo TP={result['tp']} {result['cudagraph_mode']} fault={result['fault']}: "
+        f"{req['succeeded']}/{req['total']} requests succeeded, {len(result['incidents'])} incident(s)"
+    )
+    for inc in result["incidents"]:
+        print(
+            f"\nincident: detected {inc['detected_after_s']:.2f} s after the fault bit, "
+            f"diagnosed after {inc['diagnosed_after_s']:.2f} s; bundle {inc['bundle']}\n"
+        )
+        print(inc["report"], end="")
+        print(f"\nre-run it:  watchdog diagnose {inc['bundle']}")
+
+
+@bench_app.command("recorder")
+def bench_recorder(
+    records: Annotated[int, typer.Option(help="Records per timing run.")] = 20000,
+    repeats: Annotated[int, typer.Option(help="Timing runs (median reported).")] = 7,
+    tp: Annotated[int, typer.Option(help="TP size of the demo steps/s comparison (0 skips it).")] = 2,
+    steps: Annotated[int, typer.Option(help="Demo steps per on/off run.")] = 300,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
+) -> int:
+    """Ledger cost: ns per record (median), and demo steps/s with the ledger on vs off."""
+    from watchdog.bench import bench_recorder as run
+
+    result = run(records=records, repeats=repeats, tp=tp, steps=steps, say=_err)
+    print(json.dumps(result) if as_json else "\n".join(f"{k}: {v}" for k, v in result.items()))
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    command = typer.main.get_command(app)
+    try:
+        rv = command.main(args=argv if argv is not None else sys.argv[1:], prog_name="watchdog", standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError:
+        return EXIT_USAGE
+    except click.UsageError as exc:
+        _err(f"watchdog: {exc.format_message()}")
+        return EXIT_USAGE
+    except click.exceptions.Abort:
+        _err("watchdog: aborted")
+        return EXIT_ERROR
+    except (WatchdogError, LedgerError) as exc:
+        _err(f"watchdog: {exc}")
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        _err("watchdog: interrupted")
+        return EXIT_ERROR
+    except click.exceptions.Exit as exc:
+        return int(exc.exit_code)
+    return int(rv) if isinstance(rv, int) else EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

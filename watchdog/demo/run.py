@@ -1,0 +1,223 @@
+"""``watchdog demo``: start a demo TP deployment, drive it with the bench client, watch it.
+
+The orchestrator is three things in one process: the bench client, the watcher (the agent's
+core loop) and the demo's own bookkeeping (when a fault bit, to time detection). Only the
+watcher's evidence reaches the analyzer; the fault plan and bite times never do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing as mp
+import queue
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from collectors.reader import LedgerError, read_ledger
+from watchdog.demo.client import Workload, start_client
+from watchdog.demo.engine import EngineArgs, engine_main
+from watchdog.demo.faults import FaultPlan
+from watchdog.detector import DetectorConfig
+from watchdog.errors import DemoError
+from watchdog.keys import DispatchConfig, default_capture_sizes
+from watchdog.snapshot import Sources
+from watchdog.watcher import Incident, Watcher
+
+DEMO_SCHEMA = "watchdog.demo/v1"
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    tp: int = 2
+    requests: int = 128
+    concurrency: int = 32
+    input_len: int = 128
+    output_len: int = 64
+    range_ratio: float = 0.0
+    cudagraph_mode: str = "FULL_AND_PIECEWISE"
+    num_speculative_tokens: int = 1
+    max_num_seqs: int = 128
+    fault: str = "none"
+    fault_rank: int = 1
+    fault_step: int | None = None
+    seed: int = 0
+    workdir: str | None = None
+    timeout_s: float = 300.0
+    native_stacks: bool = True
+    stall_floor_s: float = 1.0
+
+    def validate(self) -> None:
+        if not 1 <= self.tp <= 16:
+            raise DemoError(f"--tp must be between 1 and 16, got {self.tp}")
+        if self.fault != "none" and not 0 <= self.fault_rank < self.tp:
+            raise DemoError(f"--fault-rank {self.fault_rank} is not a rank of a TP={self.tp} deployment")
+        if self.requests < 1 or self.concurrency < 1 or self.output_len < 1 or self.input_len < 1:
+            raise DemoError("--requests, --concurrency, --input-len and --output-len must be at least 1")
+        if not 0.0 <= self.range_ratio <= 1.0:
+            raise DemoError(f"--range-ratio must be within [0, 1], got {self.range_ratio}")
+
+
+def _kill_tree(proc: mp.process.BaseProcess) -> None:
+    if proc.pid is None:
+        return
+    try:
+        root = psutil.Process(proc.pid)
+        family = [*root.children(recursive=True), root]
+    except psutil.NoSuchProcess:
+        family = []
+    for p in family:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    psutil.wait_procs(family, timeout=10)
+    proc.join(timeout=5)
+
+
+def _unlink_rings(ledger_dir: Path) -> None:
+    from multiprocessing import shared_memory
+
+    path = ledger_dir / "engine.ledger"
+    try:
+        meta = read_ledger(path).meta
+    except LedgerError:
+        return
+    for entry in meta:
+        if entry.get("t") != "rings":
+            continue
+        for spec in [entry.get("broadcast"), *entry.get("responses", [])]:
+            name = spec.get("name") if isinstance(spec, dict) else None
+            if not name:
+                continue
+            try:
+                shm = shared_memory.SharedMemory(name=str(name))
+            except (FileNotFoundError, ValueError):
+                continue
+            shm.close()
+            shm.unlink()  # also unregisters it from this process's resource tracker
+
+
+def run_demo(opts: DemoOptions, say: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
+    opts.validate()
+    workdir = Path(opts.workdir) if opts.workdir else Path(tempfile.mkdtemp(prefix="watchdog-demo-"))
+    ledger_dir = workdir / "ledgers"
+    incidents_dir = workdir / "incidents"
+    ledger_dir.mkdir(parents=True, exist_ok=True)
+    for old in ledger_dir.glob("*.ledger"):
+        old.unlink()
+    q = 1 + opts.num_speculative_tokens
+    dispatch_cfg = DispatchConfig(opts.cudagraph_mode, default_capture_sizes(min(2 * opts.max_num_seqs, 512), q), q)
+    eargs = EngineArgs(
+        tp=opts.tp,
+        workdir=str(workdir),
+        ledger_dir=str(ledger_dir),
+        dispatch=dispatch_cfg,
+        num_spec=opts.num_speculative_tokens,
+        seed=opts.seed,
+        max_num_seqs=opts.max_num_seqs,
+    )
+    plan = FaultPlan(opts.fault, opts.fault_rank, opts.fault_step)
+    ctx = mp.get_context("spawn")
+    requests_q: mp.Queue[Any] = ctx.Queue()
+    results_q: mp.Queue[Any] = ctx.Queue()
+    bites_q: mp.Queue[Any] = ctx.Queue()
+    ready_rx, ready_tx = ctx.Pipe(duplex=False)
+    engine = ctx.Process(
+        target=engine_main, args=(eargs, plan, requests_q, results_q, bites_q, ready_tx), name="demo-engine"
+    )
+    say(f"starting TP={opts.tp} demo engine ({opts.cudagraph_mode}, MTP={opts.num_speculative_tokens}) in {workdir}")
+    started = time.monotonic()
+    engine.start()
+    incidents: list[Incident] = []
+    stop = threading.Event()
+    watcher = Watcher(
+        ledger_dir,
+        incidents_dir,
+        Sources(native=opts.native_stacks),
+        DetectorConfig(floor_s=opts.stall_floor_s),
+    )
+    healthy_exit = False
+    client_result = None
+    try:
+        if not ready_rx.poll(240):
+            raise DemoError("the demo engine did not become ready within 240 s")
+        ready = ready_rx.recv()
+        if "error" in ready:
+            raise DemoError(f"the demo engine failed to start: {ready['error']}")
+        say(f"engine and {opts.tp} workers ready after {time.monotonic() - started:.1f} s (graphs captured)")
+        workload = Workload(
+            opts.requests, opts.concurrency, opts.input_len, opts.output_len, opts.range_ratio, opts.seed
+        )
+        client_result = start_client(workload, requests_q, results_q, stop)
+        say(f"bench client: {opts.requests} requests, max concurrency {opts.concurrency}, fault {opts.fault}")
+        deadline = time.monotonic() + opts.timeout_s
+        while not client_result.done.is_set():
+            stall = watcher.poll()
+            if stall is not None:
+                say(f"stall: step {stall.step} open {stall.age_s:.2f} s > deadline {stall.deadline_s:.2f} s; gathering")
+                incident = watcher.handle(stall)
+                incidents.append(incident)
+                say(f"diagnosed {incident.diagnosis.verdict.value}; bundle {incident.bundle}")
+                break
+            if time.monotonic() > deadline:
+                say(f"demo timed out after {opts.timeout_s:.0f} s without finishing or a diagnosis")
+                break
+            if not engine.is_alive():
+                say("the demo engine exited unexpectedly")
+                break
+            time.sleep(0.05)
+        healthy_exit = client_result.done.is_set() and not incidents
+    finally:
+        stop.set()
+        watcher.close()
+        if healthy_exit:
+            requests_q.put(None)
+            engine.join(timeout=30)
+        _kill_tree(engine)
+        _unlink_rings(ledger_dir)
+        for store in workdir.glob("pg-store-*"):
+            store.unlink(missing_ok=True)
+    bite_ns = _first_bite(bites_q)
+    return {
+        "schema": DEMO_SCHEMA,
+        "tp": opts.tp,
+        "cudagraph_mode": opts.cudagraph_mode,
+        "fault": opts.fault,
+        "requests": {
+            "total": opts.requests,
+            "succeeded": client_result.succeeded if client_result else 0,
+            "failed": opts.requests - (client_result.succeeded if client_result else 0),
+        },
+        "incidents": [_incident_json(i, bite_ns) for i in incidents],
+        "restarts": [],
+        "workdir": str(workdir),
+        "elapsed_s": round(time.monotonic() - started, 3),
+    }
+
+
+def _first_bite(bites: mp.Queue[Any]) -> int | None:
+    first: int | None = None
+    while True:
+        try:
+            _rank, ns = bites.get(timeout=0.2)
+        except queue.Empty:
+            return first
+        first = ns if first is None else min(first, ns)
+
+
+def _incident_json(i: Incident, bite_ns: int | None) -> dict[str, Any]:
+    # Detection is timed from when the fault bit; with no bite on record (a stall nobody
+    # injected), from when the stuck step began.
+    origin = bite_ns if bite_ns is not None else i.detected_mono_ns - int(i.stall.age_s * 1e9)
+    return {
+        "diagnosis": i.diagnosis.to_json(),
+        "detected_after_s": round((i.detected_mono_ns - origin) / 1e9, 3),
+        "diagnosed_after_s": round((i.diagnosed_mono_ns - origin) / 1e9, 3),
+        "bundle": str(i.bundle),
+        "report": i.report,
+    }

@@ -1,0 +1,150 @@
+"""The stall detector: adaptive deadlines per step kind, fed with ledger records.
+
+A step is stalled when it has been open longer than max(floor, k x recent p99) of steps of its
+kind (graph mode, uniform or not, token-count bucket). A kind never seen before gets a
+deadline scaled up from all steps seen, so a first long prefill is not a stall; with no
+history at all (warm-up) the cold deadline applies. Graph capture happens before the first
+step, so it opens no step and cannot fire. The engine side adds "requests pending but nothing
+dispatched". An idle server has nothing open and nothing pending, so it never fires.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+
+from collectors.format import (
+    EngineQueue,
+    EngineResult,
+    EngineStep,
+    GraphKey,
+    Record,
+    StepBegin,
+    StepEnd,
+)
+from watchdog.types import StallInfo
+
+Kind = tuple[str, bool, int]
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    floor_s: float = 1.0
+    multiplier: float = 10.0
+    min_samples: int = 8
+    unseen_kind_factor: float = 3.0
+    cold_deadline_s: float = 60.0
+    history: int = 256
+
+
+def kind_of(key: GraphKey) -> Kind:
+    bucket = 1 << max(0, math.ceil(math.log2(max(1, key.num_tokens))))
+    return (key.mode.value, key.uniform, bucket)
+
+
+def p99(samples: deque[float]) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, math.ceil(0.99 * len(ordered)) - 1)]
+
+
+@dataclass
+class _Open:
+    step: int
+    kind: Kind
+    tokens: int
+    since_ns: int
+
+
+@dataclass
+class StallDetector:
+    cfg: DetectorConfig = field(default_factory=DetectorConfig)
+    _by_kind: dict[Kind, deque[float]] = field(default_factory=dict)
+    _all: deque[float] = field(default_factory=deque)
+    _tokens_seen: int = 0
+    _open: dict[int, _Open] = field(default_factory=dict)
+    _gaps: deque[float] = field(default_factory=deque)
+    _pending: int = 0
+    _idle_since_ns: int | None = None  # engine finished a step and has not dispatched since
+    _engine_open: tuple[int, int] | None = None  # (step, dispatched at)
+
+    def observe(self, rank: int | None, records: list[Record]) -> None:
+        for rec in records:
+            if isinstance(rec, StepBegin) and rank is not None:
+                self._open[rank] = _Open(rec.step, kind_of(rec.key), rec.key.num_tokens, rec.mono_ns)
+            elif isinstance(rec, StepEnd) and rank is not None:
+                o = self._open.pop(rank, None)
+                if o is not None and o.step == rec.step:
+                    self._add(o, (rec.mono_ns - o.since_ns) / 1e9)
+            elif isinstance(rec, EngineStep):
+                if self._idle_since_ns is not None and self._pending:
+                    self._push(self._gaps, (rec.mono_ns - self._idle_since_ns) / 1e9)
+                self._engine_open = (rec.step, rec.mono_ns)
+                self._idle_since_ns = None
+            elif isinstance(rec, EngineResult):
+                self._engine_open = None
+                self._pending = rec.running + rec.waiting
+                self._idle_since_ns = rec.mono_ns
+            elif isinstance(rec, EngineQueue):
+                self._pending = rec.running + rec.waiting
+                if self._engine_open is None:
+                    self._idle_since_ns = rec.mono_ns
+
+    def forget_rank(self, rank: int) -> None:
+        self._open.pop(rank, None)
+
+    def _push(self, q: deque[float], value: float) -> None:
+        q.append(value)
+        while len(q) > self.cfg.history:
+            q.popleft()
+
+    def _add(self, o: _Open, seconds: float) -> None:
+        self._push(self._by_kind.setdefault(o.kind, deque()), seconds)
+        self._push(self._all, seconds)
+        self._tokens_seen = max(self._tokens_seen, o.tokens)
+
+    def deadline_s(self, kind: Kind, tokens: int) -> float:
+        c = self.cfg
+        own = self._by_kind.get(kind)
+        if own is not None and len(own) >= c.min_samples:
+            return max(c.floor_s, c.multiplier * p99(own))
+        if len(self._all) < c.min_samples:
+            return max(c.floor_s, c.cold_deadline_s)
+        scale = max(1.0, tokens / max(1, self._tokens_seen))
+        return max(c.floor_s, c.multiplier * c.unseen_kind_factor * p99(self._all) * scale)
+
+    def check(self, now_ns: int) -> StallInfo | None:
+        """The oldest stall at ``now_ns``, if any."""
+        worst: StallInfo | None = None
+        for o in self._open.values():
+            age = (now_ns - o.since_ns) / 1e9
+            if age <= self.cfg.floor_s:
+                continue
+            deadline = self.deadline_s(o.kind, o.tokens)
+            if age > deadline and (worst is None or age > worst.age_s):
+                worst = StallInfo("open_step", o.step, age, deadline)
+        if worst is not None:
+            return worst
+        if self._engine_open is not None:
+            # Dispatched, but no rank has begun it (or none reports): workers never picked it up.
+            step, since = self._engine_open
+            age = (now_ns - since) / 1e9
+            if age > self.cfg.floor_s and not self._open:
+                deadline = (
+                    max(self.cfg.floor_s, self.cfg.multiplier * p99(self._all))
+                    if self._all
+                    else self.cfg.cold_deadline_s
+                )
+                if age > deadline:
+                    return StallInfo("open_step", step, age, deadline)
+        if self._pending and self._idle_since_ns is not None:
+            age = (now_ns - self._idle_since_ns) / 1e9
+            gaps = self._gaps
+            deadline = (
+                max(self.cfg.floor_s, self.cfg.multiplier * p99(gaps))
+                if len(gaps) >= self.cfg.min_samples
+                else max(self.cfg.floor_s, self.cfg.multiplier * 0.1)
+            )
+            if age > deadline:
+                return StallInfo("no_dispatch", None, age, deadline)
+        return None

@@ -1,0 +1,252 @@
+"""Gathering evidence into a frozen Snapshot, live or from stored files.
+
+``gather`` reads every ledger in a directory, then in parallel and bounded in time: stacks of
+every process (py-spy, Python and native), process state (psutil), GPUs (NVML) and the shm
+rings named in the engine ledger. Whatever fails becomes a "missing: ..." line, never a crash.
+The same ``assemble`` builds the Snapshot from a live gather and from an incident bundle, so
+``watchdog diagnose`` re-runs exactly what the live agent ran.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from collectors.format import ProcessKind
+from collectors.reader import Ledger, LedgerError, ledger_paths, parse_ledger
+from watchdog.evidence import EvidenceError
+from watchdog.evidence.gpus import GpuSource, gpu_from_json, gpu_to_json
+from watchdog.evidence.procs import ProcSource, PsutilProcs, proc_from_json, proc_to_json
+from watchdog.evidence.rings import RingError, RingLayout, inspect_ring
+from watchdog.evidence.stacks import PySpy, StackSource, dump_many, stack_from_json, stack_to_json
+from watchdog.types import (
+    EVIDENCE_SCHEMA,
+    GpuInfo,
+    ProcessEvidence,
+    ProcInfo,
+    RingChunk,
+    RingState,
+    Snapshot,
+    StackDump,
+    StallInfo,
+)
+
+
+@dataclass
+class Sources:
+    """Where evidence comes from. Each edge can be None (not collected) or a fake in tests."""
+
+    stacks: StackSource | None = field(default_factory=PySpy)
+    procs: ProcSource | None = field(default_factory=PsutilProcs)
+    gpus: GpuSource | None = None
+    shm_dir: str = "/dev/shm"
+    native: bool = True
+    stack_timeout_s: float = 5.0
+    native_timeout_s: float = 5.0
+    proc_sample_s: float = 0.3
+
+
+@dataclass(frozen=True)
+class LedgerSet:
+    ranks: dict[int, Ledger]
+    engine: Ledger | None
+    raw: dict[str, bytes]  # file name -> bytes exactly as read (what a bundle stores)
+    missing: tuple[str, ...]
+
+
+def read_ledger_files(files: Mapping[str, bytes]) -> LedgerSet:
+    ranks: dict[int, Ledger] = {}
+    engine: Ledger | None = None
+    missing: list[str] = []
+    for name, data in sorted(files.items()):
+        try:
+            ledger = parse_ledger(data, name)
+        except LedgerError as exc:
+            missing.append(f"ledger {exc}")
+            continue
+        missing.extend(ledger.problems)
+        if ledger.header.kind is ProcessKind.ENGINE:
+            if engine is None or ledger.header.start_wall_ns > engine.header.start_wall_ns:
+                engine = ledger
+            continue
+        old = ranks.get(ledger.rank)
+        if old is None or ledger.header.start_wall_ns > old.header.start_wall_ns:
+            ranks[ledger.rank] = ledger
+    world = max([lg.header.world_size for lg in ranks.values()] + [engine.header.world_size if engine else 0])
+    missing.extend(f"rank {r}: no ledger" for r in range(world) if r not in ranks)
+    if engine is None:
+        missing.append("engine: no ledger (no referee for expected graph keys, no pending-request count)")
+    return LedgerSet(ranks, engine, dict(files), tuple(missing))
+
+
+def read_ledger_dir(directory: str | Path) -> LedgerSet:
+    files: dict[str, bytes] = {}
+    unreadable: list[str] = []
+    for path in ledger_paths(directory):
+        try:
+            files[path.name] = path.read_bytes()
+        except OSError as exc:
+            unreadable.append(f"ledger {path}: {exc.strerror or exc}")
+    got = read_ledger_files(files)
+    return LedgerSet(got.ranks, got.engine, got.raw, (*unreadable, *got.missing))
+
+
+# ---- JSON forms of the evidence that is not a ledger ------------------------------------
+
+
+def ring_to_json(r: RingState) -> dict[str, Any]:
+    return {
+        "name": r.name,
+        "role": r.role,
+        "n_readers": r.n_readers,
+        "chunks": [[int(c.written), *map(int, c.read)] for c in r.chunks],
+    }
+
+
+def ring_from_json(d: Mapping[str, Any]) -> RingState:
+    chunks = tuple(RingChunk(bool(c[0]), tuple(bool(x) for x in c[1:])) for c in d["chunks"])
+    return RingState(str(d["name"]), str(d["role"]), int(d["n_readers"]), chunks)
+
+
+def _rings(engine: Ledger | None, shm_dir: str) -> tuple[list[RingState], list[str]]:
+    if engine is None:
+        return [], []
+    entry = next((m for m in reversed(engine.meta) if m.get("t") == "rings"), None)
+    if entry is None:
+        return [], ["rings: the engine ledger names no shm rings"]
+    states: list[RingState] = []
+    missing: list[str] = []
+    wanted = [("broadcast", entry.get("broadcast"))] + [("response", r) for r in entry.get("responses", [])]
+    for role, spec in wanted:
+        try:
+            layout = RingLayout.from_json(spec)
+            states.append(inspect_ring(str(spec["name"]), layout, role, shm_dir=shm_dir))
+        except (RingError, KeyError, TypeError, ValueError) as exc:
+            missing.append(f"ring {role}: {exc}")
+    return states, missing
+
+
+def gather(
+    directory: str | Path, sources: Sources, stall: StallInfo | None = None
+) -> tuple[Snapshot, LedgerSet, dict[str, Any]]:
+    """Collect everything about the deployment whose ledgers are in ``directory``."""
+    t0_mono, t0_wall = time.monotonic_ns(), time.time_ns()
+    ledgers = read_ledger_dir(directory)
+    pids = {str(r): lg.header.pid for r, lg in ledgers.ranks.items()}
+    if ledgers.engine is not None:
+        pids["engine"] = ledgers.engine.header.pid
+    missing: list[str] = []
+    evidence: dict[str, Any] = {"pids": pids}
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        stacks_f = (
+            pool.submit(dump_many, sources.stacks, list(pids.values()), native=False, timeout_s=sources.stack_timeout_s)
+            if sources.stacks
+            else None
+        )
+        native_f = (
+            pool.submit(dump_many, sources.stacks, list(pids.values()), native=True, timeout_s=sources.native_timeout_s)
+            if sources.stacks and sources.native
+            else None
+        )
+        procs_f = pool.submit(_procs, sources, list(pids.values())) if sources.procs else None
+        gpus_f = pool.submit(sources.gpus.sample) if sources.gpus else None
+        rings, ring_missing = _rings(ledgers.engine, sources.shm_dir)
+        missing.extend(ring_missing)
+        for label, fut in (("stacks", stacks_f), ("native_stacks", native_f)):
+            if fut is None:
+                missing.append(f"{label}: not collected (disabled)")
+                continue
+            out: dict[str, Any] = {}
+            for pid, res in fut.result().items():
+                if isinstance(res, EvidenceError):
+                    missing.append(f"{label} of pid {pid}: {res}")
+                else:
+                    out[str(pid)] = stack_to_json(res)
+            evidence[label] = out
+        if procs_f is None:
+            missing.append("process state: not collected (disabled)")
+        else:
+            procs, proc_missing = procs_f.result()
+            evidence["procs"] = procs
+            missing.extend(proc_missing)
+        if gpus_f is None:
+            missing.append("gpus: not collected (no GPU source)")
+        else:
+            try:
+                evidence["gpus"] = [gpu_to_json(g) for g in gpus_f.result()]
+            except EvidenceError as exc:
+                missing.append(f"gpus: {exc}")
+    evidence.update(
+        schema=EVIDENCE_SCHEMA,
+        taken_mono_ns=t0_mono,
+        taken_wall_ns=t0_wall,
+        boot_id=_boot_id(),
+        live=True,
+        rings=[ring_to_json(r) for r in rings],
+        missing=missing,
+        stall=None if stall is None else stall.__dict__,
+    )
+    return assemble(ledgers, evidence), ledgers, evidence
+
+
+def _procs(sources: Sources, pids: list[int]) -> tuple[dict[str, Any], list[str]]:
+    assert sources.procs is not None
+    out: dict[str, Any] = {}
+    missing: list[str] = []
+    with ThreadPoolExecutor(max_workers=max(1, len(pids))) as pool:
+        futs = {pid: pool.submit(sources.procs.info, pid, sample_s=sources.proc_sample_s) for pid in pids}
+        for pid, fut in futs.items():
+            try:
+                out[str(pid)] = proc_to_json(fut.result())
+            except EvidenceError as exc:
+                missing.append(f"process state of pid {pid}: {exc}")
+    return out, missing
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def assemble(ledgers: LedgerSet, evidence: Mapping[str, Any]) -> Snapshot:
+    """Build the Snapshot from ledgers and the JSON evidence (live, or loaded from a bundle)."""
+    stacks: Mapping[str, Any] = evidence.get("stacks") or {}
+    natives: Mapping[str, Any] = evidence.get("native_stacks") or {}
+    procs: Mapping[str, Any] = evidence.get("procs") or {}
+
+    def stack(pid: int, table: Mapping[str, Any]) -> StackDump | None:
+        raw = table.get(str(pid))
+        return None if raw is None else stack_from_json(raw)
+
+    def proc(pid: int) -> ProcInfo | None:
+        raw = procs.get(str(pid))
+        return None if raw is None else proc_from_json(raw)
+
+    def ev(rank: int | None, ledger: Ledger) -> ProcessEvidence:
+        pid = ledger.header.pid
+        return ProcessEvidence(rank, pid, ledger, stack(pid, stacks), stack(pid, natives), proc(pid))
+
+    stall_raw = evidence.get("stall")
+    stall = None if not stall_raw else StallInfo(**stall_raw)
+    gpus: tuple[GpuInfo, ...] = tuple(gpu_from_json(g) for g in evidence.get("gpus") or ())
+    missing = list(ledgers.missing) + [str(m) for m in evidence.get("missing") or ()]
+    if not evidence.get("live", False):
+        missing.append("stacks, process state and rings: none (post-mortem on ledgers alone)")
+    return Snapshot(
+        taken_mono_ns=int(evidence.get("taken_mono_ns", 0)),
+        taken_wall_ns=int(evidence.get("taken_wall_ns", 0)),
+        boot_id=str(evidence.get("boot_id", "")),
+        ranks={r: ev(r, lg) for r, lg in sorted(ledgers.ranks.items())},
+        engine=None if ledgers.engine is None else ev(None, ledgers.engine),
+        rings=tuple(ring_from_json(r) for r in evidence.get("rings") or ()),
+        gpus=gpus,
+        missing=tuple(missing),
+        stall=stall,
+        live=bool(evidence.get("live", False)),
+    )
