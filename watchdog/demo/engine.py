@@ -22,14 +22,13 @@ from multiprocessing.queues import Queue
 from pathlib import Path
 from typing import Any
 
-from watchdog.demo.shmring import ShmRing
-from watchdog.evidence.rings import RingLayout
-
 from collectors.format import ProcessKind
 from collectors.recorder import Recorder, open_recorder
 from watchdog.demo.faults import EngineBugs, FaultPlan
 from watchdog.demo.proc import die_with_parent
+from watchdog.demo.shmring import ShmRing
 from watchdog.demo.worker import WorkerArgs, worker_main
+from watchdog.evidence.rings import RingLayout
 from watchdog.keys import DispatchConfig
 
 

@@ -13,20 +13,21 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
+from functools import partial
 from multiprocessing.queues import Queue
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from watchdog.demo.shmring import ShmRing
-from watchdog.evidence.rings import RingLayout
 
 from collectors.format import CUDAGraphMode, GraphKey, ProcessKind, Role
 from collectors.recorder import Recorder, open_recorder
 from watchdog.demo.device import Stream
 from watchdog.demo.faults import WorkerBugs
-from watchdog.demo.model import CapturedGraph, TinyModel, TPComm, capture
+from watchdog.demo.model import CapturedGraph, TinyModel, TPComm, capture, sparse_indexer_topk
 from watchdog.demo.proc import die_with_parent
+from watchdog.demo.shmring import ShmRing
+from watchdog.evidence.rings import RingLayout
 from watchdog.keys import Dispatch, DispatchConfig, dispatch, drafter_dispatch
 
 DEMO_ENV = {"GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
@@ -194,8 +195,8 @@ class Worker:
         if self.rec is not None:
             self.rec.launch(batch.step, role, key, g.hash)
         self._load_inputs(g, batch)
-        if g.seq_lens is None:  # PIECEWISE: attention runs eagerly between graph pieces
-            self.stream.launch(lambda: None)
+        if g.seq_lens is None:  # PIECEWISE: attention runs eagerly, on the real requests only
+            self.stream.launch(partial(sparse_indexer_topk, seq_lens, self._clamp))
         elif d.padded_reqs and not self._clamp():
             self._bite()
         self.stream.replay(g.graph)

@@ -1,0 +1,85 @@
+"""The stall detector's adaptive deadlines, driven with real ledger records."""
+
+from __future__ import annotations
+
+from collectors.format import CUDAGraphMode, EngineQueue, EngineResult, EngineStep, GraphKey, StepBegin, StepEnd
+from watchdog.detector import DetectorConfig, StallDetector
+
+MS = 1_000_000
+DECODE = GraphKey(CUDAGraphMode.FULL, 32, 16, uniform=True)
+PREFILL = GraphKey(CUDAGraphMode.NONE, 4000)
+
+
+def begin(step: int, t: int, key: GraphKey = DECODE) -> StepBegin:
+    return StepBegin(0, step, t, key, key.num_tokens, 16, 0, 16)
+
+
+def end(step: int, t: int) -> StepEnd:
+    return StepEnd(0, step, t, True)
+
+
+def run_steps(det: StallDetector, n: int, dur_ms: int, ranks: int = 2, key: GraphKey = DECODE) -> int:
+    t = 0
+    for s in range(n):
+        for r in range(ranks):
+            det.observe(r, [begin(s, t, key), end(s, t + dur_ms * MS)])
+        t += (dur_ms + 1) * MS
+    return t
+
+
+def test_decode_hang_fires_at_the_floor_when_steps_are_fast() -> None:
+    det = StallDetector(DetectorConfig(floor_s=1.0, multiplier=10.0))
+    t = run_steps(det, 50, dur_ms=5)
+    det.observe(0, [begin(50, t)])
+    assert det.check(t + 900 * MS) is None
+    stall = det.check(t + 1100 * MS)
+    assert stall is not None and stall.kind == "open_step" and stall.step == 50
+    assert stall.deadline_s == 1.0
+
+
+def test_deadline_scales_with_the_kinds_p99() -> None:
+    det = StallDetector(DetectorConfig(floor_s=1.0, multiplier=10.0))
+    t = run_steps(det, 50, dur_ms=300)
+    det.observe(0, [begin(50, t)])
+    assert det.check(t + 2900 * MS) is None  # 10 x 300 ms = 3 s
+    stall = det.check(t + 3100 * MS)
+    assert stall is not None and abs(stall.deadline_s - 3.0) < 0.01
+
+
+def test_a_first_long_prefill_is_not_a_stall() -> None:
+    det = StallDetector(DetectorConfig(floor_s=1.0, multiplier=10.0, unseen_kind_factor=3.0))
+    t = run_steps(det, 50, dur_ms=40)
+    det.observe(0, [begin(50, t, PREFILL)])
+    # unseen kind, 125x the tokens: 10 x 3 x 40 ms x 125 = 150 s
+    assert det.check(t + 20_000 * MS) is None
+
+
+def test_warm_up_uses_the_cold_deadline() -> None:
+    det = StallDetector(DetectorConfig(cold_deadline_s=60.0))
+    det.observe(0, [begin(0, 0)])
+    assert det.check(30_000 * MS) is None
+    assert det.check(61_000 * MS) is not None
+
+
+def test_idle_server_never_fires() -> None:
+    det = StallDetector()
+    t = run_steps(det, 20, dur_ms=5)
+    det.observe(None, [EngineResult(0, 19, t, True, 0, 0, 20)])
+    assert det.check(t + 3600 * 10**9) is None
+
+
+def test_requests_pending_but_nothing_dispatched_fires() -> None:
+    det = StallDetector(DetectorConfig(floor_s=1.0))
+    t = run_steps(det, 20, dur_ms=5)
+    det.observe(None, [EngineStep(0, 20, t, 32, 16, 16, 16, 2, 2, 16, 0), EngineResult(1, 20, t + 6 * MS, True, 16, 2, 0)])
+    assert det.check(t + 500 * MS) is None
+    stall = det.check(t + 1200 * MS)
+    assert stall is not None and stall.kind == "no_dispatch"
+
+
+def test_arrivals_on_an_idle_engine_start_the_no_dispatch_clock() -> None:
+    det = StallDetector(DetectorConfig(floor_s=1.0))
+    det.observe(None, [EngineResult(0, 3, 0, True, 0, 0, 4)])
+    det.observe(None, [EngineQueue(1, 10_000 * MS, 0, 5)])
+    assert det.check(10_500 * MS) is None
+    assert det.check(11_200 * MS) is not None
