@@ -130,10 +130,10 @@ class GraphKey:
     num_active_loras: int = 0
 
     def label(self) -> str:
-        reqs = "-" if self.num_reqs is None else str(self.num_reqs)
+        reqs = "" if self.num_reqs is None else f", reqs={self.num_reqs}"
         tail = " uniform" if self.uniform else ""
         lora = f" lora={self.num_active_loras}" if self.has_lora else ""
-        return f"{self.mode.value}(tokens={self.num_tokens}, reqs={reqs}{tail}{lora})"
+        return f"{self.mode.value}(tokens={self.num_tokens}{reqs}{tail}{lora})"
 
     def to_json(self) -> dict[str, object]:
         return {
