@@ -1,9 +1,11 @@
 """The stall detector: adaptive deadlines per step kind, fed with ledger records.
 
 A step is stalled when it has been open longer than max(floor, k x recent p99) of steps of its
-kind (graph mode, uniform or not, token-count bucket). A kind never seen before gets a
-deadline scaled up from all steps seen, so a first long prefill is not a stall; with no
-history at all (warm-up) the cold deadline applies. Graph capture happens before the first
+kind (graph mode, uniform or not, token-count bucket). A kind with too few samples borrows the
+p99 of steps at least as large as it (a step no larger than ones already seen should not take
+longer than they did); a step larger than any seen gets a deadline scaled up from all steps,
+so a first long prefill is not a stall; with no history at all (warm-up) the cold deadline
+applies. Graph capture happens before the first
 step, so it opens no step and cannot fire. The engine side adds "requests pending but nothing
 dispatched". An idle server has nothing open and nothing pending, so it never fires.
 """
@@ -32,7 +34,7 @@ Kind = tuple[str, bool, int]
 class DetectorConfig:
     floor_s: float = 1.0
     multiplier: float = 10.0
-    min_samples: int = 8
+    min_samples: int = 3
     unseen_kind_factor: float = 3.0
     cold_deadline_s: float = 60.0
     history: int = 256
@@ -62,6 +64,7 @@ class StallDetector:
     _by_kind: dict[Kind, deque[float]] = field(default_factory=dict)
     _all: deque[float] = field(default_factory=deque)
     _tokens_seen: int = 0
+    _by_size: deque[tuple[int, float]] = field(default_factory=deque)  # (tokens, seconds)
     _open: dict[int, _Open] = field(default_factory=dict)
     _gaps: deque[float] = field(default_factory=deque)
     _pending: int = 0
@@ -101,6 +104,9 @@ class StallDetector:
     def _add(self, o: _Open, seconds: float) -> None:
         self._push(self._by_kind.setdefault(o.kind, deque()), seconds)
         self._push(self._all, seconds)
+        self._by_size.append((o.tokens, seconds))
+        while len(self._by_size) > self.cfg.history:
+            self._by_size.popleft()
         self._tokens_seen = max(self._tokens_seen, o.tokens)
 
     def deadline_s(self, kind: Kind, tokens: int) -> float:
@@ -108,7 +114,10 @@ class StallDetector:
         own = self._by_kind.get(kind)
         if own is not None and len(own) >= c.min_samples:
             return max(c.floor_s, c.multiplier * p99(own))
-        if len(self._all) < c.min_samples:
+        larger = deque(s for n, s in self._by_size if n >= tokens)
+        if larger:
+            return max(c.floor_s, c.multiplier * p99(larger))
+        if not self._all:
             return max(c.floor_s, c.cold_deadline_s)
         scale = max(1.0, tokens / max(1, self._tokens_seen))
         return max(c.floor_s, c.multiplier * c.unseen_kind_factor * p99(self._all) * scale)

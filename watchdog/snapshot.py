@@ -180,6 +180,9 @@ def gather(
                 evidence["gpus"] = [gpu_to_json(g) for g in gpus_f.result()]
             except EvidenceError as exc:
                 missing.append(f"gpus: {exc}")
+    # A process that is gone cannot be dumped: its death is the evidence, not a missing stack.
+    dead = {pid for pid, p in evidence.get("procs", {}).items() if not p.get("alive", True)}
+    missing = [m for m in missing if not any(f"pid {pid}:" in m for pid in dead)]
     evidence.update(
         schema=EVIDENCE_SCHEMA,
         taken_mono_ns=t0_mono,
