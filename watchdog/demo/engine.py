@@ -47,8 +47,8 @@ class EngineArgs:
     pg_timeout_s: float = 3600.0
     execute_timeout_s: float = 300.0
     max_num_seqs: int = 128
-    max_num_batched_tokens: int = 1024
-    ledger_slots: int = 8192
+    max_num_batched_tokens: int = 512
+    ledger_slots: int = 4096
     ring_chunks: int = 10
     ring_chunk_bytes: int = 1 << 16
     instance: str = ""

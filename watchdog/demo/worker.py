@@ -281,6 +281,11 @@ def worker_main(args: WorkerArgs, bugs: WorkerBugs, bites: Queue[Any] | None) ->
         world_size=args.world_size,
         timeout=datetime.timedelta(seconds=args.pg_timeout_s),
     )
+    # Warm the process group's connections up before serving, as vLLM's warm-up runs do, so the
+    # first real steps do not pay for them.
+    warm = torch.zeros(args.chunk_rows, args.hidden)
+    for _ in range(3):
+        dist.all_reduce(warm)
     worker = Worker(args, bugs, bites, rec)
     worker.capture_all()
     worker.resp.enqueue({"ready": args.rank})

@@ -1,0 +1,45 @@
+"""Run the real `watchdog` CLI in its own process group, always cleaned up."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def run_cli(args: list[str], timeout: float, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "watchdog.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=cwd,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        # The demo's engine and workers live in this process group: none may outlive the test.
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def last_json(stdout: str) -> dict[str, Any]:
+    line = stdout.strip().splitlines()[-1]
+    data = json.loads(line)
+    assert isinstance(data, dict)
+    return data
+
+
+def demo(tmp: Path, *args: str, timeout: float = 200) -> tuple[dict[str, Any], subprocess.CompletedProcess[str]]:
+    cp = run_cli(["demo", "--json", "--workdir", str(tmp / "demo"), *args], timeout)
+    assert cp.returncode in (0, 3), cp.stderr[-3000:]
+    return last_json(cp.stdout), cp
