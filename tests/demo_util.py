@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -24,10 +25,8 @@ def run_cli(args: list[str], timeout: float, cwd: Path | None = None) -> subproc
         out, err = proc.communicate(timeout=timeout)
     finally:
         # The demo's engine and workers live in this process group: none may outlive the test.
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         proc.wait()
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 

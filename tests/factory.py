@@ -1,9 +1,9 @@
 """A tiny record factory: real ledgers written by the real Recorder, shaped by a test.
 
-    dep = Deployment(tmp_path, tp=2, mode="FULL_AND_PIECEWISE")
-    dep.decode_step(0, reqs=16)                 # every rank, every record, step closed
-    dep.decode_step(1, reqs=15, open_on=[0, 1])  # stuck: begun and launched, not ended
-    snap = dep.snapshot(host={0: "sync", 1: "sync"}, device={0: "kernel", 1: "kernel"})
+dep = Deployment(tmp_path, tp=2, mode="FULL_AND_PIECEWISE")
+dep.decode_step(0, reqs=16)                 # every rank, every record, step closed
+dep.decode_step(1, reqs=15, open_on=[0, 1])  # stuck: begun and launched, not ended
+snap = dep.snapshot(host={0: "sync", 1: "sync"}, device={0: "kernel", 1: "kernel"})
 """
 
 from __future__ import annotations
@@ -29,7 +29,11 @@ HOST_FRAMES = {
 }
 DEVICE_FRAMES = {
     "kernel": [("sparse_indexer_topk", "model.py"), ("Stream._run", "device.py")],
-    "collective": [("all_reduce", "distributed_c10d.py"), ("chunked_all_reduce", "model.py"), ("Stream._run", "device.py")],
+    "collective": [
+        ("all_reduce", "distributed_c10d.py"),
+        ("chunked_all_reduce", "model.py"),
+        ("Stream._run", "device.py"),
+    ],
     "idle": [("Stream._run", "device.py"), ("Thread.run", "threading.py")],
 }
 
@@ -49,7 +53,9 @@ class Deployment:
         q = 1 + num_spec
         self.cfg = DispatchConfig(mode, default_capture_sizes(64, q), q)
         self.num_spec = num_spec
-        self.ranks = [Recorder(self.dir, kind=ProcessKind.WORKER, rank=r, world_size=tp, n_slots=4096) for r in range(tp)]
+        self.ranks = [
+            Recorder(self.dir, kind=ProcessKind.WORKER, rank=r, world_size=tp, n_slots=4096) for r in range(tp)
+        ]
         self.engine = Recorder(self.dir, kind=ProcessKind.ENGINE, rank=-1, world_size=tp, n_slots=4096)
         self.hashes: dict[tuple[Role, GraphKey], int] = {}
         for rec in self.ranks:
@@ -80,7 +86,9 @@ class Deployment:
     def engine_result(self, step: int, running: int, waiting: int = 0) -> None:
         self.engine.engine_result(step, ok=True, running=running, waiting=waiting, finished=0)
 
-    def launch(self, rank: int, step: int, role: Role, key: GraphKey, eager_layers: int = LAYERS, skip_last: bool = False) -> None:
+    def launch(
+        self, rank: int, step: int, role: Role, key: GraphKey, eager_layers: int = LAYERS, skip_last: bool = False
+    ) -> None:
         rec = self.ranks[rank]
         if key.mode is CUDAGraphMode.NONE:
             rec.launch(step, role, key, 0)
@@ -110,7 +118,14 @@ class Deployment:
         for r, rec in enumerate(self.ranks):
             if r in skip:
                 continue
-            rec.step_begin(step, d.key, unpadded_tokens=tokens, unpadded_reqs=reqs, padded_reqs=d.padded_reqs, placeholders=reqs * self.num_spec)
+            rec.step_begin(
+                step,
+                d.key,
+                unpadded_tokens=tokens,
+                unpadded_reqs=reqs,
+                padded_reqs=d.padded_reqs,
+                placeholders=reqs * self.num_spec,
+            )
             if r in not_launched:
                 continue
             self.launch(r, step, Role.MODEL, d.key)
@@ -122,7 +137,16 @@ class Deployment:
         if result and not open_on and not not_launched and not skip:
             self.engine_result(step, running=reqs)
 
-    def eager_step(self, step: int, tokens: int, reqs: int, decode: int, *, skip_last_on: Iterable[int] = (), open_on: Iterable[int] = ()) -> None:
+    def eager_step(
+        self,
+        step: int,
+        tokens: int,
+        reqs: int,
+        decode: int,
+        *,
+        skip_last_on: Iterable[int] = (),
+        open_on: Iterable[int] = (),
+    ) -> None:
         self.engine_step(step, tokens, reqs, decode, running=reqs)
         key = GraphKey(CUDAGraphMode.NONE, tokens)
         skip_last_on, open_on = set(skip_last_on), set(open_on)
@@ -176,4 +200,3 @@ class Deployment:
             engine_proc = ProcInfo(9_999, True) if procs else None
             engine = ProcessEvidence(None, 9_999, eng, dump(9_999, engine_host, None), None, engine_proc)
         return Snapshot(time.monotonic_ns(), time.time_ns(), "", ranks, engine, stall=stall, live=True)
-

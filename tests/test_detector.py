@@ -71,7 +71,9 @@ def test_idle_server_never_fires() -> None:
 def test_requests_pending_but_nothing_dispatched_fires() -> None:
     det = StallDetector(DetectorConfig(floor_s=1.0))
     t = run_steps(det, 20, dur_ms=5)
-    det.observe(None, [EngineStep(0, 20, t, 32, 16, 16, 16, 2, 2, 16, 0), EngineResult(1, 20, t + 6 * MS, True, 16, 2, 0)])
+    det.observe(
+        None, [EngineStep(0, 20, t, 32, 16, 16, 16, 2, 2, 16, 0), EngineResult(1, 20, t + 6 * MS, True, 16, 2, 0)]
+    )
     assert det.check(t + 500 * MS) is None
     stall = det.check(t + 1200 * MS)
     assert stall is not None and stall.kind == "no_dispatch"

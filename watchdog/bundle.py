@@ -76,9 +76,12 @@ def load_snapshot(path: str | Path) -> Snapshot:
     if p.is_file():
         if p.suffix == ".ledger":
             try:
-                return assemble(read_ledger_files({p.name: p.read_bytes()}), {})
+                ledgers = read_ledger_files({p.name: p.read_bytes()})
             except OSError as exc:
                 raise InputError(f"{p}: {exc.strerror or exc}") from None
+            if not ledgers.ranks and ledgers.engine is None:
+                raise InputError(ledgers.missing[0] if ledgers.missing else f"{p}: no readable ledger")
+            return assemble(ledgers, {})
         raise InputError(f"{p}: not an incident bundle or ledger directory (expected a directory)")
     if is_bundle(p):
         try:

@@ -18,8 +18,12 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
+
+try:  # recent typer releases vendor click; older ones use the click package
+    from typer._click import exceptions as click_exc
+except ImportError:  # pragma: no cover
+    from click import exceptions as click_exc  # type: ignore[no-redef]
 
 from collectors.reader import LedgerError
 from watchdog.errors import WatchdogError
@@ -160,12 +164,12 @@ def main(argv: list[str] | None = None) -> int:
     command = typer.main.get_command(app)
     try:
         rv = command.main(args=argv if argv is not None else sys.argv[1:], prog_name="watchdog", standalone_mode=False)
-    except click.exceptions.NoArgsIsHelpError:
+    except click_exc.NoArgsIsHelpError:
         return EXIT_USAGE
-    except click.UsageError as exc:
+    except click_exc.UsageError as exc:
         _err(f"watchdog: {exc.format_message()}")
         return EXIT_USAGE
-    except click.exceptions.Abort:
+    except typer.Abort:
         _err("watchdog: aborted")
         return EXIT_ERROR
     except (WatchdogError, LedgerError) as exc:
@@ -174,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _err("watchdog: interrupted")
         return EXIT_ERROR
-    except click.exceptions.Exit as exc:
+    except typer.Exit as exc:
         return int(exc.exit_code)
     return int(rv) if isinstance(rv, int) else EXIT_OK
 
