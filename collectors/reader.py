@@ -213,7 +213,7 @@ def _manifests(entries: list[dict[str, Any]], where: str, problems: list[str]) -
                 collectives=tuple(CollectiveOp.from_json(c) for c in entry["collectives"]),
                 hash=int(entry["hash"]),
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
             problems.append(f"{where}: unreadable capture manifest ({exc})")
             continue
         out[m.hash] = m
@@ -222,7 +222,8 @@ def _manifests(entries: list[dict[str, Any]], where: str, problems: list[str]) -
 
 def _ring(data: bytes | mmap.mmap, header: Header, start: int = 0) -> tuple[list[Record], int, int, int]:
     """Records with seq >= start still in the ring; also cursor, skipped and lost counts."""
-    cursor = U64.unpack_from(data, CURSOR_OFFSET)[0]
+    # One 8-byte copy: struct reads byte by byte and could mix two values of a live cursor.
+    cursor = int.from_bytes(data[CURSOR_OFFSET : CURSOR_OFFSET + 8], "little")
     n = header.n_slots
     base = header.ring_offset
     first = max(start, cursor - n if cursor > n else 0)
@@ -231,8 +232,16 @@ def _ring(data: bytes | mmap.mmap, header: Header, start: int = 0) -> tuple[list
     skipped = 0
 
     def slot(seq: int) -> bytes:
+        # The writer marks the trailer busy, rewrites the slot, then stores the seq in the
+        # trailer. Reading that seq both before and after the copy proves the copy holds one
+        # whole record (a single copy of a live slot may mix two records).
         off = base + (seq % n) * SLOT_SIZE
-        return bytes(data[off : off + SLOT_SIZE])
+        trailer = off + TRAILER_OFFSET
+        want = U64.pack(seq)
+        if data[trailer : trailer + 8] != want:
+            return b""
+        body = bytes(data[off : off + SLOT_SIZE])
+        return body if data[trailer : trailer + 8] == want else b""
 
     for seq in range(first, cursor):
         rec = decode_slot(slot(seq), seq)
@@ -241,15 +250,16 @@ def _ring(data: bytes | mmap.mmap, header: Header, start: int = 0) -> tuple[list
         else:
             records.append(rec)
     # The cursor can lag: a writer killed between storing a slot and bumping it, or two
-    # writer threads finishing out of order. Take valid records past it.
-    if cursor >= first:
-        for _ in range(n):
-            tail = decode_slot(slot(cursor), cursor)
-            if tail is None:
-                break
-            records.append(tail)
-            cursor += 1
-    return records, cursor, skipped, lost
+    # writer threads finishing out of order. Take valid records past it (from ``start`` if an
+    # earlier poll already took some), and never hand back a position before ``start``.
+    nxt = max(cursor, first)
+    for _ in range(n):
+        tail = decode_slot(slot(nxt), nxt)
+        if tail is None:
+            break
+        records.append(tail)
+        nxt += 1
+    return records, nxt, skipped, lost
 
 
 def parse_ledger(data: bytes, path: str = "ledger") -> Ledger:
@@ -298,11 +308,17 @@ class LedgerTail:
             return
         self.close()
         with open(self.path, "rb") as f:
-            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        header = parse_header(mm, str(self.path))
-        if len(mm) < header.file_size:
+            try:
+                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            except ValueError:  # an empty file cannot be mapped
+                raise LedgerError(f"{self.path}: empty file, not a ledger") from None
+        try:
+            header = parse_header(mm, str(self.path))
+            if len(mm) < header.file_size:
+                raise LedgerError(f"{self.path}: ledger is truncated")
+        except LedgerError:
             mm.close()
-            raise LedgerError(f"{self.path}: ledger is truncated")
+            raise
         self._mm, self._ino, self.header, self.next_seq = mm, st.st_ino, header, 0
 
     def poll(self) -> list[Record]:

@@ -58,6 +58,7 @@ from collectors.format import (
 log = logging.getLogger("watchdog.ledger")
 
 META_DROPPED_OFFSET = 280  # u32: meta entries that did not fit
+_BUSY = b"\xff" * 8  # trailer of a slot being rewritten; never a record seq
 
 
 # Plain ints: packing an IntEnum member costs an __index__ call on the hot path.
@@ -117,28 +118,39 @@ class Recorder:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         size = self._ring_off + self._n * SLOT_SIZE
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        with open(tmp, "w+b") as f:
-            f.truncate(size)
-            mm = mmap.mmap(f.fileno(), size)
-        static = HEADER_STATIC.pack(
-            MAGIC,
-            FORMAT_VERSION,
-            int(kind),
-            rank,
-            world_size,
-            os.getpid(),
-            self._n,
-            SLOT_SIZE,
-            self._meta_size,
-            time.time_ns(),
-            time.monotonic_ns(),
-            socket.gethostname().encode()[:64],
-            (instance or uuid.uuid4().hex).encode()[:32],
-            _boot_id().encode()[:36],
-        )
-        mm[: len(static)] = static
-        U32.pack_into(mm, HEADER_CRC_OFFSET, zlib.crc32(static))
-        os.replace(tmp, self.path)  # readers never see a half-made header
+        mm: mmap.mmap | None = None
+        try:
+            with open(tmp, "w+b") as f:
+                f.truncate(size)
+                # Reserve the blocks now: a store into a sparse mapping on a full disk is SIGBUS.
+                os.posix_fallocate(f.fileno(), 0, size)
+                mm = mmap.mmap(f.fileno(), size)
+            static = HEADER_STATIC.pack(
+                MAGIC,
+                FORMAT_VERSION,
+                int(kind),
+                rank,
+                world_size,
+                os.getpid(),
+                self._n,
+                SLOT_SIZE,
+                self._meta_size,
+                time.time_ns(),
+                time.monotonic_ns(),
+                socket.gethostname().encode()[:64],
+                (instance or uuid.uuid4().hex).encode()[:32],
+                _boot_id().encode()[:36],
+            )
+            mm[: len(static)] = static
+            U32.pack_into(mm, HEADER_CRC_OFFSET, zlib.crc32(static))
+            # Zero-filled slot 0 would read as "seq 0"; mark it so the first record is published by its trailer.
+            mm[self._ring_off + TRAILER_OFFSET : self._ring_off + SLOT_SIZE] = _BUSY
+            os.replace(tmp, self.path)  # readers never see a half-made header
+        except BaseException:
+            if mm is not None:
+                mm.close()
+            tmp.unlink(missing_ok=True)  # no half-made file left on a full disk
+            raise
         return mm
 
     def _disable(self, exc: BaseException) -> None:
@@ -159,9 +171,15 @@ class Recorder:
             assert mm is not None
             seq = next(self._seqs)
             off = self._ring_off + (seq % self._n) * SLOT_SIZE
+            trailer = off + TRAILER_OFFSET
+            # Mark the slot busy before rewriting it: pack_into zero-fills, then stores field by
+            # field, so without the mark a reader could take a half-written slot whose head and
+            # trailer still hold the old seq. Seqs and the cursor are stored as one 8-byte copy:
+            # pack_into would pass through 0 first, and a reader could see that.
+            mm[trailer : trailer + 8] = _BUSY
             layout.pack_into(mm, off, seq, kind, *fields)
-            U64.pack_into(mm, off + TRAILER_OFFSET, seq)
-            U64.pack_into(mm, CURSOR_OFFSET, seq + 1)
+            mm[trailer : trailer + 8] = U64.pack(seq)
+            mm[CURSOR_OFFSET : CURSOR_OFFSET + 8] = U64.pack(seq + 1)
         except Exception as exc:
             self._disable(exc)
 
@@ -287,13 +305,13 @@ class Recorder:
                 need = META_HEAD.size + len(data)
                 if self._meta_used + need > self._meta_size:
                     dropped = U32.unpack_from(mm, META_DROPPED_OFFSET)[0]
-                    U32.pack_into(mm, META_DROPPED_OFFSET, dropped + 1)
+                    mm[META_DROPPED_OFFSET : META_DROPPED_OFFSET + 4] = U32.pack(dropped + 1)
                     return
                 off = HEADER_SIZE + self._meta_used
                 mm[off + META_HEAD.size : off + need] = data
                 META_HEAD.pack_into(mm, off, len(data), zlib.crc32(data))
                 self._meta_used += need
-                U64.pack_into(mm, META_USED_OFFSET, self._meta_used)
+                mm[META_USED_OFFSET : META_USED_OFFSET + 8] = U64.pack(self._meta_used)  # no zero in between
         except Exception as exc:
             self._disable(exc)
 

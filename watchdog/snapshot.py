@@ -9,6 +9,7 @@ The same ``assemble`` builds the Snapshot from a live gather and from an inciden
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -191,7 +192,7 @@ def gather(
         live=True,
         rings=[ring_to_json(r) for r in rings],
         missing=missing,
-        stall=None if stall is None else stall.__dict__,
+        stall=None if stall is None else dataclasses.asdict(stall),
     )
     return assemble(ledgers, evidence), ledgers, evidence
 
