@@ -47,7 +47,7 @@ class Sources:
     shm_dir: str = "/dev/shm"
     native: bool = True
     stack_timeout_s: float = 5.0
-    native_timeout_s: float = 5.0
+    native_timeout_s: float = 2.0  # informational only: never let it hold up a diagnosis
     proc_sample_s: float = 0.3
 
 
