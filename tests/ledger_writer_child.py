@@ -4,12 +4,15 @@ Every field of record ``seq`` (except its monotonic timestamp) is derived from `
 ``expected``, so a reader can tell a genuine record from a torn or misread one. ``write`` issues
 the Recorder call that produces ``expected(seq)`` as record number ``seq`` of a fresh recorder.
 
-    python tests/ledger_writer_child.py DIR N_SLOTS
+    python tests/ledger_writer_child.py DIR N_SLOTS [LIMIT]
+
+With LIMIT it writes that many records and then hangs (asleep) until killed.
 """
 
 from __future__ import annotations
 
 import sys
+import time
 
 from collectors.format import (
     DTYPES,
@@ -110,14 +113,17 @@ def write(rec: Recorder, seq: int) -> None:
 
 def main() -> None:
     directory, n_slots = sys.argv[1], int(sys.argv[2])
+    limit = int(sys.argv[3]) if len(sys.argv) > 3 else -1
     rec = Recorder(directory, kind=ProcessKind.WORKER, rank=RANK, world_size=WORLD, n_slots=n_slots)
     if not rec.enabled:
         sys.exit(3)
     rec.config(writer="ledger_writer_child")
     seq = 0
-    while True:
+    while seq != limit:
         write(rec, seq)
         seq += 1
+    while True:
+        time.sleep(60)
 
 
 if __name__ == "__main__":
