@@ -89,6 +89,7 @@ def demo(
     workdir: Annotated[Path | None, typer.Option(help="Where ledgers and incident bundles go.")] = None,
     timeout: Annotated[float, typer.Option(help="Give up after this many seconds.")] = 300.0,
     native: Annotated[bool, typer.Option(help="Also take native (C) stacks with py-spy --native.")] = True,
+    watch: Annotated[bool, typer.Option(help="Watch in-process; --no-watch leaves it to `watchdog agent`.")] = True,
     list_faults: Annotated[bool, typer.Option("--list-faults", help="List the fault catalogue and exit.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the demo result as JSON (last line).")] = False,
 ) -> int:
@@ -119,6 +120,7 @@ def demo(
         workdir=None if workdir is None else str(workdir),
         timeout_s=timeout,
         native_stacks=native,
+        watch=watch,
     )
     result = run_demo(opts, say=_err)
     _print_demo(result)
@@ -142,6 +144,22 @@ def _print_demo(result: dict[str, Any]) -> None:
         )
         print(inc["report"], end="")
         print(f"\nre-run it:  watchdog diagnose {inc['bundle']}")
+
+
+@app.command()
+def agent(
+    ledger_dir: Annotated[Path, typer.Option(help="Directory the ranks write their ledgers to.")],
+    incidents_dir: Annotated[Path, typer.Option(help="Where incident bundles are written.")],
+    host: Annotated[str, typer.Option(help="Address the HTTP API binds to.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="HTTP API port.")] = 9464,
+) -> int:
+    """Watch a deployment's ledgers as a long-running sidecar: HTTP API, /livez, /metrics."""
+    from watchdog.agent import serve
+
+    if not ledger_dir.is_dir():
+        raise WatchdogError(f"--ledger-dir {ledger_dir}: not a directory")
+    serve(ledger_dir, incidents_dir, host, port)
+    return EXIT_OK
 
 
 @bench_app.command("recorder")

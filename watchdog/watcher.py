@@ -42,6 +42,7 @@ class Watcher:
     _tails: dict[Path, LedgerTail] = field(default_factory=dict)
     _detector: StallDetector = field(init=False)
     _fired: bool = False
+    progressed: bool = False  # the last poll saw new records
 
     def __post_init__(self) -> None:
         self._detector = StallDetector(self.detector_cfg)
@@ -61,6 +62,7 @@ class Watcher:
             rank = None if tail.header.kind is ProcessKind.ENGINE else tail.header.rank
             progressed = progressed or bool(records)
             self._detector.observe(rank, records)
+        self.progressed = progressed
         if progressed:
             self._fired = False
         stall = self._detector.check(time.monotonic_ns() if now_ns is None else now_ns)

@@ -52,6 +52,7 @@ class DemoOptions:
     timeout_s: float = 300.0
     native_stacks: bool = True
     stall_floor_s: float = 1.0
+    watch: bool = True  # False: run the deployment only, for an external `watchdog agent`
 
     def validate(self) -> None:
         if not 1 <= self.tp <= 16:
@@ -157,7 +158,7 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None] = lambda _m: None) ->
         say(f"bench client: {opts.requests} requests, max concurrency {opts.concurrency}, fault {opts.fault}")
         deadline = time.monotonic() + opts.timeout_s
         while not client_result.done.is_set():
-            stall = watcher.poll()
+            stall = watcher.poll() if opts.watch else None
             if stall is not None:
                 say(f"stall: step {stall.step} open {stall.age_s:.2f} s > deadline {stall.deadline_s:.2f} s; gathering")
                 incident = watcher.handle(stall)

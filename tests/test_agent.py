@@ -1,0 +1,95 @@
+"""`watchdog agent` as a separate process watching a separately running demo deployment, queried
+over real HTTP: it catches the hang, /livez turns 503, the incident and metrics are served."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def start(args: list[str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "watchdog.cli", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+def stop(p: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+
+
+def wait_for(fn: Any, timeout: float) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError, ValueError):
+            got = fn()
+            if got:
+                return got
+        time.sleep(0.3)
+    raise AssertionError("timed out")
+
+
+def test_agent_process_diagnoses_a_separate_deployment_over_http(tmp_path: Path) -> None:
+    work = tmp_path / "w"
+    (work / "ledgers").mkdir(parents=True)
+    port = free_port()
+    agent = start(
+        ["agent", "--ledger-dir", str(work / "ledgers"), "--incidents-dir", str(tmp_path / "inc"), "--port", str(port)]
+    )
+    demo = None
+    try:
+        assert wait_for(lambda: get(port, "/healthz")[0] == 200, 30)
+        status, body = get(port, "/livez")
+        assert status == 200 and json.loads(body)["deadlocked"] is False
+        demo = start(
+            ["demo", "--no-watch", "--tp", "2", "--fault", "host-hang", "--workdir", str(work), "--timeout", "120"]
+        )
+        incidents = wait_for(lambda: json.loads(get(port, "/v1/incidents")[1]), 120)
+        assert len(incidents) == 1 and incidents[0]["verdict"] == "host_hang"
+        assert incidents[0]["culprit_ranks"] == [1]
+        status, body = get(port, "/livez")
+        assert status == 503 and json.loads(body)["last_verdict"] == "host_hang"
+        status, body = get(port, f"/v1/incidents/{incidents[0]['id']}")
+        assert status == 200 and json.loads(body)["schema"] == "watchdog.diagnosis/v1"
+        assert get(port, "/v1/incidents/nope")[0] == 404
+        assert json.loads(get(port, "/v1/status")[1])["incidents"] == 1
+        metrics = get(port, "/metrics")[1]
+        assert 'watchdog_incidents_total{verdict="host_hang"} 1.0' in metrics
+        assert "watchdog_deadlocked 1.0" in metrics
+        assert (tmp_path / "inc" / incidents[0]["id"] / "diagnosis.json").is_file()
+    finally:
+        if demo is not None:
+            stop(demo)
+        stop(agent)
