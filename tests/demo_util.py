@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,16 @@ def run_cli(args: list[str], timeout: float, cwd: Path | None = None) -> subproc
     try:
         out, err = proc.communicate(timeout=timeout)
     finally:
-        # The demo's engine and workers live in this process group: none may outlive the test.
+        # Give the process group a moment to end by itself (multiprocessing's resource tracker
+        # unlinks the queues' semaphores on its way out), then kill whatever is left: the
+        # demo's engine and workers live in this group and none may outlive the test.
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()

@@ -45,6 +45,12 @@ def start(args: list[str]) -> subprocess.Popen[bytes]:
 
 
 def stop(p: subprocess.Popen[bytes]) -> None:
+    # SIGINT first: the demo's cleanup (kill its process tree, unlink its shm rings) runs on
+    # KeyboardInterrupt; SIGKILL then makes sure nothing outlives the test.
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(p.pid, signal.SIGINT)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        p.wait(15)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(p.pid, signal.SIGKILL)
     p.wait()
