@@ -69,7 +69,7 @@ def recorder_ns(records: int, repeats: int) -> dict[str, float]:
 def demo_on_off(tp: int, blocks: int, block_s: float, say: Callable[[str], None]) -> dict[str, Any]:
     from watchdog.demo.engine import EngineArgs, engine_main
     from watchdog.demo.faults import FaultPlan
-    from watchdog.demo.run import _kill_tree, _unlink_rings
+    from watchdog.demo.run import kill_tree, unlink_rings
     from watchdog.keys import DispatchConfig, default_capture_sizes
 
     workdir = Path(tempfile.mkdtemp(prefix="watchdog-bench-"))
@@ -115,8 +115,8 @@ def demo_on_off(tp: int, blocks: int, block_s: float, say: Callable[[str], None]
             "demo_on_off_ratio": round(on_m / off_m, 4),
         }
     finally:
-        _kill_tree(engine)
-        _unlink_rings(ledger_dir)
+        kill_tree(engine)
+        unlink_rings(ledger_dir)
         while True:
             try:
                 results.get_nowait()

@@ -62,7 +62,6 @@ class _Open:
 class StallDetector:
     cfg: DetectorConfig = field(default_factory=DetectorConfig)
     _by_kind: dict[Kind, deque[float]] = field(default_factory=dict)
-    _all: deque[float] = field(default_factory=deque)
     _tokens_seen: int = 0
     _by_size: deque[tuple[int, float]] = field(default_factory=deque)  # (tokens, seconds)
     _open: dict[int, _Open] = field(default_factory=dict)
@@ -103,11 +102,13 @@ class StallDetector:
 
     def _add(self, o: _Open, seconds: float) -> None:
         self._push(self._by_kind.setdefault(o.kind, deque()), seconds)
-        self._push(self._all, seconds)
         self._by_size.append((o.tokens, seconds))
         while len(self._by_size) > self.cfg.history:
             self._by_size.popleft()
         self._tokens_seen = max(self._tokens_seen, o.tokens)
+
+    def _all(self) -> deque[float]:
+        return deque(s for _, s in self._by_size)
 
     def deadline_s(self, kind: Kind, tokens: int) -> float:
         c = self.cfg
@@ -117,10 +118,10 @@ class StallDetector:
         larger = deque(s for n, s in self._by_size if n >= tokens)
         if larger:
             return max(c.floor_s, c.multiplier * p99(larger))
-        if not self._all:
+        if not self._by_size:
             return max(c.floor_s, c.cold_deadline_s)
         scale = max(1.0, tokens / max(1, self._tokens_seen))
-        return max(c.floor_s, c.multiplier * c.unseen_kind_factor * p99(self._all) * scale)
+        return max(c.floor_s, c.multiplier * c.unseen_kind_factor * p99(self._all()) * scale)
 
     def check(self, now_ns: int) -> StallInfo | None:
         """The oldest stall at ``now_ns``, if any."""
@@ -140,8 +141,8 @@ class StallDetector:
             age = (now_ns - since) / 1e9
             if age > self.cfg.floor_s and not self._open:
                 deadline = (
-                    max(self.cfg.floor_s, self.cfg.multiplier * p99(self._all))
-                    if self._all
+                    max(self.cfg.floor_s, self.cfg.multiplier * p99(self._all()))
+                    if self._by_size
                     else self.cfg.cold_deadline_s
                 )
                 if age > deadline:

@@ -65,7 +65,7 @@ class DemoOptions:
             raise DemoError(f"--range-ratio must be within [0, 1], got {self.range_ratio}")
 
 
-def _kill_tree(proc: mp.process.BaseProcess) -> None:
+def kill_tree(proc: mp.process.BaseProcess) -> None:
     if proc.pid is None:
         return
     try:
@@ -80,7 +80,7 @@ def _kill_tree(proc: mp.process.BaseProcess) -> None:
     proc.join(timeout=5)
 
 
-def _unlink_rings(ledger_dir: Path) -> None:
+def unlink_rings(ledger_dir: Path) -> None:
     from multiprocessing import shared_memory
 
     path = ledger_dir / "engine.ledger"
@@ -179,8 +179,8 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None] = lambda _m: None) ->
         if healthy_exit:
             requests_q.put(None)
             engine.join(timeout=30)
-        _kill_tree(engine)
-        _unlink_rings(ledger_dir)
+        kill_tree(engine)
+        unlink_rings(ledger_dir)
         for store in workdir.glob("pg-store-*"):
             store.unlink(missing_ok=True)
     bite_ns = _first_bite(bites_q)
