@@ -113,15 +113,22 @@ def ring_from_json(d: Mapping[str, Any]) -> RingState:
     return RingState(str(d["name"]), str(d["role"]), int(d["n_readers"]), chunks)
 
 
+def ring_specs(engine: Ledger) -> list[tuple[str, Any]] | None:
+    """(role, spec) of each shm ring the engine ledger names; None if it names none."""
+    entry = next((m for m in reversed(engine.meta) if m.get("t") == "rings"), None)
+    if entry is None:
+        return None
+    return [("broadcast", entry.get("broadcast"))] + [("response", r) for r in entry.get("responses", [])]
+
+
 def _rings(engine: Ledger | None, shm_dir: str) -> tuple[list[RingState], list[str]]:
     if engine is None:
         return [], []
-    entry = next((m for m in reversed(engine.meta) if m.get("t") == "rings"), None)
-    if entry is None:
+    wanted = ring_specs(engine)
+    if wanted is None:
         return [], ["rings: the engine ledger names no shm rings"]
     states: list[RingState] = []
     missing: list[str] = []
-    wanted = [("broadcast", entry.get("broadcast"))] + [("response", r) for r in entry.get("responses", [])]
     for role, spec in wanted:
         try:
             layout = RingLayout.from_json(spec)

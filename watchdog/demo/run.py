@@ -27,7 +27,7 @@ from watchdog.demo.faults import FaultPlan
 from watchdog.detector import DetectorConfig
 from watchdog.errors import DemoError
 from watchdog.keys import DispatchConfig, default_capture_sizes
-from watchdog.snapshot import Sources
+from watchdog.snapshot import Sources, ring_specs
 from watchdog.watcher import Incident, Watcher
 
 DEMO_SCHEMA = "watchdog.demo/v1"
@@ -83,24 +83,20 @@ def kill_tree(proc: mp.process.BaseProcess) -> None:
 def unlink_rings(ledger_dir: Path) -> None:
     from multiprocessing import shared_memory
 
-    path = ledger_dir / "engine.ledger"
     try:
-        meta = read_ledger(path).meta
+        specs = ring_specs(read_ledger(ledger_dir / "engine.ledger")) or []
     except LedgerError:
         return
-    for entry in meta:
-        if entry.get("t") != "rings":
+    for _role, spec in specs:
+        name = spec.get("name") if isinstance(spec, dict) else None
+        if not name:
             continue
-        for spec in [entry.get("broadcast"), *entry.get("responses", [])]:
-            name = spec.get("name") if isinstance(spec, dict) else None
-            if not name:
-                continue
-            try:
-                shm = shared_memory.SharedMemory(name=str(name))
-            except (FileNotFoundError, ValueError):
-                continue
-            shm.close()
-            shm.unlink()  # also unregisters it from this process's resource tracker
+        try:
+            shm = shared_memory.SharedMemory(name=str(name))
+        except (FileNotFoundError, ValueError):
+            continue
+        shm.close()
+        shm.unlink()  # also unregisters it from this process's resource tracker
 
 
 def run_demo(opts: DemoOptions, say: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
