@@ -10,6 +10,7 @@ import json
 import mmap
 import os
 import zlib
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,7 @@ from collectors.format import (
     StepBegin,
     StepEnd,
 )
-from collectors.recorder import META_DROPPED_OFFSET
+from collectors.recorder import META_DROPPED_OFFSET, ledger_name
 
 MAX_SLOTS = 1 << 24
 MAX_META = 64 << 20
@@ -283,8 +284,19 @@ def read_ledger(path: str | os.PathLike[str]) -> Ledger:
     return parse_ledger(data, str(p))
 
 
-def ledger_paths(directory: str | os.PathLike[str]) -> list[Path]:
-    return sorted(p for p in Path(directory).glob("*.ledger") if p.is_file())
+def ledger_paths(directory: str | os.PathLike[str], ranks: Collection[int] | None = None) -> list[Path]:
+    """The ledger files in ``directory``; with ``ranks``, only those ranks' (and the engine's if rank 0 is
+    among them: vLLM's engine runs on the node of rank 0)."""
+    paths = sorted(p for p in Path(directory).glob("*.ledger") if p.is_file())
+    if ranks is None:
+        return paths
+    return [p for p in paths if _owned(p.name, ranks)]
+
+
+def _owned(name: str, ranks: Collection[int]) -> bool:
+    if name == ledger_name(ProcessKind.ENGINE, 0):
+        return 0 in ranks
+    return any(name == ledger_name(ProcessKind.WORKER, r) for r in ranks)
 
 
 class LedgerTail:

@@ -27,20 +27,23 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def get(port: int, path: str) -> tuple[int, str]:
+def get(port: int, path: str, token: str = "", method: str = "GET") -> tuple[int, str]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers=headers, method=method)
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+        with urllib.request.urlopen(req, timeout=30) as r:
             return r.status, r.read().decode()
     except urllib.error.HTTPError as e:
         return e.code, e.read().decode()
 
 
-def start(args: list[str]) -> subprocess.Popen[bytes]:
+def start(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-m", "watchdog.cli", *args],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -72,7 +75,8 @@ def test_agent_process_diagnoses_a_separate_deployment_over_http(tmp_path: Path)
     (work / "ledgers").mkdir(parents=True)
     port = free_port()
     agent = start(
-        ["agent", "--ledger-dir", str(work / "ledgers"), "--incidents-dir", str(tmp_path / "inc"), "--port", str(port)]
+        ["agent", "--ledger-dir", str(work / "ledgers"), "--incidents-dir", str(tmp_path / "inc"), "--port", str(port)],
+        env={"WATCHDOG_API_TOKEN": "s3cret", "WATCHDOG_PORT": "1"},  # the CLI's --port wins over the environment
     )
     demo = None
     try:
@@ -92,9 +96,30 @@ def test_agent_process_diagnoses_a_separate_deployment_over_http(tmp_path: Path)
         assert get(port, "/v1/incidents/nope")[0] == 404
         assert json.loads(get(port, "/v1/status")[1])["incidents"] == 1
         metrics = get(port, "/metrics")[1]
-        assert 'watchdog_incidents_total{verdict="host_hang"} 1.0' in metrics
-        assert "watchdog_deadlocked 1.0" in metrics
+        assert 'watchdog_incidents_total{tp_group="tp0",verdict="host_hang"} 1.0' in metrics
+        assert 'watchdog_deadlocked{tp_group="tp0"} 1.0' in metrics
+        assert 'watchdog_stalls_detected_total{tp_group="tp0"} 1.0' in metrics
+        for series in ("watchdog_rank_last_step", "watchdog_rank_open_step_age_seconds"):
+            assert f'{series}{{rank="1",tp_group="tp0"}}' in metrics
+        assert 'watchdog_ring_read_lag_chunks{rank="1",role="broadcast",tp_group="tp0"}' in metrics
+        assert "watchdog_graph_dispatches_total{mode=" in metrics
         assert (tmp_path / "inc" / incidents[0]["id"] / "diagnosis.json").is_file()
+
+        # Evidence for a coordinator: token-protected when a token is configured.
+        assert get(port, "/v1/snapshot")[0] == 401
+        status, body = get(port, "/v1/snapshot", token="s3cret")
+        snap = json.loads(body)
+        assert status == 200 and snap["schema"] == "watchdog.snapshot/v1"
+        assert sorted(snap["ledgers"]) == ["engine.ledger", "rank000.ledger", "rank001.ledger"]
+        assert set(snap["evidence"]["pids"]) == {"0", "1", "engine"}
+        # Changing state needs the token; the forced diagnosis sees the same hang.
+        assert get(port, "/v1/diagnose-now", method="POST")[0] == 401
+        assert get(port, "/v1/diagnose-now", token="wrong", method="POST")[0] == 401
+        status, body = get(port, "/v1/diagnose-now", token="s3cret", method="POST")
+        assert status == 200 and json.loads(body)["verdict"] == "host_hang", body
+        assert len(json.loads(get(port, "/v1/incidents")[1])) == 2
+        paths = json.loads(get(port, "/openapi.json")[1])["paths"]
+        assert {"/v1/snapshot", "/v1/diagnose-now", "/livez", "/metrics"} <= set(paths)
     finally:
         if demo is not None:
             stop(demo)

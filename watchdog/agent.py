@@ -1,81 +1,117 @@
-"""``watchdog agent``: the watcher as a long-running sidecar with an HTTP API and /metrics.
+"""``watchdog agent`` / ``watchdog coordinator``: the watch loop as a long-running service.
 
-First slice of the daemon: one agent watching one ledger directory (single-node TP). The
-watch loop runs in a thread; the API (FastAPI, served by one uvicorn worker) only reads the
-agent's state.
+One process: the loop runs in a thread, the API (FastAPI, one uvicorn worker) reads its state.
+The loop is a local ``Watcher`` (an agent: ledgers of this node) or a ``Coordinator`` (pulls
+agents over HTTP). A single-node agent diagnoses by itself (the coordinator is embedded); an agent
+started with ``member`` only detects and serves its evidence, and the coordinator diagnoses.
 
-    GET /healthz                the agent itself is alive
-    GET /livez                  503 while the watched server is diagnosed as deadlocked
-    GET /v1/status              verdict state, ranks seen, incidents so far
-    GET /v1/incidents           incident summaries, newest last
-    GET /v1/incidents/{id}      one incident's Diagnosis JSON
-    GET /metrics                Prometheus text format
+    GET  /healthz               the agent itself is alive
+    GET  /livez                 503 while the watched server is diagnosed as deadlocked
+    GET  /v1/status             role, verdict state, open stall, progress counter, incidents so far
+    GET  /v1/incidents          incident summaries, newest last
+    GET  /v1/incidents/{id}     one incident's Diagnosis JSON
+    GET  /v1/snapshot           this node's evidence now: ledgers + stacks, processes, GPUs, rings (token if set)
+    POST /v1/diagnose-now       gather and diagnose now, whatever the detector thinks (token required)
+    GET  /metrics               Prometheus text format
+    GET  /openapi.json          the API's OpenAPI schema (also committed as docs/openapi.json)
 """
 
 from __future__ import annotations
 
+import base64
+import dataclasses
+import hmac
+import logging
 import threading
 import time
+import zlib
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from fastapi import FastAPI, HTTPException, Response
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from fastapi import FastAPI, HTTPException, Request, Response
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from watchdog.evidence.gpus import Nvml
-from watchdog.snapshot import Sources
+from watchdog.metrics import AgentMetrics
+from watchdog.snapshot import LedgerSet, collect, read_ledger_dir
+from watchdog.types import StallInfo
 from watchdog.watcher import Incident, Watcher
+
+log = logging.getLogger("watchdog")
+
+SNAPSHOT_SCHEMA = "watchdog.snapshot/v1"
+STATUS_SCHEMA = "watchdog.status/v1"
+
+
+class Loop(Protocol):
+    progressed: bool
+
+    def poll(self) -> StallInfo | None: ...
+
+    def handle(self, stall: StallInfo | None) -> Incident: ...
+
+    def close(self) -> None: ...
 
 
 @dataclass
 class Agent:
-    watcher: Watcher
+    loop: Loop
+    metrics: AgentMetrics
+    role: str = "agent"  # "agent" (diagnoses itself), "member" (a coordinator diagnoses) or "coordinator"
+    token: str = ""
     poll_s: float = 0.1
-    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+    ring_every_s: float = 1.0
     incidents: list[Incident] = field(default_factory=list)
     deadlocked: bool = False
+    open_stall: StallInfo | None = None
+    progress: int = 0  # polls that saw new records: a coordinator compares it between polls
     started_wall: float = field(default_factory=time.time)
+    _next_rings_ns: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _diagnosing: threading.Lock = field(default_factory=threading.Lock)
     _stop: threading.Event = field(default_factory=threading.Event)
 
-    def __post_init__(self) -> None:
-        r = self.registry
-        self.m_stalls = Counter("watchdog_stalls_detected_total", "Stalls the detector declared.", registry=r)
-        self.m_incidents = Counter(
-            "watchdog_incidents_total", "Incidents diagnosed, by verdict.", ["verdict"], registry=r
-        )
-        self.m_deadlocked = Gauge(
-            "watchdog_deadlocked", "1 while the watched server is diagnosed as deadlocked.", registry=r
-        )
-        self.m_collect = Gauge(
-            "watchdog_last_diagnosis_duration_seconds", "Stall declared to diagnosis written.", registry=r
-        )
-
     def step(self) -> Incident | None:
-        """One poll of the ledgers; on a stall, gather, diagnose and record the incident."""
-        stall = self.watcher.poll()
-        if self.watcher.progressed:
+        """One poll; on a stall, gather, diagnose and record the incident (a member only records the stall)."""
+        stall = self.loop.poll()
+        now = time.monotonic_ns()
+        self.metrics.tick(now)
+        if self.loop.progressed:
             with self._lock:
-                self.deadlocked = False
-            self.m_deadlocked.set(0)
+                self.deadlocked, self.open_stall = False, None
+                self.progress += 1
+            self.metrics.deadlocked.labels(self.metrics.tp_group).set(0)
+        if isinstance(self.loop, Watcher) and now >= self._next_rings_ns:
+            self._next_rings_ns = now + int(self.ring_every_s * 1e9)
+            broadcast, responses = self.loop.rings()
+            self.metrics.rings(broadcast, responses)
         if stall is None:
             return None
-        self.m_stalls.inc()
-        incident = self.watcher.handle(stall)
+        self.metrics.stalls.labels(self.metrics.tp_group).inc()
+        if self.role == "member":
+            with self._lock:
+                self.open_stall = stall
+            return None
+        return self.diagnose(stall)
+
+    def diagnose(self, stall: StallInfo | None) -> Incident:
+        with self._diagnosing:
+            incident = self.loop.handle(stall)
+        g = self.metrics.tp_group
         verdict = incident.diagnosis.verdict
-        self.m_incidents.labels(verdict=verdict.value).inc()
-        self.m_collect.set((incident.diagnosed_mono_ns - incident.detected_mono_ns) / 1e9)
+        self.metrics.incidents.labels(g, verdict.value).inc()
+        self.metrics.evidence_seconds.labels(g).observe((incident.diagnosed_mono_ns - incident.detected_mono_ns) / 1e9)
         with self._lock:
             self.incidents.append(incident)
             self.deadlocked = verdict.is_deadlock
-        self.m_deadlocked.set(1 if verdict.is_deadlock else 0)
+        self.metrics.deadlocked.labels(g).set(1 if verdict.is_deadlock else 0)
         return incident
 
     def run(self) -> None:
         while not self._stop.is_set():
-            self.step()
+            try:
+                self.step()
+            except Exception:  # the loop must outlive any one bad poll; the next one retries
+                log.exception("watch loop: poll failed")
             self._stop.wait(self.poll_s)
 
     def stop(self) -> None:
@@ -84,27 +120,23 @@ class Agent:
     def status(self) -> dict[str, Any]:
         with self._lock:
             last = self.incidents[-1].diagnosis.verdict.value if self.incidents else None
+            ranks = getattr(self.loop, "ranks", None)
             return {
-                "schema": "watchdog.status/v1",
+                "schema": STATUS_SCHEMA,
+                "role": self.role,
+                "tp_group": self.metrics.tp_group,
                 "deadlocked": self.deadlocked,
                 "last_verdict": last,
                 "incidents": len(self.incidents),
-                "ledger_dir": str(self.watcher.ledger_dir),
+                "stall": None if self.open_stall is None else dataclasses.asdict(self.open_stall),
+                "progress": self.progress,
+                "ranks": None if ranks is None else sorted(ranks),
                 "uptime_s": round(time.time() - self.started_wall, 3),
             }
 
     def incident_list(self) -> list[dict[str, Any]]:
         with self._lock:
-            return [
-                {
-                    "id": i.bundle.name,
-                    "verdict": i.diagnosis.verdict.value,
-                    "step": i.diagnosis.step,
-                    "culprit_ranks": list(i.diagnosis.culprit_ranks),
-                    "summary": i.diagnosis.summary,
-                }
-                for i in self.incidents
-            ]
+            return [summary(i) for i in self.incidents]
 
     def incident(self, ident: str) -> dict[str, Any] | None:
         with self._lock:
@@ -113,12 +145,60 @@ class Agent:
                     return i.diagnosis.to_json()
         return None
 
-    def metrics(self) -> bytes:
-        return generate_latest(self.registry)
+    def snapshot(self) -> dict[str, Any] | None:
+        """This node's evidence, for a coordinator; None when this loop has no local evidence."""
+        if not isinstance(self.loop, Watcher):
+            return None
+        with self._lock:
+            stall = self.open_stall
+        w = self.loop
+        ledgers = read_ledger_dir(w.ledger_dir, w.ranks)
+        return snapshot_payload(ledgers, collect(ledgers, w.sources, stall))
+
+
+def summary(i: Incident) -> dict[str, Any]:
+    return {
+        "id": i.bundle.name,
+        "verdict": i.diagnosis.verdict.value,
+        "step": i.diagnosis.step,
+        "culprit_ranks": list(i.diagnosis.culprit_ranks),
+        "summary": i.diagnosis.summary,
+    }
+
+
+def snapshot_payload(ledgers: LedgerSet, evidence: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "schema": SNAPSHOT_SCHEMA,
+        "ledgers": {name: base64.b64encode(zlib.compress(data, 1)).decode() for name, data in ledgers.raw.items()},
+        "evidence": evidence,
+    }
+
+
+def payload_ledgers(payload: dict[str, Any]) -> dict[str, bytes]:
+    """Inverse of the ledger part of ``snapshot_payload``; ValueError if damaged."""
+    if payload.get("schema") != SNAPSHOT_SCHEMA:
+        raise ValueError(f"not a {SNAPSHOT_SCHEMA} payload")
+    try:
+        return {str(n): zlib.decompress(base64.b64decode(d)) for n, d in payload["ledgers"].items()}
+    except (KeyError, TypeError, AttributeError, zlib.error, ValueError) as exc:
+        raise ValueError(f"damaged ledgers in snapshot: {exc}") from None
 
 
 def make_app(agent: Agent) -> FastAPI:
-    app = FastAPI(title="tp-deadlock-watchdog agent", version="1")
+    app = FastAPI(
+        title="tp-deadlock-watchdog",
+        version="1",
+        description="Deadlock watchdog agent / coordinator for tensor-parallel vLLM serving.",
+    )
+
+    def authorize(request: Request, required: bool) -> None:
+        if not agent.token:
+            if required:
+                raise HTTPException(403, "no api_token configured: state-changing endpoints are disabled")
+            return
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {agent.token}".encode()):
+            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
@@ -146,17 +226,32 @@ def make_app(agent: Agent) -> FastAPI:
             raise HTTPException(status_code=404, detail=f"no incident {ident}")
         return found
 
+    @app.get("/v1/snapshot")
+    def snapshot(request: Request) -> dict[str, Any]:
+        authorize(request, required=False)
+        found = agent.snapshot()
+        if found is None:
+            raise HTTPException(404, "a coordinator holds no local evidence: ask its agents")
+        return found
+
+    @app.post("/v1/diagnose-now")
+    def diagnose_now(request: Request) -> dict[str, Any]:
+        authorize(request, required=True)
+        if agent.role == "member":
+            raise HTTPException(409, "a member agent sees part of the TP group: ask the coordinator")
+        i = agent.diagnose(None)
+        return {**summary(i), "diagnosis": i.diagnosis.to_json()}
+
     @app.get("/metrics")
     def metrics() -> Response:
-        return Response(agent.metrics(), media_type=CONTENT_TYPE_LATEST)
+        return Response(agent.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     return app
 
 
-def serve(ledger_dir: Path, incidents_dir: Path, host: str, port: int) -> None:
+def serve(agent: Agent, host: str, port: int) -> None:
     import uvicorn
 
-    agent = Agent(Watcher(ledger_dir, incidents_dir, Sources(gpus=Nvml())))
     thread = threading.Thread(target=agent.run, name="watch-loop", daemon=True)
     thread.start()
     try:
@@ -164,4 +259,4 @@ def serve(ledger_dir: Path, incidents_dir: Path, host: str, port: int) -> None:
     finally:
         agent.stop()
         thread.join(timeout=5)
-        agent.watcher.close()
+        agent.loop.close()

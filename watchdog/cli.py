@@ -13,8 +13,10 @@ and messages go to stderr.
 
 from __future__ import annotations
 
+import inspect
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -86,6 +88,8 @@ def demo(
         None
     ),
     seed: Annotated[int, typer.Option(help="Workload and model seed.")] = 0,
+    bursts: Annotated[int, typer.Option(help="Send the requests in this many bursts ...")] = 1,
+    idle_gap: Annotated[float, typer.Option(help="... with this many idle seconds between bursts.")] = 0.0,
     workdir: Annotated[Path | None, typer.Option(help="Where ledgers and incident bundles go.")] = None,
     timeout: Annotated[float, typer.Option(help="Give up after this many seconds.")] = 300.0,
     native: Annotated[bool, typer.Option(help="Also take native (C) stacks with py-spy --native.")] = True,
@@ -117,6 +121,8 @@ def demo(
         fault_rank=fault_rank,
         fault_step=fault_step,
         seed=seed,
+        bursts=bursts,
+        idle_gap_s=idle_gap,
         workdir=None if workdir is None else str(workdir),
         timeout_s=timeout,
         native_stacks=native,
@@ -146,20 +152,125 @@ def _print_demo(result: dict[str, Any]) -> None:
         print(f"\nre-run it:  watchdog diagnose {inc['bundle']}")
 
 
-@app.command()
-def agent(
-    ledger_dir: Annotated[Path, typer.Option(help="Directory the ranks write their ledgers to.")],
-    incidents_dir: Annotated[Path, typer.Option(help="Where incident bundles are written.")],
-    host: Annotated[str, typer.Option(help="Address the HTTP API binds to.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="HTTP API port.")] = 9464,
-) -> int:
-    """Watch a deployment's ledgers as a long-running sidecar: HTTP API, /livez, /metrics."""
-    from watchdog.agent import serve
+def _with_settings(func: Callable[..., int]) -> Callable[..., int]:
+    """Give a command one ``--<name>`` option per setting (see watchdog/settings.py), all defaulting to
+    None so that the file and the environment fill what the command line leaves out."""
+    from watchdog.settings import FIELDS, HELP
 
-    if not ledger_dir.is_dir():
-        raise WatchdogError(f"--ledger-dir {ledger_dir}: not a directory")
-    serve(ledger_dir, incidents_dir, host, port)
+    kinds: dict[str, Any] = {"bool": bool, "int": int, "float": float, "str": str, "Path": Path, "Path | None": Path}
+    params = [
+        inspect.Parameter(
+            "config",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=None,
+            annotation=Annotated[Path | None, typer.Option(help="TOML settings file (or WATCHDOG_CONFIG).")],
+        )
+    ]
+    for name, f in FIELDS.items():
+        kind = kinds[str(f.type)]
+        params.append(
+            inspect.Parameter(
+                name,
+                inspect.Parameter.KEYWORD_ONLY,
+                default=None,
+                annotation=Annotated[kind | None, typer.Option(help=HELP[name], show_default=False)],
+            )
+        )
+    func.__signature__ = inspect.Signature(params, return_annotation=int)  # type: ignore[attr-defined]
+    func.__annotations__ = {p.name: p.annotation for p in params} | {"return": int}
+    return func
+
+
+def _settings(values: dict[str, Any]) -> Any:
+    from watchdog.settings import load
+
+    return load(values.pop("config", None), cli=values)
+
+
+@app.command()
+@_with_settings
+def agent(**values: Any) -> int:
+    """Watch this node's ranks as a long-running sidecar: HTTP API, /livez, /metrics.
+
+    Single-node TP (the default) diagnoses here; with --member, a `watchdog coordinator` does."""
+    from watchdog.agent import Agent, serve
+    from watchdog.detector import DetectorConfig
+    from watchdog.evidence.gpus import Nvml
+    from watchdog.metrics import AgentMetrics
+    from watchdog.snapshot import Sources
+    from watchdog.watcher import Watcher
+
+    s = _settings(values)
+    if not s.ledger_dir.is_dir():
+        raise WatchdogError(f"ledger_dir {s.ledger_dir}: not a directory")
+    token = s.token()
+    if s.proc_root != Path("/proc"):
+        import psutil
+
+        psutil.PROCFS_PATH = str(s.proc_root)
+    metrics = AgentMetrics(s.tp_group)
+    sources = Sources(
+        gpus=Nvml() if s.nvml else None,
+        shm_dir=str(s.shm_dir),
+        native=s.native_stacks,
+        stack_timeout_s=s.stack_timeout_s,
+        native_timeout_s=s.native_timeout_s,
+    )
+    watcher = Watcher(
+        s.ledger_dir,
+        s.incidents_dir,
+        sources,
+        DetectorConfig(floor_s=s.stall_floor_s, multiplier=s.stall_multiplier, cold_deadline_s=s.cold_deadline_s),
+        ranks=s.owned_ranks(),
+        on_records=metrics.observe,
+        on_error=lambda source: metrics.scrape_errors.labels(s.tp_group, source).inc(),
+    )
+    role = "member" if s.member else "agent"
+    serve(Agent(watcher, metrics, role=role, token=token, poll_s=s.poll_interval_s), s.host, s.port)
     return EXIT_OK
+
+
+@app.command()
+@_with_settings
+def coordinator(**values: Any) -> int:
+    """Correlate the member agents of one TP group spread over nodes (--agents URL,URL): one diagnosis, one bundle."""
+    from watchdog.agent import Agent, serve
+    from watchdog.coordinator import Coordinator
+    from watchdog.metrics import AgentMetrics
+
+    s = _settings(values)
+    urls = s.agent_urls()
+    if not urls:
+        raise WatchdogError(
+            "agents: give the member agents' base URLs, e.g. --agents http://node-a:9464,http://node-b:9464"
+        )
+    metrics = AgentMetrics(s.tp_group)
+    coord = Coordinator(
+        urls,
+        s.incidents_dir,
+        token=s.token(),
+        timeout_s=s.agent_timeout_s,
+        on_error=lambda source: metrics.scrape_errors.labels(s.tp_group, source).inc(),
+    )
+    serve(
+        Agent(coord, metrics, role="coordinator", token=s.token(), poll_s=max(s.poll_interval_s, 0.5)), s.host, s.port
+    )
+    return EXIT_OK
+
+
+@app.command()
+def openapi() -> int:
+    """Print the agent's OpenAPI schema (committed as docs/openapi.json)."""
+    print(json.dumps(openapi_schema(), indent=2, sort_keys=True))
+    return EXIT_OK
+
+
+def openapi_schema() -> dict[str, Any]:
+    from watchdog.agent import Agent, make_app
+    from watchdog.coordinator import Coordinator
+    from watchdog.metrics import AgentMetrics
+
+    return make_app(Agent(Coordinator([], Path(".")), AgentMetrics("tp0"))).openapi()
 
 
 @bench_app.command("recorder")
@@ -175,6 +286,23 @@ def bench_recorder(
 
     result = run(records=records, repeats=repeats, tp=tp, steps=steps, say=_err)
     print(json.dumps(result) if as_json else "\n".join(f"{k}: {v}" for k, v in result.items()))
+    return EXIT_OK
+
+
+@bench_app.command("detect")
+def bench_detect(
+    tp: Annotated[list[int], typer.Option(help="TP sizes to measure (repeat the option).")] = [2, 4, 8],  # noqa: B006
+    fault: Annotated[list[str] | None, typer.Option(help="Fault classes (repeat; default: every fault).")] = None,
+    repeats: Annotated[int, typer.Option(help="Injections per fault class and TP size.")] = 3,
+    requests: Annotated[int, typer.Option(help="Requests per demo run.")] = 64,
+    cpu_seconds: Annotated[float, typer.Option(help="Seconds the agent's CPU share is sampled (0 skips it).")] = 30.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
+) -> int:
+    """Detection latency per fault class and TP size (median, max), and the agent's CPU share while healthy."""
+    from watchdog.bench import bench_detect as run
+
+    result = run(tps=tp, faults=fault, repeats=repeats, requests=requests, cpu_seconds=cpu_seconds, say=_err)
+    print(json.dumps(result) if as_json else json.dumps(result, indent=2))
     return EXIT_OK
 
 

@@ -84,10 +84,10 @@ def read_ledger_files(files: Mapping[str, bytes]) -> LedgerSet:
     return LedgerSet(ranks, engine, dict(files), tuple(missing))
 
 
-def read_ledger_dir(directory: str | Path) -> LedgerSet:
+def read_ledger_dir(directory: str | Path, ranks: frozenset[int] | None = None) -> LedgerSet:
     files: dict[str, bytes] = {}
     unreadable: list[str] = []
-    for path in ledger_paths(directory):
+    for path in ledger_paths(directory, ranks):
         try:
             files[path.name] = path.read_bytes()
         except OSError as exc:
@@ -139,11 +139,17 @@ def _rings(engine: Ledger | None, shm_dir: str) -> tuple[list[RingState], list[s
 
 
 def gather(
-    directory: str | Path, sources: Sources, stall: StallInfo | None = None
+    directory: str | Path, sources: Sources, stall: StallInfo | None = None, ranks: frozenset[int] | None = None
 ) -> tuple[Snapshot, LedgerSet, dict[str, Any]]:
-    """Collect everything about the deployment whose ledgers are in ``directory``."""
+    """Collect everything about the deployment whose ledgers are in ``directory`` (only ``ranks``' if given)."""
+    ledgers = read_ledger_dir(directory, ranks)
+    evidence = collect(ledgers, sources, stall)
+    return assemble(ledgers, evidence), ledgers, evidence
+
+
+def collect(ledgers: LedgerSet, sources: Sources, stall: StallInfo | None = None) -> dict[str, Any]:
+    """The JSON evidence about the processes behind ``ledgers``: stacks, process and GPU state, rings."""
     t0_mono, t0_wall = time.monotonic_ns(), time.time_ns()
-    ledgers = read_ledger_dir(directory)
     pids = {str(r): lg.header.pid for r, lg in ledgers.ranks.items()}
     if ledgers.engine is not None:
         pids["engine"] = ledgers.engine.header.pid
@@ -201,7 +207,7 @@ def gather(
         missing=missing,
         stall=None if stall is None else dataclasses.asdict(stall),
     )
-    return assemble(ledgers, evidence), ledgers, evidence
+    return evidence
 
 
 def _procs(sources: Sources, pids: list[int]) -> tuple[dict[str, Any], list[str]]:

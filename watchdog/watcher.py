@@ -7,17 +7,21 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from collectors.format import ProcessKind
-from collectors.reader import LedgerError, LedgerTail, ledger_paths
+from collectors.format import ProcessKind, Record
+from collectors.reader import LedgerError, LedgerTail, ledger_paths, read_ledger
+from collectors.recorder import ledger_name
 from watchdog.analyzer import AnalyzerConfig, diagnose
 from watchdog.bundle import write_bundle
 from watchdog.detector import DetectorConfig, StallDetector
+from watchdog.evidence.rings import RingError, RingLayout, inspect_ring
 from watchdog.report import render
-from watchdog.snapshot import Sources, gather
-from watchdog.types import Diagnosis, StallInfo
+from watchdog.snapshot import Sources, gather, ring_specs
+from watchdog.types import Diagnosis, RingState, StallInfo
 
 log = logging.getLogger("watchdog")
 
@@ -27,7 +31,7 @@ class Incident:
     diagnosis: Diagnosis
     bundle: Path
     report: str
-    stall: StallInfo
+    stall: StallInfo | None
     detected_mono_ns: int
     diagnosed_mono_ns: int
 
@@ -39,6 +43,10 @@ class Watcher:
     sources: Sources = field(default_factory=Sources)
     detector_cfg: DetectorConfig = field(default_factory=DetectorConfig)
     analyzer_cfg: AnalyzerConfig = field(default_factory=AnalyzerConfig)
+    ranks: frozenset[int] | None = None  # only these ranks' ledgers (multi-node); None: all in ledger_dir
+    on_records: Callable[[int | None, list[Record]], None] | None = None  # e.g. the agent's metrics
+    on_error: Callable[[str], None] | None = None  # a failed read: "ledger" or "ring"
+    _ring_specs: tuple[int, list[tuple[str, Any]]] | None = None  # (engine ledger inode, specs)
     _tails: dict[Path, LedgerTail] = field(default_factory=dict)
     _detector: StallDetector = field(init=False)
     _fired: bool = False
@@ -49,7 +57,7 @@ class Watcher:
 
     def poll(self, now_ns: int | None = None) -> StallInfo | None:
         """Read new records and return a stall if one is open now (once per stall)."""
-        for path in ledger_paths(self.ledger_dir):
+        for path in ledger_paths(self.ledger_dir, self.ranks):
             self._tails.setdefault(path, LedgerTail(path))
         progressed = False
         for path, tail in self._tails.items():
@@ -57,11 +65,14 @@ class Watcher:
                 records = tail.poll()
             except (LedgerError, OSError) as exc:
                 log.debug("ledger %s unreadable: %s", path, exc)
+                self._error("ledger")
                 continue
             assert tail.header is not None
             rank = None if tail.header.kind is ProcessKind.ENGINE else tail.header.rank
             progressed = progressed or bool(records)
             self._detector.observe(rank, records)
+            if self.on_records is not None:
+                self.on_records(rank, records)
         self.progressed = progressed
         if progressed:
             self._fired = False
@@ -71,13 +82,50 @@ class Watcher:
         self._fired = True
         return stall
 
-    def handle(self, stall: StallInfo) -> Incident:
+    def handle(self, stall: StallInfo | None) -> Incident:
+        """Gather, diagnose, write the bundle (``stall`` None: a diagnosis asked for by hand)."""
         detected = time.monotonic_ns()
-        snapshot, ledgers, evidence = gather(self.ledger_dir, self.sources, stall)
+        snapshot, ledgers, evidence = gather(self.ledger_dir, self.sources, stall, self.ranks)
         diagnosis = diagnose(snapshot, self.analyzer_cfg)
         report = render(diagnosis)
         bundle = write_bundle(self.incidents_dir, ledgers, evidence, diagnosis, report)
         return Incident(diagnosis, bundle, report, stall, detected, time.monotonic_ns())
+
+    def rings(self) -> tuple[RingState | None, dict[int, RingState]]:
+        """The flags of the shm rings the engine ledger names: the broadcast ring, each rank's response ring."""
+        path = self.ledger_dir / ledger_name(ProcessKind.ENGINE, 0)
+        if self.ranks is not None and 0 not in self.ranks:
+            return None, {}
+        try:
+            ino = path.stat().st_ino
+            if self._ring_specs is None or self._ring_specs[0] != ino:
+                specs = ring_specs(read_ledger(path))
+                if specs is None:
+                    return None, {}  # not written yet (start-up), or this engine names none
+                self._ring_specs = (ino, specs)
+        except FileNotFoundError:
+            return None, {}
+        except (LedgerError, OSError):
+            self._error("ledger")
+            return None, {}
+        broadcast: RingState | None = None
+        responses: dict[int, RingState] = {}
+        for role, spec in self._ring_specs[1]:
+            try:
+                state = inspect_ring(str(spec["name"]), RingLayout.from_json(spec), role, str(self.sources.shm_dir))
+            except (RingError, KeyError, TypeError, ValueError) as exc:
+                log.debug("ring %s unreadable: %s", role, exc)
+                self._error("ring")
+                continue
+            if role == "broadcast":
+                broadcast = state
+            else:
+                responses[len(responses)] = state  # the engine lists response rings in rank order
+        return broadcast, responses
+
+    def _error(self, source: str) -> None:
+        if self.on_error is not None:
+            self.on_error(source)
 
     def close(self) -> None:
         for tail in self._tails.values():

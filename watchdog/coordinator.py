@@ -1,0 +1,164 @@
+"""The coordinator: one TP group spread over several nodes, one agent per node.
+
+Each member agent tails its own ranks' ledgers and runs the detector; the coordinator polls every
+agent's ``/v1/status`` (cheap: a progress counter and the open stall, if any). When any agent
+reports a stall, it pulls ``/v1/snapshot`` from all of them in parallel (each bounded in time),
+merges ledgers and evidence, runs the same ``assemble`` + analyzer as a single agent, and writes
+one incident bundle. An agent that does not answer becomes "missing: ..." lines (and its ranks
+"rank N: no ledger"), never a crash, and the verdict says what it could not see.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from watchdog.analyzer import AnalyzerConfig, diagnose
+from watchdog.bundle import write_bundle
+from watchdog.report import render
+from watchdog.snapshot import assemble, read_ledger_files
+from watchdog.types import EVIDENCE_SCHEMA, StallInfo
+from watchdog.watcher import Incident
+
+log = logging.getLogger("watchdog")
+
+PER_PID = ("stacks", "native_stacks", "procs")
+
+
+class AgentUnreachable(Exception):
+    """One line: which agent, what went wrong."""
+
+
+def fetch_json(url: str, token: str, timeout_s: float) -> Any:
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        raise AgentUnreachable(f"{url}: HTTP {exc.code} {exc.reason}") from None
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise AgentUnreachable(f"{url}: {reason}") from None
+
+
+@dataclass
+class Coordinator:
+    agents: Sequence[str]
+    incidents_dir: Path
+    token: str = ""
+    timeout_s: float = 10.0
+    status_timeout_s: float = 2.0
+    analyzer_cfg: AnalyzerConfig = field(default_factory=AnalyzerConfig)
+    on_error: Callable[[str], None] | None = None
+    progressed: bool = False
+    _progress: dict[str, int] = field(default_factory=dict)
+    _fired: bool = False
+
+    def poll(self) -> StallInfo | None:
+        statuses = self._fan_out("/v1/status", self.status_timeout_s)
+        progressed = False
+        stall: StallInfo | None = None
+        for url, st in statuses.items():
+            if isinstance(st, AgentUnreachable):
+                log.debug("agent status: %s", st)
+                continue
+            count = int(st.get("progress", 0))
+            progressed = progressed or count != self._progress.get(url, count)
+            self._progress[url] = count
+            raw = st.get("stall")
+            if raw and (stall is None or raw["age_s"] > stall.age_s):
+                stall = StallInfo(**raw)
+        self.progressed = progressed
+        if progressed:
+            self._fired = False
+        if stall is None or self._fired:
+            return None
+        self._fired = True
+        return stall
+
+    def handle(self, stall: StallInfo | None) -> Incident:
+        detected = time.monotonic_ns()
+        pulled = self._fan_out("/v1/snapshot", self.timeout_s)
+        files, evidence = merge(pulled, stall)
+        ledgers = read_ledger_files(files)
+        diagnosis = diagnose(assemble(ledgers, evidence), self.analyzer_cfg)
+        report = render(diagnosis)
+        bundle = write_bundle(self.incidents_dir, ledgers, evidence, diagnosis, report)
+        return Incident(diagnosis, bundle, report, stall, detected, time.monotonic_ns())
+
+    def close(self) -> None:
+        pass
+
+    def _fan_out(self, path: str, timeout_s: float) -> dict[str, Any]:
+        with ThreadPoolExecutor(max_workers=max(1, len(self.agents))) as pool:
+            futs = {url: pool.submit(self._get, url + path, timeout_s) for url in self.agents}
+            return {url: fut.result() for url, fut in futs.items()}
+
+    def _get(self, url: str, timeout_s: float) -> Any:
+        try:
+            return fetch_json(url, self.token, timeout_s)
+        except AgentUnreachable as exc:
+            if self.on_error is not None:
+                self.on_error("agent")
+            return exc
+
+
+def merge(pulled: dict[str, Any], stall: StallInfo | None) -> tuple[dict[str, bytes], dict[str, Any]]:
+    """Ledger files and one evidence object from every agent's snapshot payload (or its failure)."""
+    from watchdog.agent import payload_ledgers
+
+    files: dict[str, bytes] = {}
+    evidence: dict[str, Any] = {"pids": {}, "gpus": [], "rings": [], **{k: {} for k in PER_PID}}
+    missing: list[str] = []
+    nodes: list[dict[str, Any]] = []
+    for url, payload in pulled.items():
+        if isinstance(payload, AgentUnreachable):
+            missing.append(f"agent {payload}")
+            continue
+        try:
+            theirs = payload_ledgers(payload)
+            ev = payload["evidence"]
+        except (ValueError, KeyError, TypeError) as exc:
+            missing.append(f"agent {url}: {exc}")
+            continue
+        for name, data in theirs.items():
+            if name in files:
+                missing.append(f"agent {url}: ledger {name} also came from another agent; kept the first")
+                continue
+            files[name] = data
+        nodes.append({"agent": url, "boot_id": ev.get("boot_id", ""), "pids": ev.get("pids", {})})
+        evidence["pids"].update(ev.get("pids", {}))
+        evidence["gpus"].extend({**g, "agent": url} for g in ev.get("gpus") or ())
+        evidence["rings"].extend(ev.get("rings") or ())
+        missing.extend(f"agent {url}: {m}" for m in ev.get("missing") or ())
+        for key in PER_PID:
+            if key not in ev:
+                continue
+            for pid, item in ev[key].items():
+                if pid in evidence[key]:
+                    # Two nodes, one pid number: which process a ledger's pid names is ambiguous.
+                    missing.append(f"{key} of pid {pid}: reported by two agents, dropped")
+                    evidence[key][pid] = None
+                else:
+                    evidence[key][pid] = item
+    for key in PER_PID:
+        evidence[key] = {p: v for p, v in evidence[key].items() if v is not None}
+    evidence.update(
+        schema=EVIDENCE_SCHEMA,
+        taken_mono_ns=time.monotonic_ns(),
+        taken_wall_ns=time.time_ns(),
+        boot_id="",
+        live=True,
+        missing=missing,
+        nodes=nodes,
+        stall=None if stall is None else stall.__dict__.copy(),
+    )
+    return files, evidence

@@ -1,0 +1,135 @@
+"""The agent's Prometheus metrics.
+
+Names follow Prometheus conventions (``watchdog_`` prefix, base units, ``_total`` counters) and
+labels stay bounded: ``tp_group``, ``rank``, ``mode``, ``size_bucket`` (powers of two), ``verdict``,
+``source`` and ``role`` (small fixed sets). Never a pid, a step number or a stack.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from collectors.format import Record, StepBegin, StepEnd
+from watchdog.types import RingState
+
+STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+EVIDENCE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 30.0)
+MAX_BUCKET = 1 << 16
+
+
+def size_bucket(num_tokens: int) -> str:
+    """Smallest power of two >= num_tokens, capped: a bounded label."""
+    b = 1 << max(0, math.ceil(math.log2(max(1, num_tokens))))
+    return str(b) if b <= MAX_BUCKET else f"gt{MAX_BUCKET}"
+
+
+@dataclass
+class _Open:
+    mode: str
+    since_ns: int
+
+
+class AgentMetrics:
+    def __init__(self, tp_group: str, registry: CollectorRegistry | None = None) -> None:
+        self.registry = r = registry or CollectorRegistry()
+        self.tp_group = g = tp_group
+        grp = ["tp_group"]
+        self.last_step = Gauge(
+            "watchdog_rank_last_step", "Sequence number of the last step a rank began.", [*grp, "rank"], registry=r
+        )
+        self.last_progress = Gauge(
+            "watchdog_rank_last_progress_timestamp_seconds",
+            "Unix time the agent last saw a new ledger record from a rank.",
+            [*grp, "rank"],
+            registry=r,
+        )
+        self.open_age = Gauge(
+            "watchdog_rank_open_step_age_seconds",
+            "Age of the step a rank is inside now (0: none).",
+            [*grp, "rank"],
+            registry=r,
+        )
+        self.step_duration = Histogram(
+            "watchdog_step_duration_seconds",
+            "Step durations seen in the ledgers, by CUDA-graph mode.",
+            [*grp, "mode"],
+            buckets=STEP_BUCKETS,
+            registry=r,
+        )
+        self.dispatches = Counter(
+            "watchdog_graph_dispatches_total",
+            "Graph keys dispatched (model forward), by mode and token bucket.",
+            [*grp, "mode", "size_bucket"],
+            registry=r,
+        )
+        self.stalls = Counter("watchdog_stalls_detected_total", "Stalls the detector declared.", grp, registry=r)
+        self.incidents = Counter(
+            "watchdog_incidents_total", "Incidents diagnosed, by verdict.", [*grp, "verdict"], registry=r
+        )
+        self.deadlocked = Gauge(
+            "watchdog_deadlocked", "1 while the watched server is diagnosed as deadlocked.", grp, registry=r
+        )
+        self.evidence_seconds = Histogram(
+            "watchdog_evidence_collection_seconds",
+            "Stall declared to diagnosis written (gather + analyze).",
+            grp,
+            buckets=EVIDENCE_BUCKETS,
+            registry=r,
+        )
+        self.scrape_errors = Counter(
+            "watchdog_scrape_errors_total",
+            "Failed reads: ledger, ring or (coordinator) agent.",
+            [*grp, "source"],
+            registry=r,
+        )
+        self.ring_lag = Gauge(
+            "watchdog_ring_read_lag_chunks",
+            "Chunks written to a shm ring and not yet read: per broadcast reader (= rank), or of a rank's replies.",
+            [*grp, "role", "rank"],
+            registry=r,
+        )
+        self.deadlocked.labels(g).set(0)
+        self.stalls.labels(g)
+        for source in ("ledger", "ring", "agent"):
+            self.scrape_errors.labels(g, source)
+        self._open: dict[int, _Open] = {}
+        self._seen: set[int] = set()
+
+    def observe(self, rank: int | None, records: list[Record], now_wall: float | None = None) -> None:
+        if rank is None or not records:
+            return
+        g, label = self.tp_group, str(rank)
+        self._seen.add(rank)
+        self.last_progress.labels(g, label).set(time.time() if now_wall is None else now_wall)
+        for rec in records:
+            if isinstance(rec, StepBegin):
+                mode = rec.key.mode.value
+                self._open[rank] = _Open(mode, rec.mono_ns)
+                self.last_step.labels(g, label).set(rec.step)
+                self.dispatches.labels(g, mode, size_bucket(rec.key.num_tokens)).inc()
+            elif isinstance(rec, StepEnd):
+                o = self._open.pop(rank, None)
+                if o is not None:
+                    self.step_duration.labels(g, o.mode).observe(max(0.0, (rec.mono_ns - o.since_ns) / 1e9))
+
+    def tick(self, now_mono_ns: int) -> None:
+        """Refresh the gauges that age by themselves."""
+        for rank in self._seen:
+            o = self._open.get(rank)
+            age = 0.0 if o is None else max(0.0, (now_mono_ns - o.since_ns) / 1e9)
+            self.open_age.labels(self.tp_group, str(rank)).set(age)
+
+    def rings(self, broadcast: RingState | None, responses: dict[int, RingState]) -> None:
+        """Unread chunks per reader: of the broadcast ring (reader i = local rank i) and of each rank's replies."""
+        if broadcast is not None:
+            for reader in range(broadcast.n_readers):
+                self.ring_lag.labels(self.tp_group, "broadcast", str(reader)).set(broadcast.unread_by(reader))
+        for rank, st in responses.items():
+            self.ring_lag.labels(self.tp_group, "response", str(rank)).set(st.unread_by(0))
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

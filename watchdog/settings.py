@@ -1,0 +1,191 @@
+"""One settings object for the agent and the coordinator: file < ``WATCHDOG_*`` environment < CLI.
+
+The file is TOML (``--config watchdog.toml``, or ``WATCHDOG_CONFIG``) with the field names below
+as top-level keys. Every field is also ``WATCHDOG_<NAME>`` in the environment and ``--<name>``
+(dashes for underscores) on the command line. The README's configuration table is generated
+from ``FIELDS`` (``tests/test_settings.py`` keeps the two in step).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from watchdog.errors import WatchdogError
+
+ENV_PREFIX = "WATCHDOG_"
+
+
+@dataclass(frozen=True)
+class Settings:
+    ledger_dir: Path = Path("/var/run/watchdog/ledgers")
+    incidents_dir: Path = Path("/var/lib/watchdog/incidents")
+    host: str = "127.0.0.1"
+    port: int = 9464
+    api_token: str = ""
+    api_token_file: Path | None = None
+    tp_group: str = "tp0"
+    ranks: str = ""
+    member: bool = False
+    agents: str = ""
+    shm_dir: Path = Path("/dev/shm")
+    proc_root: Path = Path("/proc")
+    poll_interval_s: float = 0.1
+    stall_floor_s: float = 1.0
+    stall_multiplier: float = 10.0
+    cold_deadline_s: float = 60.0
+    stack_timeout_s: float = 5.0
+    native_stacks: bool = True
+    native_timeout_s: float = 2.0
+    nvml: bool = True
+    agent_timeout_s: float = 10.0
+
+    def owned_ranks(self) -> frozenset[int] | None:
+        return parse_ranks(self.ranks)
+
+    def agent_urls(self) -> list[str]:
+        return [u.strip().rstrip("/") for u in self.agents.split(",") if u.strip()]
+
+    def token(self) -> str:
+        if self.api_token_file is not None:
+            try:
+                return self.api_token_file.read_text().strip()
+            except OSError as exc:
+                raise WatchdogError(f"api_token_file {self.api_token_file}: {exc.strerror or exc}") from None
+        return self.api_token
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+HELP = {
+    "ledger_dir": "Directory the ranks (and the engine) write their ledgers to.",
+    "incidents_dir": "Where incident bundles are written (keep it on a volume).",
+    "host": "Address the HTTP API binds to. Only loopback unless you say otherwise.",
+    "port": "HTTP API port (/metrics is served there too).",
+    "api_token": "Bearer token for POST endpoints and /v1/snapshot. Empty: POSTs are refused.",
+    "api_token_file": "Read the bearer token from this file (a mounted Secret).",
+    "tp_group": "Label of this TP group in metrics and incidents.",
+    "ranks": "Ranks this agent owns, e.g. '0-3' or '4,5,6,7'. Empty: every ledger in ledger_dir.",
+    "member": "Part of a multi-node group: detect and serve evidence, let the coordinator diagnose.",
+    "agents": "Coordinator only: comma-separated agent base URLs, e.g. 'http://node-a:9464,http://node-b:9464'.",
+    "shm_dir": "Where POSIX shared memory lives (vLLM's rings).",
+    "proc_root": "procfs root (the host's /proc when the sidecar shares the process namespace).",
+    "poll_interval_s": "How often the ledgers are read.",
+    "stall_floor_s": "No stall is declared before a step is this old.",
+    "stall_multiplier": "A step stalls at this many times the recent p99 of its kind.",
+    "cold_deadline_s": "Deadline while there is no step history (warm-up).",
+    "stack_timeout_s": "Bound on py-spy dumps of Python stacks, per process.",
+    "native_stacks": "Also take native stacks (py-spy --native).",
+    "native_timeout_s": "Bound on native dumps (informational; never delays a diagnosis longer).",
+    "nvml": "Sample GPUs through NVML (off on machines without NVIDIA GPUs is automatic).",
+    "agent_timeout_s": "Coordinator only: bound on each pull from an agent.",
+}
+
+
+def parse_ranks(spec: str) -> frozenset[int] | None:
+    """'0-3' / '4,5,6,7' / '0-1,6' -> the set; '' -> None (all)."""
+    if not spec.strip():
+        return None
+    out: set[int] = set()
+    try:
+        for part in spec.split(","):
+            lo, _, hi = part.strip().partition("-")
+            out.update(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise WatchdogError(f"ranks {spec!r}: expected e.g. '0-3' or '0,1,2'") from None
+    if not out or min(out) < 0:
+        raise WatchdogError(f"ranks {spec!r}: expected e.g. '0-3' or '0,1,2'")
+    return frozenset(out)
+
+
+def _convert(name: str, value: Any, where: str) -> Any:
+    kind = str(FIELDS[name].type)
+    try:
+        if kind == "bool":
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if kind == "int":
+            if isinstance(value, bool):
+                raise ValueError(value)
+            return int(value)
+        if kind == "float":
+            if isinstance(value, bool):
+                raise ValueError(value)
+            return float(value)
+        if kind in ("Path", "Path | None"):
+            return None if value in (None, "") and kind == "Path | None" else Path(str(value))
+        if not isinstance(value, str):
+            raise ValueError(value)
+        return value
+    except (TypeError, ValueError):
+        raise WatchdogError(f"{where}: {name} = {value!r} is not a valid {kind.replace(' | None', '')}") from None
+
+
+def load(
+    config_file: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    cli: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Settings from the defaults, then the file, then the environment, then CLI values that are not None."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    path = config_file or (Path(env[ENV_PREFIX + "CONFIG"]) if env.get(ENV_PREFIX + "CONFIG") else None)
+    if path is not None:
+        try:
+            data = tomllib.loads(path.read_text())
+        except OSError as exc:
+            raise WatchdogError(f"config {path}: {exc.strerror or exc}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise WatchdogError(f"config {path}: not valid TOML: {exc}") from None
+        for key, value in data.items():
+            if key not in FIELDS:
+                raise WatchdogError(f"config {path}: unknown setting {key!r}")
+            values[key] = _convert(key, value, f"config {path}")
+    for name in FIELDS:
+        raw = env.get(ENV_PREFIX + name.upper())
+        if raw is not None:
+            values[name] = _convert(name, raw, f"environment {ENV_PREFIX}{name.upper()}")
+    for name, value in (cli or {}).items():
+        if value is not None:
+            values[name] = _convert(name, value, f"--{name.replace('_', '-')}")
+    settings = Settings(**values)
+    validate(settings)
+    return settings
+
+
+def validate(s: Settings) -> None:
+    if not 0 < s.port < 65536:
+        raise WatchdogError(f"port {s.port}: must be 1-65535")
+    for name in (
+        "poll_interval_s",
+        "stall_floor_s",
+        "stall_multiplier",
+        "cold_deadline_s",
+        "stack_timeout_s",
+        "native_timeout_s",
+        "agent_timeout_s",
+    ):
+        if getattr(s, name) <= 0:
+            raise WatchdogError(f"{name} = {getattr(s, name)}: must be positive")
+    s.owned_ranks()
+
+
+def markdown_table() -> str:
+    """The README's configuration table."""
+    rows = ["| Setting | Environment | Default | Meaning |", "|---|---|---|---|"]
+    for f in dataclasses.fields(Settings):
+        default = f.default if f.default is not None else ""
+        rows.append(
+            f"| `--{f.name.replace('_', '-')}` | `{ENV_PREFIX}{f.name.upper()}` | `{default}` | {HELP[f.name]} |"
+        )
+    return "\n".join(rows)
