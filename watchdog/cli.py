@@ -212,6 +212,7 @@ def agent(**values: Any) -> int:
     sources = Sources(
         gpus=Nvml() if s.nvml else None,
         shm_dir=str(s.shm_dir),
+        proc_root=str(s.proc_root),
         native=s.native_stacks,
         stack_timeout_s=s.stack_timeout_s,
         native_timeout_s=s.native_timeout_s,
@@ -255,6 +256,53 @@ def coordinator(**values: Any) -> int:
     serve(
         Agent(coord, metrics, role="coordinator", token=s.token(), poll_s=max(s.poll_interval_s, 0.5)), s.host, s.port
     )
+    return EXIT_OK
+
+
+@app.command()
+def discover(
+    ledger_dir: Annotated[Path, typer.Option(help="Directory the ranks write their ledgers to.")] = Path(
+        "/var/run/watchdog/ledgers"
+    ),
+    shm_dir: Annotated[Path, typer.Option(help="Where POSIX shared memory lives.")] = Path("/dev/shm"),
+    proc_root: Annotated[Path, typer.Option(help="procfs root.")] = Path("/proc"),
+    as_json: Annotated[bool, typer.Option("--json", help="Print what was found as JSON.")] = False,
+) -> int:
+    """What the agent would watch on this node: ledgers and their processes, and vLLM's shm rings."""
+    import psutil
+
+    from watchdog.evidence.discover import discover_rings
+    from watchdog.snapshot import known_pids, read_ledger_dir
+
+    if not ledger_dir.is_dir():
+        raise WatchdogError(f"--ledger-dir {ledger_dir}: not a directory")
+    ledgers = read_ledger_dir(ledger_dir)
+    known = known_pids(ledgers)
+    procs = []
+    for pid, label in known.items():
+        try:
+            p = psutil.Process(pid)
+            procs.append({"label": label, "pid": pid, "status": p.status(), "cmdline": " ".join(p.cmdline())[:120]})
+        except psutil.Error as exc:
+            procs.append({"label": label, "pid": pid, "status": f"not here ({type(exc).__name__})", "cmdline": ""})
+    found = discover_rings(str(shm_dir), str(proc_root), known)
+    if as_json:
+        print(json.dumps({"processes": procs, "missing": list(ledgers.missing), **found.to_json()}))
+        return EXIT_OK
+    print(f"ledgers in {ledger_dir}:")
+    for p in procs:
+        print(f"  {p['label']:>6}  pid {p['pid']:<8} {p['status']:<12} {p['cmdline']}")
+    for m in ledgers.missing:
+        print(f"  missing: {m}")
+    print(f"rings in {shm_dir}:")
+    for r in found.rings:
+        who = ",".join(known.get(pid, str(pid)) for pid in r.owners) or "nobody"
+        rank = f" rank {r.rank}" if r.rank is not None else ""
+        print(
+            f"  {r.name}  {r.role}{rank}  {r.layout.n_readers} reader(s), {r.layout.max_chunks} x "
+            f"{r.layout.max_chunk_bytes} B, mapped by {who}"
+        )
+    print(f"  ({len(found.skipped)} other segment(s) are not rings)")
     return EXIT_OK
 
 

@@ -20,6 +20,7 @@ from typing import Any
 from collectors.format import ProcessKind
 from collectors.reader import Ledger, LedgerError, ledger_paths, parse_ledger
 from watchdog.evidence import EvidenceError
+from watchdog.evidence.discover import deployment_specs, discover_rings
 from watchdog.evidence.gpus import GpuSource, gpu_from_json, gpu_to_json
 from watchdog.evidence.procs import ProcSource, PsutilProcs, proc_from_json, proc_to_json
 from watchdog.evidence.rings import RingError, RingLayout, inspect_ring
@@ -45,6 +46,7 @@ class Sources:
     procs: ProcSource | None = field(default_factory=PsutilProcs)
     gpus: GpuSource | None = None
     shm_dir: str = "/dev/shm"
+    proc_root: str = "/proc"
     native: bool = True
     stack_timeout_s: float = 5.0
     native_timeout_s: float = 2.0  # informational only: never let it hold up a diagnosis
@@ -121,15 +123,32 @@ def ring_specs(engine: Ledger) -> list[tuple[str, Any]] | None:
     return [("broadcast", entry.get("broadcast"))] + [("response", r) for r in entry.get("responses", [])]
 
 
-def _rings(engine: Ledger | None, shm_dir: str) -> tuple[list[RingState], list[str]]:
-    if engine is None:
+def known_pids(ledgers: LedgerSet) -> dict[int, str]:
+    """pid -> "engine" or the rank, from the ledger headers."""
+    known = {lg.header.pid: str(r) for r, lg in ledgers.ranks.items()}
+    if ledgers.engine is not None:
+        known[ledgers.engine.header.pid] = "engine"
+    return known
+
+
+def find_ring_specs(ledgers: LedgerSet, shm_dir: str, proc_root: str) -> tuple[list[tuple[str, Any]], list[str]]:
+    """The (role, spec) of each ring: as the engine ledger names them, else found in ``shm_dir`` by shape
+    and by which of the deployment's processes map them (watchdog.evidence.discover)."""
+    if ledgers.engine is None:
         return [], []
-    wanted = ring_specs(engine)
-    if wanted is None:
-        return [], ["rings: the engine ledger names no shm rings"]
+    named = ring_specs(ledgers.engine)
+    if named is not None:
+        return named, []
+    found = deployment_specs(discover_rings(shm_dir, proc_root, known_pids(ledgers)), known_pids(ledgers))
+    if found is None:
+        return [], [f"rings: the engine ledger names none and none of this deployment's were found in {shm_dir}"]
+    return found, []
+
+
+def read_rings(specs: list[tuple[str, Any]], shm_dir: str) -> tuple[list[RingState], list[str]]:
     states: list[RingState] = []
     missing: list[str] = []
-    for role, spec in wanted:
+    for role, spec in specs:
         try:
             layout = RingLayout.from_json(spec)
             states.append(inspect_ring(str(spec["name"]), layout, role, shm_dir=shm_dir))
@@ -150,9 +169,7 @@ def gather(
 def collect(ledgers: LedgerSet, sources: Sources, stall: StallInfo | None = None) -> dict[str, Any]:
     """The JSON evidence about the processes behind ``ledgers``: stacks, process and GPU state, rings."""
     t0_mono, t0_wall = time.monotonic_ns(), time.time_ns()
-    pids = {str(r): lg.header.pid for r, lg in ledgers.ranks.items()}
-    if ledgers.engine is not None:
-        pids["engine"] = ledgers.engine.header.pid
+    pids = {label: pid for pid, label in known_pids(ledgers).items()}
     missing: list[str] = []
     evidence: dict[str, Any] = {"pids": pids}
     with ThreadPoolExecutor(max_workers=4) as pool:
@@ -168,8 +185,9 @@ def collect(ledgers: LedgerSet, sources: Sources, stall: StallInfo | None = None
         )
         procs_f = pool.submit(_procs, sources, list(pids.values())) if sources.procs else None
         gpus_f = pool.submit(sources.gpus.sample) if sources.gpus else None
-        rings, ring_missing = _rings(ledgers.engine, sources.shm_dir)
-        missing.extend(ring_missing)
+        specs, ring_missing = find_ring_specs(ledgers, sources.shm_dir, sources.proc_root)
+        rings, unreadable = read_rings(specs, sources.shm_dir)
+        missing.extend(ring_missing + unreadable)
         for label, fut in (("stacks", stacks_f), ("native_stacks", native_f)):
             if fut is None:
                 missing.append(f"{label}: not collected (disabled)")

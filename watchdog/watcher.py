@@ -13,14 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from collectors.format import ProcessKind, Record
-from collectors.reader import LedgerError, LedgerTail, ledger_paths, read_ledger
+from collectors.reader import LedgerError, LedgerTail, ledger_paths
 from collectors.recorder import ledger_name
 from watchdog.analyzer import AnalyzerConfig, diagnose
 from watchdog.bundle import write_bundle
 from watchdog.detector import DetectorConfig, StallDetector
-from watchdog.evidence.rings import RingError, RingLayout, inspect_ring
 from watchdog.report import render
-from watchdog.snapshot import Sources, gather, ring_specs
+from watchdog.snapshot import Sources, find_ring_specs, gather, read_ledger_dir, read_rings
 from watchdog.types import Diagnosis, RingState, StallInfo
 
 log = logging.getLogger("watchdog")
@@ -47,6 +46,7 @@ class Watcher:
     on_records: Callable[[int | None, list[Record]], None] | None = None  # e.g. the agent's metrics
     on_error: Callable[[str], None] | None = None  # a failed read: "ledger" or "ring"
     _ring_specs: tuple[int, list[tuple[str, Any]]] | None = None  # (engine ledger inode, specs)
+    _ring_retry_at: float = 0.0
     _tails: dict[Path, LedgerTail] = field(default_factory=dict)
     _detector: StallDetector = field(init=False)
     _fired: bool = False
@@ -92,36 +92,32 @@ class Watcher:
         return Incident(diagnosis, bundle, report, stall, detected, time.monotonic_ns())
 
     def rings(self) -> tuple[RingState | None, dict[int, RingState]]:
-        """The flags of the shm rings the engine ledger names: the broadcast ring, each rank's response ring."""
+        """The flags of the deployment's shm rings: the broadcast ring, and each rank's response ring."""
         path = self.ledger_dir / ledger_name(ProcessKind.ENGINE, 0)
         if self.ranks is not None and 0 not in self.ranks:
-            return None, {}
+            return None, {}  # the engine (and its rings) live on another node
         try:
             ino = path.stat().st_ino
-            if self._ring_specs is None or self._ring_specs[0] != ino:
-                specs = ring_specs(read_ledger(path))
-                if specs is None:
-                    return None, {}  # not written yet (start-up), or this engine names none
-                self._ring_specs = (ino, specs)
-        except FileNotFoundError:
+        except OSError:
             return None, {}
-        except (LedgerError, OSError):
-            self._error("ledger")
-            return None, {}
-        broadcast: RingState | None = None
-        responses: dict[int, RingState] = {}
-        for role, spec in self._ring_specs[1]:
-            try:
-                state = inspect_ring(str(spec["name"]), RingLayout.from_json(spec), role, str(self.sources.shm_dir))
-            except (RingError, KeyError, TypeError, ValueError) as exc:
-                log.debug("ring %s unreadable: %s", role, exc)
-                self._error("ring")
-                continue
-            if role == "broadcast":
-                broadcast = state
-            else:
-                responses[len(responses)] = state  # the engine lists response rings in rank order
-        return broadcast, responses
+        now = time.monotonic()
+        if self._ring_specs is None or self._ring_specs[0] != ino:
+            if now < self._ring_retry_at:
+                return None, {}
+            specs, _ = find_ring_specs(
+                read_ledger_dir(self.ledger_dir, self.ranks), self.sources.shm_dir, self.sources.proc_root
+            )
+            if not specs:
+                self._ring_retry_at = now + 10.0  # start-up, or discovery found nothing: not every second
+                return None, {}
+            self._ring_specs = (ino, specs)
+        states, missing = read_rings(self._ring_specs[1], self.sources.shm_dir)
+        for m in missing:
+            log.debug("%s", m)
+            self._error("ring")
+        broadcast = next((st for st in states if st.role == "broadcast"), None)
+        responses = [st for st in states if st.role == "response"]
+        return broadcast, dict(enumerate(responses))  # response rings come in rank order
 
     def _error(self, source: str) -> None:
         if self.on_error is not None:
