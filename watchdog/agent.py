@@ -25,6 +25,7 @@ import logging
 import threading
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -60,6 +61,7 @@ class Agent:
     token: str = ""
     poll_s: float = 0.1
     ring_every_s: float = 1.0
+    extra: Callable[[], dict[str, Any]] | None = None  # more /v1/status fields (the supervisor's ladder)
     incidents: list[Incident] = field(default_factory=list)
     deadlocked: bool = False
     open_stall: StallInfo | None = None
@@ -132,6 +134,7 @@ class Agent:
                 "progress": self.progress,
                 "ranks": None if ranks is None else sorted(ranks),
                 "uptime_s": round(time.time() - self.started_wall, 3),
+                **(self.extra() if self.extra is not None else {}),
             }
 
     def incident_list(self) -> list[dict[str, Any]]:

@@ -158,13 +158,21 @@ def _with_settings(func: Callable[..., int]) -> Callable[..., int]:
     from watchdog.settings import FIELDS, HELP
 
     kinds: dict[str, Any] = {"bool": bool, "int": int, "float": float, "str": str, "Path": Path, "Path | None": Path}
+    own = [
+        p.replace(
+            annotation=Annotated[list[str], typer.Argument(help="The server command, after --.", show_default=False)]
+        )
+        for p in inspect.signature(func).parameters.values()
+        if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+    ]
     params = [
+        *own,
         inspect.Parameter(
             "config",
             inspect.Parameter.KEYWORD_ONLY,
             default=None,
             annotation=Annotated[Path | None, typer.Option(help="TOML settings file (or WATCHDOG_CONFIG).")],
-        )
+        ),
     ]
     for name, f in FIELDS.items():
         kind = kinds[str(f.type)]
@@ -194,21 +202,29 @@ def agent(**values: Any) -> int:
 
     Single-node TP (the default) diagnoses here; with --member, a `watchdog coordinator` does."""
     from watchdog.agent import Agent, serve
-    from watchdog.detector import DetectorConfig
-    from watchdog.evidence.gpus import Nvml
     from watchdog.metrics import AgentMetrics
-    from watchdog.snapshot import Sources
-    from watchdog.watcher import Watcher
 
     s = _settings(values)
     if not s.ledger_dir.is_dir():
         raise WatchdogError(f"ledger_dir {s.ledger_dir}: not a directory")
-    token = s.token()
+    metrics = AgentMetrics(s.tp_group)
+    watcher = _watchers(s, metrics)()
+    role = "member" if s.member else "agent"
+    serve(Agent(watcher, metrics, role=role, token=s.token(), poll_s=s.poll_interval_s), s.host, s.port)
+    return EXIT_OK
+
+
+def _watchers(s: Any, metrics: Any) -> Callable[[], Any]:
+    """A factory of Watchers over ``s.ledger_dir`` sharing one set of evidence sources and metrics."""
+    from watchdog.detector import DetectorConfig
+    from watchdog.evidence.gpus import Nvml
+    from watchdog.snapshot import Sources
+    from watchdog.watcher import Watcher
+
     if s.proc_root != Path("/proc"):
         import psutil
 
         psutil.PROCFS_PATH = str(s.proc_root)
-    metrics = AgentMetrics(s.tp_group)
     sources = Sources(
         gpus=Nvml() if s.nvml else None,
         shm_dir=str(s.shm_dir),
@@ -217,18 +233,56 @@ def agent(**values: Any) -> int:
         stack_timeout_s=s.stack_timeout_s,
         native_timeout_s=s.native_timeout_s,
     )
-    watcher = Watcher(
-        s.ledger_dir,
-        s.incidents_dir,
-        sources,
-        DetectorConfig(floor_s=s.stall_floor_s, multiplier=s.stall_multiplier, cold_deadline_s=s.cold_deadline_s),
-        ranks=s.owned_ranks(),
-        on_records=metrics.observe,
-        on_error=lambda source: metrics.scrape_errors.labels(s.tp_group, source).inc(),
+    detector = DetectorConfig(floor_s=s.stall_floor_s, multiplier=s.stall_multiplier, cold_deadline_s=s.cold_deadline_s)
+
+    def make() -> Watcher:
+        return Watcher(
+            s.ledger_dir,
+            s.incidents_dir,
+            sources,
+            detector,
+            ranks=s.owned_ranks(),
+            on_records=metrics.observe,
+            on_error=lambda source: metrics.scrape_errors.labels(s.tp_group, source).inc(),
+        )
+
+    return make
+
+
+@app.command(context_settings={"allow_interspersed_args": False})
+@_with_settings
+def run(command: list[str], **values: Any) -> int:
+    """Run a server (`watchdog run [OPTIONS] -- vllm serve ...`), watch it, and on a diagnosed deadlock
+    restart it one rung safer on the cudagraph ladder (bounded; --observe never restarts).
+
+    Exits with the server's exit code when it ends by itself, 5 once the restart bound was hit."""
+    from watchdog.metrics import AgentMetrics
+    from watchdog.supervisor import ladder
+    from watchdog.supervisor.run import Supervisor, SupervisorConfig, handle_signals, serve_api
+
+    s = _settings(values)
+    if not command:
+        raise WatchdogError("give the server command after --, e.g. watchdog run -- vllm serve MODEL")
+    metrics = AgentMetrics(s.tp_group)
+    cfg = SupervisorConfig(
+        argv=command,
+        ledger_dir=s.ledger_dir,
+        incidents_dir=s.incidents_dir,
+        state_file=s.state_file(),
+        policy=ladder.Policy(s.ladder_modes(), s.max_restarts, s.restart_window_s),
+        observe=s.observe,
+        keep_up_on_give_up=s.on_give_up == "up",
+        grace_s=s.stop_grace_s,
+        poll_s=s.poll_interval_s,
     )
-    role = "member" if s.member else "agent"
-    serve(Agent(watcher, metrics, role=role, token=token, poll_s=s.poll_interval_s), s.host, s.port)
-    return EXIT_OK
+    sup = Supervisor(cfg, metrics, _watchers(s, metrics), say=_err, token=s.token())
+    handle_signals(sup)
+    stop_api = serve_api(sup.agent, s.host, s.port)
+    try:
+        return sup.run()
+    finally:
+        stop_api()
+        sup.agent.loop.close()
 
 
 @app.command()

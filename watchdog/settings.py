@@ -44,12 +44,25 @@ class Settings:
     native_timeout_s: float = 2.0
     nvml: bool = True
     agent_timeout_s: float = 10.0
+    ladder: str = "FULL_AND_PIECEWISE,FULL_DECODE_ONLY,NONE"
+    max_restarts: int = 3
+    restart_window_s: float = 3600.0
+    ladder_state_file: Path | None = None
+    observe: bool = False
+    on_give_up: str = "stop"
+    stop_grace_s: float = 30.0
 
     def owned_ranks(self) -> frozenset[int] | None:
         return parse_ranks(self.ranks)
 
     def agent_urls(self) -> list[str]:
         return [u.strip().rstrip("/") for u in self.agents.split(",") if u.strip()]
+
+    def ladder_modes(self) -> tuple[str, ...]:
+        return tuple(m.strip() for m in self.ladder.split(",") if m.strip())
+
+    def state_file(self) -> Path:
+        return self.ladder_state_file or self.incidents_dir / "ladder.json"
 
     def token(self) -> str:
         if self.api_token_file is not None:
@@ -82,6 +95,13 @@ HELP = {
     "native_stacks": "Also take native stacks (py-spy --native).",
     "native_timeout_s": "Bound on native dumps (informational; never delays a diagnosis longer).",
     "nvml": "Sample GPUs through NVML (off on machines without NVIDIA GPUs is automatic).",
+    "ladder": "watchdog run: cudagraph modes to fall back through, safest last.",
+    "max_restarts": "watchdog run: at most this many restarts within restart_window_s, then give up.",
+    "restart_window_s": "watchdog run: the window max_restarts counts over.",
+    "ladder_state_file": "watchdog run: where the ladder state persists (default: incidents_dir/ladder.json).",
+    "observe": "watchdog run: diagnose and report, never restart.",
+    "on_give_up": "watchdog run: 'stop' the server or keep it 'up' once the restart bound is hit.",
+    "stop_grace_s": "watchdog run: SIGTERM, then SIGKILL after this many seconds.",
     "agent_timeout_s": "Coordinator only: bound on each pull from an agent.",
 }
 
@@ -178,6 +198,10 @@ def validate(s: Settings) -> None:
         if getattr(s, name) <= 0:
             raise WatchdogError(f"{name} = {getattr(s, name)}: must be positive")
     s.owned_ranks()
+    if s.on_give_up not in ("stop", "up"):
+        raise WatchdogError(f"on_give_up {s.on_give_up!r}: choose 'stop' or 'up'")
+    if s.max_restarts < 0 or s.restart_window_s <= 0 or s.stop_grace_s < 0:
+        raise WatchdogError("max_restarts and stop_grace_s must be >= 0, restart_window_s positive")
 
 
 def markdown_table() -> str:

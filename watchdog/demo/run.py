@@ -48,6 +48,8 @@ class DemoOptions:
     fault_rank: int = 1
     fault_step: int | None = None
     seed: int = 0
+    bursts: int = 1  # the requests go out in this many bursts ...
+    idle_gap_s: float = 0.0  # ... separated by this much idle time (the server sits idle, not hung)
     workdir: str | None = None
     timeout_s: float = 300.0
     native_stacks: bool = True
@@ -63,6 +65,10 @@ class DemoOptions:
             raise DemoError("--requests, --concurrency, --input-len and --output-len must be at least 1")
         if not 0.0 <= self.range_ratio <= 1.0:
             raise DemoError(f"--range-ratio must be within [0, 1], got {self.range_ratio}")
+        if self.bursts < 1:
+            raise DemoError(f"--bursts must be at least 1, got {self.bursts}")
+        if not 0.0 <= self.idle_gap_s < float("inf"):
+            raise DemoError(f"--idle-gap must be a finite number of seconds >= 0, got {self.idle_gap_s}")
 
 
 def kill_tree(proc: mp.process.BaseProcess) -> None:
@@ -148,10 +154,21 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None] = lambda _m: None) ->
             raise DemoError(f"the demo engine failed to start: {ready['error']}")
         say(f"engine and {opts.tp} workers ready after {time.monotonic() - started:.1f} s (graphs captured)")
         workload = Workload(
-            opts.requests, opts.concurrency, opts.input_len, opts.output_len, opts.range_ratio, opts.seed
+            opts.requests,
+            opts.concurrency,
+            opts.input_len,
+            opts.output_len,
+            opts.range_ratio,
+            opts.seed,
+            bursts=opts.bursts,
+            idle_gap_s=opts.idle_gap_s,
         )
         client_result = start_client(workload, requests_q, results_q, stop)
-        say(f"bench client: {opts.requests} requests, max concurrency {opts.concurrency}, fault {opts.fault}")
+        shape = ""
+        if opts.bursts > 1:
+            sizes = workload.burst_sizes()
+            shape = f" in {len(sizes)} bursts of {min(sizes)}-{max(sizes)}, {opts.idle_gap_s:g} s idle between"
+        say(f"bench client: {opts.requests} requests{shape}, max concurrency {opts.concurrency}, fault {opts.fault}")
         deadline = time.monotonic() + opts.timeout_s
         while not client_result.done.is_set():
             stall = watcher.poll() if opts.watch else None
@@ -210,7 +227,8 @@ def _first_bite(bites: mp.Queue[Any]) -> int | None:
 def _incident_json(i: Incident, bite_ns: int | None) -> dict[str, Any]:
     # Detection is timed from when the fault bit; with no bite on record (a stall nobody
     # injected), from when the stuck step began.
-    origin = bite_ns if bite_ns is not None else i.detected_mono_ns - int(i.stall.age_s * 1e9)
+    age_s = i.stall.age_s if i.stall is not None else 0.0
+    origin = bite_ns if bite_ns is not None else i.detected_mono_ns - int(age_s * 1e9)
     return {
         "diagnosis": i.diagnosis.to_json(),
         "detected_after_s": round((i.detected_mono_ns - origin) / 1e9, 3),

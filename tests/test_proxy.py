@@ -1,0 +1,568 @@
+"""The resuming proxy against a real upstream process (tests/upstream_server.py), over real HTTP.
+
+The upstream is SIGKILLed mid-request and restarted on the same port, the way the supervisor
+restarts a deadlocked server; the client must see the same text as a fault-free run (the upstream's
+next token is a function of the whole text before it, so a continuation is exact).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.upstream_server import chat_prompt, continue_text
+from watchdog.supervisor.proxy import DEFAULT_COMPLETION_MAX_TOKENS, ResumingProxy, UpstreamGate, continuation_request
+
+UPSTREAM_SCRIPT = Path(__file__).with_name("upstream_server.py")
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers
+
+
+class Upstream:
+    """The test upstream as a separate process; restartable on the same port; close() reaps all."""
+
+    def __init__(self, token_delay: float = 0.02, prefill_delay: float = 0.0) -> None:
+        self.token_delay = token_delay
+        self.prefill_delay = prefill_delay
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.all: list[subprocess.Popen[bytes]] = []
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, prefill_delay: float | None = None) -> Upstream:
+        argv = [sys.executable, str(UPSTREAM_SCRIPT), "--port", str(self.port)]
+        argv += ["--token-delay", str(self.token_delay)]
+        argv += ["--prefill-delay", str(self.prefill_delay if prefill_delay is None else prefill_delay)]
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE)
+        self.all.append(proc)
+        self.proc = proc
+        assert proc.stdout is not None
+        line = proc.stdout.readline().decode()
+        assert line.startswith("PORT "), f"upstream did not start: {line!r}"
+        self.port = int(line.split()[1])
+        wait_for(lambda: request(self.port, "GET", "/health")[0] == 200, 30, "upstream /health")
+        return self
+
+    def kill(self) -> None:
+        proc = self.proc
+        assert proc is not None
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+
+    def terminate(self) -> None:
+        proc = self.proc
+        assert proc is not None
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+
+    def stats(self) -> dict[str, int]:
+        status, _, body = request(self.port, "GET", "/stats")
+        assert status == 200
+        result: dict[str, int] = json.loads(body)
+        return result
+
+    def close(self) -> None:
+        for proc in self.all:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=30)
+            if proc.stdout is not None:
+                proc.stdout.close()
+        assert all(p.returncode is not None for p in self.all), "orphan upstream process"
+
+
+@contextlib.contextmanager
+def deployment(
+    token_delay: float = 0.02, prefill_delay: float = 0.0, resume_timeout_s: float = 120.0
+) -> Iterator[tuple[Upstream, UpstreamGate, ResumingProxy]]:
+    upstream = Upstream(token_delay, prefill_delay)
+    proxy: ResumingProxy | None = None
+    try:
+        upstream.start()
+        gate = UpstreamGate(upstream.url)
+        proxy = ResumingProxy(gate, resume_timeout_s=resume_timeout_s)
+        proxy.start()
+        yield upstream, gate, proxy
+    finally:
+        if proxy is not None:
+            proxy.stop()
+        upstream.close()
+
+
+def wait_for(cond: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with contextlib.suppress(OSError, http.client.HTTPException):
+            if cond():
+                return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def request(
+    port: int, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None, timeout: float = 120
+) -> tuple[int, dict[str, str], bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        data = None if body is None else json.dumps(body).encode()
+        hdrs = {"Content-Type": "application/json"} if data is not None else {}
+        hdrs.update(headers or {})
+        conn.request(method, path, body=data, headers=hdrs)
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+    finally:
+        conn.close()
+
+
+class SseClient:
+    """A streaming request read event by event (http.client, like a plain OpenAI client)."""
+
+    def __init__(self, port: int, path: str, body: dict[str, Any]) -> None:
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        self.conn.request("POST", path, body=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+        self.resp = self.conn.getresponse()
+        self.events: list[str] = []
+
+    def next(self) -> str | None:
+        """The next event's data, or None at the end of the body."""
+        data: list[str] = []
+        while True:
+            line = self.resp.readline()
+            if not line:
+                assert not data, "stream ended inside an event"
+                return None
+            text = line.decode().rstrip("\r\n")
+            if text == "":
+                if data:
+                    event = "\n".join(data)
+                    self.events.append(event)
+                    return event
+                continue
+            if text.startswith("data:"):
+                data.append(text[5:].removeprefix(" "))
+
+    def read_tokens(self, n: int) -> None:
+        """Read until ``n`` token-carrying chunks have arrived."""
+        while len(self.chunks_with_text()) < n:
+            assert self.next() is not None, "stream ended early"
+
+    def rest(self) -> list[str]:
+        while self.next() is not None:
+            pass
+        return self.events
+
+    def chunks(self) -> list[dict[str, Any]]:
+        return [json.loads(e) for e in self.events if e != "[DONE]"]
+
+    def chunks_with_text(self) -> list[dict[str, Any]]:
+        return [c for c in self.chunks() if c.get("choices") and _piece(c["choices"][0])]
+
+    def text(self) -> str:
+        return "".join(_piece(c["choices"][0]) for c in self.chunks() if c.get("choices"))
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def _piece(choice: dict[str, Any]) -> str:
+    if "text" in choice:
+        return str(choice["text"] or "")
+    return str((choice.get("delta") or {}).get("content") or "")
+
+
+def completion_body(prompt: str, max_tokens: int, stream: bool, **extra: Any) -> dict[str, Any]:
+    return {"model": "test-model", "prompt": prompt, "max_tokens": max_tokens, "stream": stream, **extra}
+
+
+def chat_body(content: str, max_tokens: int, stream: bool, **extra: Any) -> dict[str, Any]:
+    messages = [{"role": "user", "content": content}]
+    return {"model": "test-model", "messages": messages, "max_tokens": max_tokens, "stream": stream, **extra}
+
+
+def expected(prompt: str, max_tokens: int) -> str:
+    return "".join(continue_text(prompt, max_tokens))
+
+
+def restart(upstream: Upstream, gate: UpstreamGate, prefill_delay: float | None = None) -> None:
+    """What the supervisor does: going_down() must already have been called; SIGKILL, start again, up()."""
+    upstream.kill()
+    time.sleep(0.3)  # the proxy notices and starts waiting for up()
+    upstream.start(prefill_delay=prefill_delay)
+    gate.up()
+
+
+def assert_one_stream(client: SseClient) -> None:
+    """Ordered, one [DONE] at the very end, one id and one created for all chunks."""
+    assert client.events.count("[DONE]") == 1 and client.events[-1] == "[DONE]", client.events[-3:]
+    chunks = client.chunks()
+    assert len({c["id"] for c in chunks}) == 1, {c["id"] for c in chunks}
+    assert len({c["created"] for c in chunks}) == 1
+
+
+class Background:
+    """Run a blocking call in a thread; result() re-raises its exception."""
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self.value: Any = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
+        self.thread.start()
+
+    def _run(self, fn: Callable[[], Any]) -> None:
+        try:
+            self.value = fn()
+        except BaseException as exc:
+            self.error = exc
+
+    def result(self, timeout: float = 120) -> Any:
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "background call still running"
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+# --------------------------------------------------------------------------------------------------
+# no processes
+
+
+@pytest.mark.timeout(30)
+def test_gate_states_and_generation() -> None:
+    gate = UpstreamGate("http://127.0.0.1:1/")
+    assert gate.base_url == "http://127.0.0.1:1" and gate.state == "up" and gate.generation == 0
+    assert gate.wait_up(0)
+    gate.going_down()
+    assert gate.generation == 1 and gate.state == "down"
+    t0 = time.monotonic()
+    assert not gate.wait_up(0.2)
+    assert time.monotonic() - t0 >= 0.15
+    waiter = Background(lambda: gate.wait_up(30))
+    time.sleep(0.1)
+    gate.up()
+    assert waiter.result(10) is True
+    gate.set_base_url("http://127.0.0.1:2")
+    assert gate.base_url == "http://127.0.0.1:2"
+    gate.going_down()
+    waiter = Background(lambda: gate.wait_up(30))
+    time.sleep(0.1)
+    gate.gave_up()
+    assert waiter.result(10) is False
+    assert gate.generation == 2 and gate.state == "gave_up"
+
+
+@pytest.mark.timeout(30)
+def test_continuation_request_rules() -> None:
+    body = completion_body("p", 10, True, min_tokens=4, stream_options={"include_usage": True})
+    cont = continuation_request(body, " a b c", 3)
+    assert isinstance(cont, dict)
+    assert cont["prompt"] == "p a b c" and cont["max_tokens"] == 7 and cont["min_tokens"] == 1
+    assert cont["stream_options"] == {"include_usage": True} and body["prompt"] == "p"
+    default = continuation_request({"prompt": "p", "stream": True}, " a", 1)
+    assert isinstance(default, dict) and default["max_tokens"] == DEFAULT_COMPLETION_MAX_TOKENS - 1
+    unlimited = continuation_request(completion_body("p", 0, True) | {"max_tokens": None}, " a", 1)
+    assert isinstance(unlimited, dict) and unlimited["max_tokens"] is None
+    used_up = continuation_request(completion_body("p", 3, True), " a b c", 3)
+    assert isinstance(used_up, dict) and used_up["max_tokens"] == 0
+    for bad in (
+        completion_body("p", 10, True, n=2),
+        completion_body("p", 10, True, best_of=3),
+        completion_body("p", 10, True, logprobs=1),
+        completion_body("p", 10, True, echo=True),
+        completion_body("p", 10, True) | {"prompt": ["p"]},
+        completion_body("p", 10, True) | {"prompt": [1, 2, 3]},
+        [1, 2],
+    ):
+        assert isinstance(continuation_request(bad, " a", 1), str), bad
+
+
+@pytest.mark.timeout(60)
+def test_unreachable_upstream_is_502_and_resume_timeout_is_503() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead_port = s.getsockname()[1]
+    gate = UpstreamGate(f"http://127.0.0.1:{dead_port}")
+    proxy = ResumingProxy(gate, resume_timeout_s=1.0)
+    try:
+        proxy.start()
+        status, headers, body = request(proxy.port, "POST", "/v1/completions", completion_body("p", 4, False))
+        assert status == 502 and headers["content-type"] == "application/json"
+        assert json.loads(body)["error"]["code"] == 502
+        gate.going_down()  # a restart that never comes back within resume_timeout_s
+        t0 = time.monotonic()
+        status, _, body = request(proxy.port, "POST", "/v1/completions", completion_body("p", 4, False))
+        assert status == 503 and 0.9 <= time.monotonic() - t0 < 30
+        assert json.loads(body)["error"]["type"] == "watchdog_restart"
+        assert proxy.stats["resubmitted"] == 0 and proxy.stats["failed_unresumable"] == 1
+    finally:
+        proxy.stop()
+
+
+# --------------------------------------------------------------------------------------------------
+# a real upstream process
+
+
+@pytest.mark.timeout(120)
+def test_fault_free_passthrough() -> None:
+    with deployment() as (upstream, _gate, proxy):
+        direct = request(upstream.port, "GET", "/v1/models")
+        via = request(proxy.port, "GET", "/v1/models")
+        assert via[0] == 200 and json.loads(via[2]) == json.loads(direct[2])
+        status, _, body = request(
+            proxy.port, "PUT", "/echo?a=1&b=two", {"x": 1}, headers={"X-Custom": "yes", "Connection": "close"}
+        )
+        echo = json.loads(body)
+        assert status == 200 and echo["method"] == "PUT" and echo["query"] == "a=1&b=two"
+        assert json.loads(echo["body"]) == {"x": 1}
+        names = dict(echo["headers"])
+        assert names["x-custom"] == "yes" and "connection" not in names
+        assert names["host"] == f"127.0.0.1:{upstream.port}"
+        assert request(proxy.port, "GET", "/nope")[0] == 404
+
+        prompt = "the watchdog watches"
+        status, _, body = request(proxy.port, "POST", "/v1/completions", completion_body(prompt, 12, False))
+        assert status == 200 and json.loads(body)["choices"][0]["text"] == expected(prompt, 12)
+        client = SseClient(proxy.port, "/v1/completions", completion_body(prompt, 12, True))
+        try:
+            assert client.resp.getheader("content-type", "").startswith("text/event-stream")
+            client.rest()
+        finally:
+            client.close()
+        assert client.text() == expected(prompt, 12) and len(client.chunks_with_text()) == 12
+        assert_one_stream(client)
+        assert proxy.stats == {
+            "forwarded": 5,
+            "resubmitted": 0,
+            "resumed_mid_stream": 0,
+            "failed_unresumable": 0,
+            "client_cancelled": 0,
+        }
+
+
+@pytest.mark.timeout(180)
+def test_completion_stream_resumed_mid_stream_after_restart() -> None:
+    prompt = "rank 1 replays a padded graph"
+    max_tokens = 100
+    with deployment() as (upstream, gate, proxy):
+        client = SseClient(
+            proxy.port,
+            "/v1/completions",
+            completion_body(prompt, max_tokens, True, stream_options={"include_usage": True}),
+        )
+        try:
+            client.read_tokens(10)
+            gate.going_down()
+            restart(upstream, gate)
+            client.rest()
+        finally:
+            client.close()
+        assert client.text() == expected(prompt, max_tokens)
+        assert len(client.chunks_with_text()) == max_tokens
+        assert_one_stream(client)
+        usage = client.chunks()[-1]["usage"]
+        assert usage["completion_tokens"] == max_tokens
+        assert usage["prompt_tokens"] + usage["completion_tokens"] == usage["total_tokens"]
+        finishes = [c["choices"][0]["finish_reason"] for c in client.chunks() if c["choices"]]
+        assert finishes[-1] == "length" and finishes.count("length") == 1
+        stats = proxy.stats
+        assert stats["resumed_mid_stream"] == 1 and stats["resubmitted"] == 0 and stats["failed_unresumable"] == 0
+
+        fault_free = SseClient(proxy.port, "/v1/completions", completion_body(prompt, max_tokens, True))
+        try:
+            fault_free.rest()
+        finally:
+            fault_free.close()
+        assert fault_free.text() == client.text()
+
+
+@pytest.mark.timeout(180)
+def test_non_stream_resubmitted_after_restart_and_new_requests_wait_for_up() -> None:
+    prompt = "the engine stalls at step 91"
+    with deployment() as (upstream, gate, proxy):
+        first = Background(lambda: request(proxy.port, "POST", "/v1/completions", completion_body(prompt, 150, False)))
+        wait_for(lambda: upstream.stats()["in_flight"] == 1, 30, "the request to reach the upstream")
+        gate.going_down()
+        upstream.kill()
+        # a request arriving while the server is down waits for it instead of failing
+        second = Background(lambda: request(proxy.port, "POST", "/v1/completions", completion_body("late", 5, False)))
+        time.sleep(0.3)
+        upstream.start()
+        gate.up()
+        status, _, body = first.result()
+        assert status == 200 and json.loads(body)["choices"][0]["text"] == expected(prompt, 150)
+        status, _, body = second.result()
+        assert status == 200 and json.loads(body)["choices"][0]["text"] == expected("late", 5)
+        stats = proxy.stats
+        assert stats["resubmitted"] == 1 and stats["forwarded"] == 2 and stats["resumed_mid_stream"] == 0
+
+
+@pytest.mark.parametrize("kind", ["completions", "chat"])
+@pytest.mark.timeout(180)
+def test_stream_interrupted_before_first_token_is_resubmitted(kind: str) -> None:
+    prompt = "prefill of a long prompt"
+    path = "/v1/completions" if kind == "completions" else "/v1/chat/completions"
+    body = completion_body(prompt, 20, True) if kind == "completions" else chat_body(prompt, 20, True)
+    with deployment(prefill_delay=60.0) as (upstream, gate, proxy):
+        client = Background(lambda: SseClient(proxy.port, path, body))
+        wait_for(lambda: upstream.stats()["in_flight"] == 1, 30, "the request to reach the upstream")
+        gate.going_down()
+        restart(upstream, gate, prefill_delay=0.0)
+        sse: SseClient = client.result()
+        try:
+            sse.rest()
+        finally:
+            sse.close()
+        text_prompt = prompt if kind == "completions" else chat_prompt(body["messages"])
+        assert sse.text() == expected(text_prompt, 20)
+        assert_one_stream(sse)
+        if kind == "chat":
+            roles = [i for i, c in enumerate(sse.chunks()) if c["choices"][0]["delta"].get("role")]
+            assert roles == [0]  # the role chunk of the first attempt was held back, not repeated
+        stats = proxy.stats
+        assert stats["resubmitted"] == 1 and stats["resumed_mid_stream"] == 0 and stats["failed_unresumable"] == 0
+
+
+@pytest.mark.parametrize("kind", ["chat", "logprobs"])
+@pytest.mark.timeout(180)
+def test_unresumable_stream_gets_error_event(kind: str) -> None:
+    prompt = "collective mismatch"
+    if kind == "chat":
+        path, body = "/v1/chat/completions", chat_body(prompt, 200, True)
+    else:
+        path, body = "/v1/completions", completion_body(prompt, 200, True, logprobs=1)
+    with deployment() as (upstream, gate, proxy):
+        client = SseClient(proxy.port, path, body)
+        try:
+            client.read_tokens(5)
+            gate.going_down()
+            upstream.kill()
+            events = client.rest()
+        finally:
+            client.close()
+        assert events[-1] == "[DONE]" and events.count("[DONE]") == 1
+        error = json.loads(events[-2])["error"]
+        assert error["type"] == "watchdog_restart" and error["code"] == 503
+        assert "interrupted by a watchdog restart and cannot be resumed safely" in error["message"]
+        text_prompt = prompt if kind == "logprobs" else chat_prompt(body["messages"])
+        assert expected(text_prompt, 200).startswith(client.text()) and len(client.chunks_with_text()) >= 5
+        assert proxy.stats["failed_unresumable"] == 1 and proxy.stats["resumed_mid_stream"] == 0
+
+
+@pytest.mark.timeout(180)
+def test_crash_without_going_down_is_passed_through() -> None:
+    prompt = "a crash nobody planned"
+    with deployment() as (upstream, gate, proxy):
+        # raw HTTP, to see the chunked framing: http.client's readline() hides a truncated body
+        body = json.dumps(completion_body(prompt, 200, True)).encode()
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=60) as sock:
+            head = "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            sock.sendall(head.encode() + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            raw = b""
+            while raw.count(b'"text":') < 5:
+                data = sock.recv(65536)
+                assert data, "stream ended early"
+                raw += data
+            upstream.kill()
+            while data := sock.recv(65536):
+                raw += data
+        assert raw.startswith(b"HTTP/1.1 200") and b"transfer-encoding: chunked" in raw.lower()
+        assert not raw.endswith(b"0\r\n\r\n") and b"[DONE]" not in raw  # truncated like the upstream's
+        upstream.start()
+        pending = Background(
+            lambda: request(proxy.port, "POST", "/v1/completions", completion_body(prompt, 200, False))
+        )
+        wait_for(lambda: upstream.stats()["in_flight"] == 1, 30, "the request to reach the upstream")
+        upstream.kill()
+        status, headers, body = pending.result()
+        assert status == 502 and headers["content-type"] == "application/json"
+        assert json.loads(body)["error"]["code"] == 502
+        assert gate.generation == 0
+        stats = proxy.stats
+        assert stats["resubmitted"] == 0 and stats["resumed_mid_stream"] == 0 and stats["failed_unresumable"] == 0
+
+
+@pytest.mark.timeout(120)
+def test_client_disconnect_cancels_the_upstream_request() -> None:
+    with deployment() as (upstream, _gate, proxy):
+        client = SseClient(proxy.port, "/v1/completions", completion_body("a client that leaves", 500, True))
+        try:
+            client.read_tokens(3)
+            assert upstream.stats()["in_flight"] == 1
+        finally:
+            client.close()
+        t0 = time.monotonic()
+        wait_for(lambda: upstream.stats()["disconnects"] == 1, 10, "the upstream to see the disconnect")
+        assert time.monotonic() - t0 < 5  # 500 tokens x 20 ms would take 10 s
+        stats = upstream.stats()
+        assert stats["in_flight"] == 0 and stats["completed"] == 0
+        wait_for(lambda: proxy.stats["client_cancelled"] == 1, 10, "the proxy to count the cancellation")
+
+
+@pytest.mark.timeout(180)
+def test_gave_up_fails_waiting_requests_with_503() -> None:
+    prompt = "no restart is coming"
+    with deployment() as (upstream, gate, proxy):
+        stream = SseClient(proxy.port, "/v1/completions", completion_body(prompt, 300, True))
+        try:
+            stream.read_tokens(3)
+            plain = Background(
+                lambda: request(proxy.port, "POST", "/v1/completions", completion_body(prompt, 300, False))
+            )
+            wait_for(lambda: upstream.stats()["in_flight"] == 2, 30, "both requests to reach the upstream")
+            gate.going_down()
+            upstream.kill()
+            time.sleep(0.3)
+            gate.gave_up()
+            events = stream.rest()
+        finally:
+            stream.close()
+        status, _, body = plain.result()
+        assert status == 503 and json.loads(body)["error"]["type"] == "watchdog_gave_up"
+        assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["type"] == "watchdog_gave_up"
+        status, _, body = request(proxy.port, "POST", "/v1/completions", completion_body(prompt, 4, False))
+        assert status == 503 and "gave up" in json.loads(body)["error"]["message"]
+        assert proxy.stats["failed_unresumable"] == 3
+
+
+@pytest.mark.timeout(180)
+def test_graceful_stop_error_event_and_500_are_resumed() -> None:
+    """SIGTERM (the supervisor's first signal): vLLM-like error event / 500 while going down are not passed on."""
+    prompt = "SIGTERM first, then SIGKILL"
+    with deployment() as (upstream, gate, proxy):
+        client = SseClient(proxy.port, "/v1/completions", completion_body(prompt, 100, True))
+        try:
+            client.read_tokens(10)
+            plain = Background(
+                lambda: request(proxy.port, "POST", "/v1/completions", completion_body(prompt, 150, False))
+            )
+            wait_for(lambda: upstream.stats()["in_flight"] == 2, 30, "both requests to reach the upstream")
+            gate.going_down()
+            upstream.terminate()
+            upstream.start()
+            gate.up()
+            client.rest()
+        finally:
+            client.close()
+        assert client.text() == expected(prompt, 100) and "error" not in "".join(client.events)
+        assert_one_stream(client)
+        status, _, body = plain.result()
+        assert status == 200 and json.loads(body)["choices"][0]["text"] == expected(prompt, 150)
+        stats = proxy.stats
+        assert stats["resumed_mid_stream"] == 1 and stats["resubmitted"] == 1 and stats["failed_unresumable"] == 0

@@ -1,0 +1,40 @@
+"""The demo model's text: each generated token is a function of the whole text before it.
+
+So generation is deterministic, and continuing from ``prompt + text streamed so far`` yields exactly
+the rest of the uninterrupted completion: that is what lets a stream resumed across a restart be
+checked against a fault-free run, byte for byte.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+VOCAB = (
+    "the", "graph", "rank", "step", "ring", "shape", "batch", "token", "decode", "prefill", "kernel", "stream",
+    "replay", "capture", "padded", "slot", "draft", "accept", "reduce", "gather", "scatter", "engine", "worker",
+    "ledger", "watch", "stall", "key", "mode", "piecewise", "full", "eager", "safe",
+)  # fmt: skip
+
+
+def next_token(text: str) -> str:
+    return " " + VOCAB[zlib.crc32(text.encode()) % len(VOCAB)]
+
+
+def continue_text(prefix: str, n: int) -> list[str]:
+    """The next ``n`` tokens after ``prefix``."""
+    out: list[str] = []
+    for _ in range(n):
+        tok = next_token(prefix)
+        out.append(tok)
+        prefix += tok
+    return out
+
+
+def prompt_tokens(prompt: str) -> int:
+    """The demo's tokenizer: whitespace-separated words (at least one)."""
+    return max(1, len(prompt.split()))
+
+
+def make_prompt(n_tokens: int, seed: int) -> str:
+    """A prompt of ``n_tokens`` words for the bench client."""
+    return "".join(continue_text(f"request {seed}:", n_tokens)).strip()

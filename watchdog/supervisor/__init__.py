@@ -1,0 +1,1 @@
+"""`watchdog run`: the fallback supervisor (server process tree, safer-config ladder, resuming proxy)."""

@@ -1,0 +1,255 @@
+"""``watchdog run -- <server command>``: run the server, watch it, fall back to a safer mode on a deadlock.
+
+One generation = one server process tree at one rung of the ladder. The embedded agent (same
+HTTP API and metrics as ``watchdog agent``) watches the generation's ledgers; a diagnosed deadlock
+is decided on by the ladder (climb, restart at the same rung, or give up), the decision is saved,
+the whole tree is stopped (SIGTERM, grace, SIGKILL), its shm rings unlinked and its ledgers
+cleared (the incident bundle keeps a copy), and the next generation starts with the new mode
+merged into its command line. ``observe`` diagnoses and reports but never restarts.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import Counter, Gauge
+
+from watchdog.agent import Agent, make_app
+from watchdog.errors import WatchdogError
+from watchdog.metrics import AgentMetrics
+from watchdog.supervisor import ladder
+from watchdog.supervisor.cmdline import CmdlineError, with_cudagraph_mode
+from watchdog.supervisor.tree import start_tree, stop_tree, unlink_rings
+from watchdog.watcher import Incident, Watcher
+
+EXIT_GAVE_UP = 5
+
+
+@dataclass
+class Restart:
+    from_mode: str
+    to_mode: str
+    after_incident: str
+    verdict: str
+    downtime_s: float | None = None  # stop began -> the new generation's first ledger record
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "from": self.from_mode,
+            "to": self.to_mode,
+            "after_incident": self.after_incident,
+            "verdict": self.verdict,
+            "downtime_s": None if self.downtime_s is None else round(self.downtime_s, 3),
+        }
+
+
+@dataclass
+class SupervisorConfig:
+    argv: Sequence[str]
+    ledger_dir: Path
+    incidents_dir: Path
+    state_file: Path
+    policy: ladder.Policy = field(default_factory=ladder.Policy)
+    observe: bool = False
+    keep_up_on_give_up: bool = False
+    grace_s: float = 30.0
+    poll_s: float = 0.1
+
+
+class Supervisor:
+    def __init__(
+        self,
+        cfg: SupervisorConfig,
+        metrics: AgentMetrics,
+        make_watcher: Callable[[], Watcher],
+        say: Callable[[str], None] = lambda _m: None,
+        token: str = "",
+    ) -> None:
+        self.cfg = cfg
+        self.say = say
+        self.make_watcher = make_watcher
+        self.state = ladder.load(cfg.state_file, cfg.policy)
+        self.restarts: list[Restart] = []
+        self.generation = 0
+        self._downtime_from: float | None = None
+        self._stop = threading.Event()
+        g, r = metrics.tp_group, metrics.registry
+        self.m_restarts = Counter(
+            "watchdog_supervisor_restarts_total",
+            "Server restarts by the supervisor, by the mode restarted into.",
+            ["tp_group", "mode"],
+            registry=r,
+        )
+        self.m_gave_up = Gauge(
+            "watchdog_supervisor_gave_up",
+            "1 once the restart bound was hit: the ladder stopped restarting.",
+            ["tp_group"],
+            registry=r,
+        )
+        self.m_mode = Gauge(
+            "watchdog_supervisor_cudagraph_mode",
+            "1 for the cudagraph mode the server runs at now.",
+            ["tp_group", "mode"],
+            registry=r,
+        )
+        self.m_gave_up.labels(g).set(1 if self.state.gave_up else 0)
+        self.agent = Agent(make_watcher(), metrics, role="agent", token=token, poll_s=cfg.poll_s, extra=self.status)
+
+    # ---- state for /v1/status ---------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "supervisor": {
+                "observe": self.cfg.observe,
+                "generation": self.generation,
+                "ladder": self.state.to_json(self.cfg.policy),
+                "restarts": [r.to_json() for r in self.restarts],
+            }
+        }
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    # ---- the loop -----------------------------------------------------------------------------
+
+    def run(self) -> int:
+        if self.state.gave_up and not self.cfg.observe:
+            self.say(f"watchdog run: the ladder gave up earlier (see {self.cfg.state_file}); no more restarts")
+        while True:
+            argv = self._argv()
+            self._clear_ledgers()
+            self.generation += 1
+            mode = self.state.mode(self.cfg.policy)
+            self._set_mode(mode)
+            self.say(f"watchdog run: generation {self.generation} at {mode}: {' '.join(argv)}")
+            env = {**os.environ, "WATCHDOG_LEDGER_DIR": str(self.cfg.ledger_dir)}
+            proc = start_tree(argv, env)
+            self.agent.loop.close()
+            self.agent.loop = self.make_watcher()
+            try:
+                outcome = self._watch(proc)
+            except BaseException:
+                stop_tree(proc, self.cfg.grace_s)
+                unlink_rings(self.cfg.ledger_dir)
+                raise
+            if isinstance(outcome, int):
+                self.say(f"watchdog run: the server exited with {outcome}")
+                return EXIT_GAVE_UP if self.state.gave_up else outcome
+            if outcome is None:  # asked to stop
+                stop_tree(proc, self.cfg.grace_s)
+                unlink_rings(self.cfg.ledger_dir)
+                return 0
+            event = self._decide(outcome)
+            if event.action == "observe" or (event.action == "give_up" and self.cfg.keep_up_on_give_up):
+                rc = self._wait_exit(proc)
+                return EXIT_GAVE_UP if event.action == "give_up" else rc
+            stopped = time.monotonic()
+            stop_tree(proc, self.cfg.grace_s)
+            unlink_rings(self.cfg.ledger_dir)
+            if event.action == "give_up":
+                self.say(f"watchdog run: gave up ({event.reason}); the server stays down")
+                return EXIT_GAVE_UP
+            self.restarts.append(Restart(event.from_mode, event.to_mode, event.incident, event.verdict))
+            self.m_restarts.labels(self.agent.metrics.tp_group, event.to_mode).inc()
+            self._downtime_from = stopped
+
+    def _argv(self) -> list[str]:
+        if self.cfg.observe:
+            return list(self.cfg.argv)
+        try:
+            return with_cudagraph_mode(self.cfg.argv, self.state.mode(self.cfg.policy))
+        except CmdlineError as exc:
+            raise WatchdogError(f"server command: {exc}") from None
+
+    def _watch(self, proc: Any) -> Incident | int | None:
+        while not self._stop.is_set():
+            rc = proc.poll()
+            if rc is not None:
+                return int(rc)
+            incident = self.agent.step()
+            if self.agent.loop.progressed and self._downtime_from is not None and self.restarts:
+                self.restarts[-1].downtime_s = time.monotonic() - self._downtime_from
+                self._downtime_from = None
+            if incident is not None and incident.diagnosis.verdict.is_deadlock:
+                return incident
+            self._stop.wait(self.cfg.poll_s)
+        return None
+
+    def _wait_exit(self, proc: Any) -> int:
+        """Observe mode after a deadlock: keep serving the API until the server ends (or we are stopped)."""
+        while not self._stop.is_set():
+            rc = proc.poll()
+            if rc is not None:
+                return int(rc)
+            self.agent.step()
+            self._stop.wait(self.cfg.poll_s)
+        stop_tree(proc, self.cfg.grace_s)
+        return 0
+
+    def _decide(self, incident: Incident) -> ladder.Event:
+        d = incident.diagnosis
+        if self.cfg.observe:
+            mode = self.state.mode(self.cfg.policy)
+            event = ladder.Event(
+                time.time(), incident.bundle.name, d.verdict.value, "observe", mode, mode, "observe only"
+            )
+        else:
+            event = ladder.decide(
+                self.state,
+                self.cfg.policy,
+                incident=incident.bundle.name,
+                verdict=d.verdict.value,
+                action=d.recommendation.action,
+                now=time.time(),
+            )
+        ladder.apply(self.state, self.cfg.policy, event)
+        ladder.save(self.cfg.state_file, self.state, self.cfg.policy)
+        if event.action == "give_up":
+            self.m_gave_up.labels(self.agent.metrics.tp_group).set(1)
+        self.say(
+            f"watchdog run: {d.verdict.value} ({incident.bundle}) -> {event.action} {event.from_mode} -> "
+            f"{event.to_mode}: {event.reason}"
+        )
+        return event
+
+    def _set_mode(self, mode: str) -> None:
+        g = self.agent.metrics.tp_group
+        for m in self.cfg.policy.ladder:
+            self.m_mode.labels(g, m).set(1 if m == mode else 0)
+
+    def _clear_ledgers(self) -> None:
+        """The last generation's ledgers are in its incident bundle; the next one starts clean."""
+        self.cfg.ledger_dir.mkdir(parents=True, exist_ok=True)
+        for old in self.cfg.ledger_dir.glob("*.ledger"):
+            old.unlink(missing_ok=True)
+
+
+def serve_api(agent: Agent, host: str, port: int) -> Callable[[], None]:
+    """The agent's HTTP API in a background thread; returns a function that stops it."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(make_app(agent), host=host, port=port, workers=1, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="api", daemon=True)
+    thread.start()
+
+    def stop() -> None:
+        server.should_exit = True
+        thread.join(timeout=5)
+
+    return stop
+
+
+def handle_signals(sup: Supervisor) -> None:
+    def on_signal(signum: int, _frame: object) -> None:
+        sup.say(f"watchdog run: {signal.Signals(signum).name}: stopping the server")
+        sup.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
