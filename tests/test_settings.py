@@ -70,7 +70,7 @@ def test_ranks_spec() -> None:
 
 def test_every_setting_is_documented_and_in_the_readme() -> None:
     assert set(HELP) == set(FIELDS)
-    assert markdown_table() in (ROOT / "README.md").read_text(), "regenerate the table: watchdog.settings.markdown_table()"
+    assert markdown_table() in (ROOT / "README.md").read_text(), "regenerate: markdown_table()"
 
 
 def test_committed_openapi_schema_is_current() -> None:
