@@ -72,8 +72,9 @@ def recorder_ns(records: int, repeats: int) -> dict[str, float]:
 def demo_on_off(tp: int, blocks: int, block_s: float, say: Callable[[str], None]) -> dict[str, Any]:
     from watchdog.demo.engine import EngineArgs, engine_main
     from watchdog.demo.faults import FaultPlan
-    from watchdog.demo.run import kill_tree, unlink_rings
+    from watchdog.demo.run import kill_tree
     from watchdog.keys import DispatchConfig, default_capture_sizes
+    from watchdog.supervisor.tree import unlink_rings
 
     workdir = Path(tempfile.mkdtemp(prefix="watchdog-bench-"))
     ledger_dir = workdir / "ledgers"

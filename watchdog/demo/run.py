@@ -20,14 +20,14 @@ from typing import Any
 
 import psutil
 
-from collectors.reader import LedgerError, read_ledger
 from watchdog.demo.client import Workload, start_client
 from watchdog.demo.engine import EngineArgs, engine_main
 from watchdog.demo.faults import FaultPlan
 from watchdog.detector import DetectorConfig
 from watchdog.errors import DemoError
 from watchdog.keys import DispatchConfig, default_capture_sizes
-from watchdog.snapshot import Sources, ring_specs
+from watchdog.snapshot import Sources
+from watchdog.supervisor.tree import unlink_rings
 from watchdog.watcher import Incident, Watcher
 
 DEMO_SCHEMA = "watchdog.demo/v1"
@@ -84,25 +84,6 @@ def kill_tree(proc: mp.process.BaseProcess) -> None:
             p.kill()
     psutil.wait_procs(family, timeout=10)
     proc.join(timeout=5)
-
-
-def unlink_rings(ledger_dir: Path) -> None:
-    from multiprocessing import shared_memory
-
-    try:
-        specs = ring_specs(read_ledger(ledger_dir / "engine.ledger")) or []
-    except LedgerError:
-        return
-    for _role, spec in specs:
-        name = spec.get("name") if isinstance(spec, dict) else None
-        if not name:
-            continue
-        try:
-            shm = shared_memory.SharedMemory(name=str(name))
-        except (FileNotFoundError, ValueError):
-            continue
-        shm.close()
-        shm.unlink()  # also unregisters it from this process's resource tracker
 
 
 def run_demo(opts: DemoOptions, say: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
