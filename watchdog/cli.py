@@ -94,6 +94,11 @@ def demo(
     timeout: Annotated[float, typer.Option(help="Give up after this many seconds.")] = 300.0,
     native: Annotated[bool, typer.Option(help="Also take native (C) stacks with py-spy --native.")] = True,
     watch: Annotated[bool, typer.Option(help="Watch in-process; --no-watch leaves it to `watchdog agent`.")] = True,
+    fallback: Annotated[
+        bool,
+        typer.Option(help="Serve over HTTP under `watchdog run`'s supervisor and proxy; restart safer on a deadlock."),
+    ] = True,
+    max_restarts: Annotated[int, typer.Option(help="The fallback's restart bound (per hour).")] = 3,
     list_faults: Annotated[bool, typer.Option("--list-faults", help="List the fault catalogue and exit.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the demo result as JSON (last line).")] = False,
 ) -> int:
@@ -127,6 +132,8 @@ def demo(
         timeout_s=timeout,
         native_stacks=native,
         watch=watch,
+        fallback=fallback,
+        max_restarts=max_restarts,
     )
     result = run_demo(opts, say=_err)
     _print_demo(result)
@@ -134,6 +141,10 @@ def demo(
         slim = {k: v for k, v in result.items()}
         slim["incidents"] = [{k: v for k, v in i.items() if k != "report"} for i in result["incidents"]]
         print(json.dumps(slim))
+    if result.get("gave_up"):
+        from watchdog.supervisor.run import EXIT_GAVE_UP
+
+        return EXIT_GAVE_UP
     return EXIT_DEADLOCK if result["incidents"] else EXIT_OK
 
 
@@ -150,6 +161,11 @@ def _print_demo(result: dict[str, Any]) -> None:
         )
         print(inc["report"], end="")
         print(f"\nre-run it:  watchdog diagnose {inc['bundle']}")
+    for r in result.get("restarts", []):
+        down = "?" if r["downtime_s"] is None else f"{r['downtime_s']:.1f} s"
+        print(f"restart after {r['after_incident']}: {r['from']} -> {r['to']} (down {down})")
+    if result.get("gave_up"):
+        print("the fallback gave up: the restart bound was hit (exit code 5)")
 
 
 def _with_settings(func: Callable[..., int]) -> Callable[..., int]:

@@ -52,6 +52,7 @@ class EngineArgs:
     ring_chunks: int = 10
     ring_chunk_bytes: int = 1 << 16
     instance: str = ""
+    progress: bool = False  # per-step token progress on the results queue (the HTTP front streams it)
 
 
 @dataclass
@@ -119,6 +120,11 @@ class Scheduler:
                 self.on_bite()
             self._lock.acquire()
         self.running.sort(key=lambda r: r.output_len - r.generated)
+
+    def abort(self, rid: int) -> None:
+        with self._lock:
+            self.waiting = deque(r for r in self.waiting if r.rid != rid)
+            self.running = [r for r in self.running if r.rid != rid]
 
     def update(self, plan: list[tuple[Request, int]], seed: int) -> list[Request]:
         finished: list[Request] = []
@@ -237,6 +243,9 @@ class Engine:
             if item[0] == "control":  # `watchdog bench recorder` switches the ledgers on and off
                 self._control(item[1], results)
                 continue
+            if item[0] == "abort":  # the HTTP front's client went away
+                self.sched.abort(item[1])
+                continue
             rid, prompt_len, output_len = item
             self.sched.waiting.append(Request(rid, prompt_len, output_len))
             arrived = True
@@ -263,7 +272,11 @@ class Engine:
         self.bcast.enqueue(msg, timeout=self.args.execute_timeout_s)
         reply = self.resps[0].dequeue(timeout=self.args.execute_timeout_s)
         ok = isinstance(reply, dict) and reply.get("step") == step
-        for req in self.sched.update(plan, self.args.seed):
+        finished = self.sched.update(plan, self.args.seed)
+        if self.args.progress:
+            tokens = [(r.rid, r.generated) for r, _ in plan if r.generated]
+            results.put(("progress", len(self.sched.running), len(self.sched.waiting), tokens))
+        for req in finished:
             results.put((req.rid, True, req.generated))
             self.finished += 1
         if self.rec is not None:

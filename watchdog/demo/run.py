@@ -55,6 +55,8 @@ class DemoOptions:
     native_stacks: bool = True
     stall_floor_s: float = 1.0
     watch: bool = True  # False: run the deployment only, for an external `watchdog agent`
+    fallback: bool = False  # True: the server under `watchdog run`'s supervisor + proxy, over HTTP
+    max_restarts: int = 3  # the fallback's restart bound (per hour)
 
     def validate(self) -> None:
         if not 1 <= self.tp <= 16:
@@ -69,6 +71,8 @@ class DemoOptions:
             raise DemoError(f"--bursts must be at least 1, got {self.bursts}")
         if not 0.0 <= self.idle_gap_s < float("inf"):
             raise DemoError(f"--idle-gap must be a finite number of seconds >= 0, got {self.idle_gap_s}")
+        if self.max_restarts < 0:
+            raise DemoError(f"--max-restarts must be at least 0, got {self.max_restarts}")
 
 
 def kill_tree(proc: mp.process.BaseProcess) -> None:
@@ -94,6 +98,8 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None] = lambda _m: None) ->
     ledger_dir.mkdir(parents=True, exist_ok=True)
     for old in ledger_dir.glob("*.ledger"):
         old.unlink()
+    if opts.fallback and opts.watch:
+        return _fallback_demo(opts, workdir, say)
     q = 1 + opts.num_speculative_tokens
     dispatch_cfg = DispatchConfig(opts.cudagraph_mode, default_capture_sizes(min(2 * opts.max_num_seqs, 512), q), q)
     eargs = EngineArgs(
@@ -188,8 +194,25 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None] = lambda _m: None) ->
             "succeeded": client_result.succeeded if client_result else 0,
             "failed": opts.requests - (client_result.succeeded if client_result else 0),
         },
-        "incidents": [_incident_json(i, bite_ns) for i in incidents],
+        "incidents": [incident_json(i, bite_ns) for i in incidents],
         "restarts": [],
+        "workdir": str(workdir),
+        "elapsed_s": round(time.monotonic() - started, 3),
+    }
+
+
+def _fallback_demo(opts: DemoOptions, workdir: Path, say: Callable[[str], None]) -> dict[str, Any]:
+    from watchdog.demo.fallback import run_fallback
+
+    say(f"starting the TP={opts.tp} demo server under the supervisor ({opts.cudagraph_mode}) in {workdir}")
+    started = time.monotonic()
+    part = run_fallback(opts, workdir, say)
+    return {
+        "schema": DEMO_SCHEMA,
+        "tp": opts.tp,
+        "cudagraph_mode": opts.cudagraph_mode,
+        "fault": opts.fault,
+        **part,
         "workdir": str(workdir),
         "elapsed_s": round(time.monotonic() - started, 3),
     }
@@ -205,7 +228,7 @@ def _first_bite(bites: mp.Queue[Any]) -> int | None:
         first = ns if first is None else min(first, ns)
 
 
-def _incident_json(i: Incident, bite_ns: int | None) -> dict[str, Any]:
+def incident_json(i: Incident, bite_ns: int | None) -> dict[str, Any]:
     # Detection is timed from when the fault bit; with no bite on record (a stall nobody
     # injected), from when the stuck step began.
     age_s = i.stall.age_s if i.stall is not None else 0.0

@@ -10,6 +10,7 @@ merged into its command line. ``observe`` diagnoses and reports but never restar
 
 from __future__ import annotations
 
+import http.client
 import os
 import signal
 import threading
@@ -18,6 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from prometheus_client import Counter, Gauge
 
@@ -26,6 +28,7 @@ from watchdog.errors import WatchdogError
 from watchdog.metrics import AgentMetrics
 from watchdog.supervisor import ladder
 from watchdog.supervisor.cmdline import CmdlineError, with_cudagraph_mode
+from watchdog.supervisor.proxy import UpstreamGate
 from watchdog.supervisor.tree import start_tree, stop_tree, unlink_rings
 from watchdog.watcher import Incident, Watcher
 
@@ -61,6 +64,7 @@ class SupervisorConfig:
     keep_up_on_give_up: bool = False
     grace_s: float = 30.0
     poll_s: float = 0.1
+    upstream: str = ""  # the server's base URL: its /health opens the proxy's gate
 
 
 class Supervisor:
@@ -71,8 +75,13 @@ class Supervisor:
         make_watcher: Callable[[], Watcher],
         say: Callable[[str], None] = lambda _m: None,
         token: str = "",
+        gate: UpstreamGate | None = None,
     ) -> None:
         self.cfg = cfg
+        self.gate = gate
+        self.incidents: list[Incident] = []
+        self._ready = False
+        self._next_health = 0.0
         self.say = say
         self.make_watcher = make_watcher
         self.state = ladder.load(cfg.state_file, cfg.policy)
@@ -130,30 +139,41 @@ class Supervisor:
             self._set_mode(mode)
             self.say(f"watchdog run: generation {self.generation} at {mode}: {' '.join(argv)}")
             env = {**os.environ, "WATCHDOG_LEDGER_DIR": str(self.cfg.ledger_dir)}
+            if self.gate is not None:
+                self.gate.going_down()  # requests wait (in the proxy) until the new server answers /health
+            self._ready = False
             proc = start_tree(argv, env)
             self.agent.loop.close()
             self.agent.loop = self.make_watcher()
             try:
                 outcome = self._watch(proc)
             except BaseException:
+                self._close_gate()
                 stop_tree(proc, self.cfg.grace_s)
                 unlink_rings(self.cfg.ledger_dir)
                 raise
             if isinstance(outcome, int):
                 self.say(f"watchdog run: the server exited with {outcome}")
+                self._close_gate()
                 return EXIT_GAVE_UP if self.state.gave_up else outcome
             if outcome is None:  # asked to stop
+                self._close_gate()
                 stop_tree(proc, self.cfg.grace_s)
                 unlink_rings(self.cfg.ledger_dir)
                 return 0
+            self.incidents.append(outcome)
             event = self._decide(outcome)
             if event.action == "observe" or (event.action == "give_up" and self.cfg.keep_up_on_give_up):
                 rc = self._wait_exit(proc)
+                self._close_gate()
                 return EXIT_GAVE_UP if event.action == "give_up" else rc
             stopped = time.monotonic()
+            if self.gate is not None:
+                self.gate.going_down()  # before the stop: what the stop breaks is the restart's doing
             stop_tree(proc, self.cfg.grace_s)
             unlink_rings(self.cfg.ledger_dir)
             if event.action == "give_up":
+                self._close_gate()
                 self.say(f"watchdog run: gave up ({event.reason}); the server stays down")
                 return EXIT_GAVE_UP
             self.restarts.append(Restart(event.from_mode, event.to_mode, event.incident, event.verdict))
@@ -173,6 +193,7 @@ class Supervisor:
             rc = proc.poll()
             if rc is not None:
                 return int(rc)
+            self._open_gate_when_ready()
             incident = self.agent.step()
             if self.agent.loop.progressed and self._downtime_from is not None and self.restarts:
                 self.restarts[-1].downtime_s = time.monotonic() - self._downtime_from
@@ -188,10 +209,25 @@ class Supervisor:
             rc = proc.poll()
             if rc is not None:
                 return int(rc)
+            self._open_gate_when_ready()
             self.agent.step()
             self._stop.wait(self.cfg.poll_s)
         stop_tree(proc, self.cfg.grace_s)
         return 0
+
+    def _open_gate_when_ready(self) -> None:
+        """Once the new server answers /health, let the proxy's waiting requests through."""
+        if self.gate is None or self._ready or time.monotonic() < self._next_health:
+            return
+        self._next_health = time.monotonic() + 0.25
+        if healthy(self.cfg.upstream):
+            self._ready = True
+            self.gate.up()
+            self.say(f"watchdog run: generation {self.generation} is serving")
+
+    def _close_gate(self) -> None:
+        if self.gate is not None:
+            self.gate.gave_up()
 
     def _decide(self, incident: Incident) -> ladder.Event:
         d = incident.diagnosis
@@ -229,6 +265,19 @@ class Supervisor:
         self.cfg.ledger_dir.mkdir(parents=True, exist_ok=True)
         for old in self.cfg.ledger_dir.glob("*.ledger"):
             old.unlink(missing_ok=True)
+
+
+def healthy(base_url: str, timeout_s: float = 1.0) -> bool:
+    """Whether ``GET base_url/health`` answers 200 (vLLM's and the demo server's readiness)."""
+    url = urlsplit(base_url)
+    conn = http.client.HTTPConnection(url.hostname or "127.0.0.1", url.port or 80, timeout=timeout_s)
+    try:
+        conn.request("GET", "/health")
+        return conn.getresponse().status == 200
+    except (OSError, http.client.HTTPException):
+        return False
+    finally:
+        conn.close()
 
 
 def serve_api(agent: Agent, host: str, port: int) -> Callable[[], None]:

@@ -1,0 +1,189 @@
+"""``watchdog demo`` with the fallback on: the real path a user runs, end to end.
+
+The demo server (``python -m watchdog.demo.server``, the engine behind an OpenAI-compatible front)
+runs under the supervisor of ``watchdog run``; the resuming proxy fronts it; the bench client sends
+its streamed requests over HTTP to the proxy. On a diagnosed deadlock the supervisor stops the
+server's whole tree and starts it again on the ladder's next rung, the proxy carries the requests
+across, and the client checks every completion's text.
+
+The fault reaches each server generation over a Unix socket this process serves (never argv, env or
+files): the defect is in the "code" every generation runs, and whether it bites is up to the
+mechanism under the mode that generation runs at. The sockets also carry back when it bit, for the
+detection timings; the watcher never sees any of it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from watchdog.demo.client import Workload
+from watchdog.demo.faults import FaultPlan
+from watchdog.demo.httpclient import start_http_client
+from watchdog.detector import DetectorConfig
+from watchdog.metrics import AgentMetrics
+from watchdog.snapshot import Sources
+from watchdog.supervisor import ladder
+from watchdog.supervisor.proxy import ResumingProxy, UpstreamGate
+from watchdog.supervisor.run import Supervisor, SupervisorConfig
+from watchdog.watcher import Watcher
+
+
+class FaultBroker:
+    """Serves the fault plan on a Unix socket to every server generation; collects bite times."""
+
+    def __init__(self, path: Path, plan: FaultPlan) -> None:
+        self.path = path
+        self.plan = plan
+        self.bites: list[int] = []
+        self._lock = threading.Lock()
+        path.unlink(missing_ok=True)
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.bind(str(path))
+        self._sock.listen(8)
+        threading.Thread(target=self._accept, name="fault-broker", daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        plan = {"name": self.plan.name, "rank": self.plan.rank, "step": self.plan.step}
+        with contextlib.suppress(OSError, ValueError), conn, conn.makefile("rb") as lines:
+            conn.sendall(json.dumps(plan).encode() + b"\n")
+            for line in lines:
+                with self._lock:
+                    self.bites.append(int(json.loads(line)["bite_ns"]))
+
+    def first_bite_between(self, lo_ns: int, hi_ns: int) -> int | None:
+        with self._lock:
+            return min((b for b in self.bites if lo_ns <= b <= hi_ns), default=None)
+
+    def close(self) -> None:
+        self._sock.close()
+        self.path.unlink(missing_ok=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def server_argv(opts: Any, port: int, workdir: Path, fault_socket: Path) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "watchdog.demo.server",
+        "--tp",
+        str(opts.tp),
+        "--port",
+        str(port),
+        "--workdir",
+        str(workdir),
+        "--cudagraph-mode",
+        opts.cudagraph_mode,
+        "--num-speculative-tokens",
+        str(opts.num_speculative_tokens),
+        "--max-num-seqs",
+        str(opts.max_num_seqs),
+        "--seed",
+        str(opts.seed),
+        "--fault-from",
+        str(fault_socket),
+    ]
+
+
+def run_fallback(opts: Any, workdir: Path, say: Callable[[str], None]) -> dict[str, Any]:
+    """Run the demo under the supervisor and proxy; returns the parts of the demo JSON it owns."""
+    from watchdog.demo.run import incident_json
+
+    ledger_dir, incidents_dir = workdir / "ledgers", workdir / "incidents"
+    state_file = workdir / "ladder.json"
+    state_file.unlink(missing_ok=True)  # each demo starts at the bottom rung
+    broker = FaultBroker(workdir / "fault.sock", FaultPlan(opts.fault, opts.fault_rank, opts.fault_step))
+    upstream = f"http://127.0.0.1:{free_port()}"
+    gate = UpstreamGate(upstream)
+    proxy = ResumingProxy(gate, resume_timeout_s=opts.timeout_s)
+    proxy.start()
+    sources = Sources(native=opts.native_stacks)
+    detector = DetectorConfig(floor_s=opts.stall_floor_s)
+    cfg = SupervisorConfig(
+        argv=server_argv(opts, int(upstream.rsplit(":", 1)[1]), workdir, broker.path),
+        ledger_dir=ledger_dir,
+        incidents_dir=incidents_dir,
+        state_file=state_file,
+        policy=ladder.Policy(max_restarts=opts.max_restarts),
+        grace_s=5.0,
+        poll_s=0.05,
+        upstream=upstream,
+    )
+    sup = Supervisor(
+        cfg,
+        AgentMetrics("demo"),
+        lambda: Watcher(ledger_dir, incidents_dir, sources, detector),
+        say=say,
+        gate=gate,
+    )
+    outcome: list[int] = []
+    runner = threading.Thread(target=lambda: outcome.append(sup.run()), name="supervisor", daemon=True)
+    started = time.monotonic_ns()
+    runner.start()
+    stop = threading.Event()
+    workload = Workload(
+        opts.requests,
+        opts.concurrency,
+        opts.input_len,
+        opts.output_len,
+        opts.range_ratio,
+        opts.seed,
+        bursts=opts.bursts,
+        idle_gap_s=opts.idle_gap_s,
+    )
+    client = start_http_client(workload, f"http://127.0.0.1:{proxy.port}", stop, opts.timeout_s)
+    say(f"bench client: {opts.requests} streamed requests over HTTP through the proxy, fault {opts.fault}")
+    deadline = time.monotonic() + opts.timeout_s
+    try:
+        while not client.done.wait(0.1):
+            if not runner.is_alive():
+                say("the supervisor ended: no server to send requests to")
+                break
+            if time.monotonic() > deadline:
+                say(f"demo timed out after {opts.timeout_s:.0f} s")
+                break
+    finally:
+        stop.set()
+        sup.stop()
+        runner.join(timeout=60)
+        proxy.stop()
+        broker.close()
+    incidents, lo = [], started
+    for inc in sup.incidents:
+        incidents.append(incident_json(inc, broker.first_bite_between(lo, inc.detected_mono_ns)))
+        lo = inc.detected_mono_ns
+    return {
+        "requests": {
+            "total": opts.requests,
+            "succeeded": client.succeeded,
+            "failed": client.failed,
+            "wrong_text": client.wrong_text,
+            "errors": dict(client.errors),
+        },
+        "incidents": incidents,
+        "restarts": [r.to_json() for r in sup.restarts],
+        "ladder": sup.state.to_json(cfg.policy),
+        "gave_up": sup.state.gave_up,
+        "proxy": proxy.stats,
+        "supervisor_exit": outcome[0] if outcome else None,
+    }
