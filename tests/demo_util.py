@@ -48,7 +48,11 @@ def last_json(stdout: str) -> dict[str, Any]:
     return data
 
 
-def demo(tmp: Path, *args: str, timeout: float = 200) -> tuple[dict[str, Any], subprocess.CompletedProcess[str]]:
-    cp = run_cli(["demo", "--json", "--workdir", str(tmp / "demo"), *args], timeout)
+def demo(
+    tmp: Path, *args: str, timeout: float = 200, fallback: bool = False
+) -> tuple[dict[str, Any], subprocess.CompletedProcess[str]]:
+    """`watchdog demo --json`; the core loop (--no-fallback) unless ``fallback``."""
+    mode = [] if fallback else ["--no-fallback"]
+    cp = run_cli(["demo", "--json", "--workdir", str(tmp / "demo"), *mode, *args], timeout)
     assert cp.returncode in (0, 3), cp.stderr[-3000:]
     return last_json(cp.stdout), cp

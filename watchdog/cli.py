@@ -274,6 +274,7 @@ def run(command: list[str], **values: Any) -> int:
     Exits with the server's exit code when it ends by itself, 5 once the restart bound was hit."""
     from watchdog.metrics import AgentMetrics
     from watchdog.supervisor import ladder
+    from watchdog.supervisor.proxy import ResumingProxy, UpstreamGate
     from watchdog.supervisor.run import Supervisor, SupervisorConfig, handle_signals, serve_api
 
     s = _settings(values)
@@ -290,14 +291,28 @@ def run(command: list[str], **values: Any) -> int:
         keep_up_on_give_up=s.on_give_up == "up",
         grace_s=s.stop_grace_s,
         poll_s=s.poll_interval_s,
+        upstream=s.upstream,
     )
-    sup = Supervisor(cfg, metrics, _watchers(s, metrics), say=_err, token=s.token())
+    gate = proxy = None
+    if s.proxy_port:
+        gate = UpstreamGate(s.upstream)
+        proxy = ResumingProxy(gate, s.proxy_host, s.proxy_port, resume_timeout_s=s.resume_timeout_s)
+        try:
+            proxy.start()
+        except OSError as exc:
+            raise WatchdogError(f"proxy_port {s.proxy_port}: {exc.strerror or exc}") from None
+        _err(f"watchdog run: resuming proxy on {s.proxy_host}:{proxy.port} -> {s.upstream}")
+    sup = Supervisor(cfg, metrics, _watchers(s, metrics), say=_err, token=s.token(), gate=gate)
+    if proxy is not None:
+        sup.proxy_stats = lambda: proxy.stats
     handle_signals(sup)
     stop_api = serve_api(sup.agent, s.host, s.port)
     try:
         return sup.run()
     finally:
         stop_api()
+        if proxy is not None:
+            proxy.stop()
         sup.agent.loop.close()
 
 

@@ -51,6 +51,10 @@ class Settings:
     observe: bool = False
     on_give_up: str = "stop"
     stop_grace_s: float = 30.0
+    proxy_port: int = 0
+    proxy_host: str = "127.0.0.1"
+    upstream: str = "http://127.0.0.1:8000"
+    resume_timeout_s: float = 600.0
 
     def owned_ranks(self) -> frozenset[int] | None:
         return parse_ranks(self.ranks)
@@ -102,6 +106,10 @@ HELP = {
     "observe": "watchdog run: diagnose and report, never restart.",
     "on_give_up": "watchdog run: 'stop' the server or keep it 'up' once the restart bound is hit.",
     "stop_grace_s": "watchdog run: SIGTERM, then SIGKILL after this many seconds.",
+    "proxy_port": "watchdog run: serve the resuming proxy on this port (0: no proxy).",
+    "proxy_host": "watchdog run: the proxy's listen address.",
+    "upstream": "watchdog run: the server's base URL (its /health says it is ready; the proxy forwards to it).",
+    "resume_timeout_s": "watchdog run: how long the proxy holds a request for the restarted server.",
     "agent_timeout_s": "Coordinator only: bound on each pull from an agent.",
 }
 
@@ -202,6 +210,10 @@ def validate(s: Settings) -> None:
         raise WatchdogError(f"on_give_up {s.on_give_up!r}: choose 'stop' or 'up'")
     if s.max_restarts < 0 or s.restart_window_s <= 0 or s.stop_grace_s < 0:
         raise WatchdogError("max_restarts and stop_grace_s must be >= 0, restart_window_s positive")
+    if not 0 <= s.proxy_port <= 65535 or s.resume_timeout_s <= 0:
+        raise WatchdogError("proxy_port must be within 0-65535 and resume_timeout_s positive")
+    if not s.upstream.startswith(("http://", "https://")):
+        raise WatchdogError(f"upstream {s.upstream!r}: give the server's base URL, e.g. http://127.0.0.1:8000")
 
 
 def markdown_table() -> str:

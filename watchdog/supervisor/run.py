@@ -79,6 +79,7 @@ class Supervisor:
     ) -> None:
         self.cfg = cfg
         self.gate = gate
+        self.proxy_stats: Callable[[], dict[str, int]] | None = None  # the resuming proxy's counters, if any
         self.incidents: list[Incident] = []
         self._ready = False
         self._next_health = 0.0
@@ -120,6 +121,7 @@ class Supervisor:
                 "generation": self.generation,
                 "ladder": self.state.to_json(self.cfg.policy),
                 "restarts": [r.to_json() for r in self.restarts],
+                "proxy": None if self.proxy_stats is None else self.proxy_stats(),
             }
         }
 
