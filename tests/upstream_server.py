@@ -1,10 +1,10 @@
-"""A tiny deterministic OpenAI-like server for the resuming proxy's tests (stdlib only).
+"""A tiny deterministic OpenAI-like server for the resuming proxy's tests (stdlib + the demo's tokens).
 
 Run it as its own process: ``python tests/upstream_server.py --port P`` (``--port 0`` picks one);
 it prints ``PORT <n>`` once it listens.
 
 Generation rule: the next token is a function of the *whole text before it* (prompt plus the tokens
-generated so far), ``" " + VOCAB[crc32(text) % len(VOCAB)]`` — the same rule as the demo engine
+generated so far): the demo engine's own rule
 (``watchdog/demo/tokens.py``). So continuing from ``prompt + text streamed so far`` with fewer
 ``max_tokens`` yields exactly the rest of the uninterrupted completion: a stream the proxy resumed
 after a restart can be checked against a fault-free run word for word.
@@ -29,31 +29,13 @@ import sys
 import threading
 import time
 import uuid
-import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
 
-VOCAB = (
-    "the", "graph", "rank", "step", "ring", "shape", "batch", "token", "decode", "prefill", "kernel", "stream",
-    "replay", "capture", "padded", "slot", "draft", "accept", "reduce", "gather", "scatter", "engine", "worker",
-    "ledger", "watch", "stall", "key", "mode", "piecewise", "full", "eager", "safe",
-)  # fmt: skip
+from watchdog.demo.tokens import continue_text, next_token
+
 MODEL = "test-model"
-
-
-def next_token(text: str) -> str:
-    return " " + VOCAB[zlib.crc32(text.encode()) % len(VOCAB)]
-
-
-def continue_text(prefix: str, n: int) -> list[str]:
-    """The next ``n`` tokens after ``prefix``."""
-    out: list[str] = []
-    for _ in range(n):
-        tok = next_token(prefix)
-        out.append(tok)
-        prefix += tok
-    return out
 
 
 def chat_prompt(messages: list[dict[str, Any]]) -> str:
