@@ -222,3 +222,31 @@ def test_demo_padded_slot_hang_climbs_to_none(tmp_path: Path) -> None:
     assert result["requests"]["succeeded"] == 64 and result["requests"]["wrong_text"] == 0
     assert result["ladder"]["mode"] == "NONE" and not result["gave_up"]
     assert cp.returncode == 3
+
+
+@pytest.mark.timeout(240)
+def test_observe_diagnoses_and_never_restarts(tmp_path: Path, runs: list[Run]) -> None:
+    run = Run(tmp_path, "graph-key-divergence", "--observe")
+    runs.append(run)
+    stop = threading.Event()
+    start_http_client(Workload(48, 16, 48, 48, seed=7), f"http://127.0.0.1:{run.proxy}", stop, 200)
+    try:
+        wait_until(lambda: run.get("/v1/incidents"), 200, "an incident")
+    finally:
+        stop.set()
+    [incident] = run.get("/v1/incidents")
+    assert incident["verdict"] == "collective_mismatch"
+    sup = run.get("/v1/status")["supervisor"]
+    assert sup["observe"] and sup["generation"] == 1 and sup["restarts"] == []
+    state = ladder.load(run.state, ladder.Policy())
+    assert [(e.action, e.from_mode, e.to_mode) for e in state.events] == [
+        ("observe", "FULL_AND_PIECEWISE", "FULL_AND_PIECEWISE")
+    ]
+    conn = http.client.HTTPConnection("127.0.0.1", run.api, timeout=10)
+    conn.request("GET", "/livez")
+    assert conn.getresponse().status == 503  # still deadlocked: nobody restarted it
+    conn.close()
+    assert "watchdog_supervisor_restarts_total{" not in run.get("/metrics")
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.wait(30) == 0
+    wait_until(lambda: not leftovers(run.work), 15, "the server tree to be gone")

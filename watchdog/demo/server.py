@@ -349,7 +349,10 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(f"demo server: TP={args.tp} {args.cudagraph_mode} ready on {args.host}:{args.port}", file=sys.stderr)
         front = Front(args.model, requests_q, results_q, engine)
-        uvicorn.run(make_app(front), host=args.host, port=args.port, log_level="warning", access_log=False)
+        uvicorn.run(
+            make_app(front), host=args.host, port=args.port, log_level="warning", access_log=False,
+            timeout_graceful_shutdown=2,
+        )  # fmt: skip
         return 0
     finally:
         kill_tree(engine)
