@@ -43,12 +43,11 @@ def test_promtool_unit_tests_pass() -> None:
 def test_every_alert_has_a_firing_unit_test() -> None:
     tests = yaml.safe_load(TESTS.read_text())
     fired = {
-        case["alertname"]
-        for t in tests["tests"]
-        for case in t.get("alert_rule_test", [])
-        if case.get("exp_alerts")
+        case["alertname"] for t in tests["tests"] for case in t.get("alert_rule_test", []) if case.get("exp_alerts")
     }
-    quiet = {case["alertname"] for t in tests["tests"] for case in t.get("alert_rule_test", []) if not case["exp_alerts"]}
+    quiet = {
+        case["alertname"] for t in tests["tests"] for case in t.get("alert_rule_test", []) if not case["exp_alerts"]
+    }
     names = {a.name for a in generate.ALERTS}
     assert fired == names, f"no firing test for {names - fired}"
     assert quiet == names, f"no test where these stay quiet: {names - quiet}"

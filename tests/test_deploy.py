@@ -138,7 +138,10 @@ def run_kubernetes_validate(objs: list[tuple[str, dict[str, Any]]], tmp: Path, v
         f.write_text(yaml.safe_dump(obj))
         files.append(str(f))
     cp = subprocess.run(
-        [*kubernetes_validate(), "--strict", "--quiet", "-k", version, *files], capture_output=True, text=True, timeout=120
+        [*kubernetes_validate(), "--strict", "--quiet", "-k", version, *files],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     return cp.returncode, cp.stdout + cp.stderr
 
@@ -309,9 +312,9 @@ def test_sidecar_settings_are_real_settings(rendered: dict[str, list[dict[str, A
             for k in ours:
                 assert k[len("WATCHDOG_") :].lower() in FIELDS, f"{where}: {c['name']}: {k} is no setting"
             for k, v in ours.items():
-                assert not re.search(r"\$\((\w+)\)", v) or all(
-                    ref in env for ref in re.findall(r"\$\((\w+)\)", v)
-                ), f"{where}: {k} refers to an undefined variable: {v}"
+                assert not re.search(r"\$\((\w+)\)", v) or all(ref in env for ref in re.findall(r"\$\((\w+)\)", v)), (
+                    f"{where}: {k} refers to an undefined variable: {v}"
+                )
             plain = {k: v for k, v in ours.items() if "$(" not in v and k != "WATCHDOG_API_TOKEN_FILE"}
             s = load(env=plain)
             assert s.host == "0.0.0.0", f"{where}: {c['name']} binds {s.host}: probes and scrapes cannot reach it"
@@ -341,7 +344,7 @@ def test_probe_ports_match_the_agents_settings(rendered: dict[str, list[dict[str
             assert live is None or live["httpGet"]["path"] != "/livez", where
             continue
         # the leader of a multi-node group: the coordinator diagnoses, so its /livez is the one
-        target = cs["watchdog-coordinator"] if "watchdog-coordinator" in cs else agent
+        target = cs.get("watchdog-coordinator", agent)
         assert live["httpGet"]["path"] == "/livez" and live["httpGet"]["port"] == port_of(target), where
         assert live["httpGet"]["path"] in paths
         # generous: an agent restart must not take vLLM down with it (see deploy/README.md)

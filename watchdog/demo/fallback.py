@@ -24,7 +24,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from watchdog.demo.client import Workload
 from watchdog.demo.faults import FaultPlan
 from watchdog.demo.httpclient import start_http_client
 from watchdog.detector import DetectorConfig
@@ -141,17 +140,7 @@ def run_fallback(opts: Any, workdir: Path, say: Callable[[str], None]) -> dict[s
     started = time.monotonic_ns()
     runner.start()
     stop = threading.Event()
-    workload = Workload(
-        opts.requests,
-        opts.concurrency,
-        opts.input_len,
-        opts.output_len,
-        opts.range_ratio,
-        opts.seed,
-        bursts=opts.bursts,
-        idle_gap_s=opts.idle_gap_s,
-    )
-    client = start_http_client(workload, f"http://127.0.0.1:{proxy.port}", stop, opts.timeout_s)
+    client = start_http_client(opts.workload(), f"http://127.0.0.1:{proxy.port}", stop, opts.timeout_s)
     say(f"bench client: {opts.requests} streamed requests over HTTP through the proxy, fault {opts.fault}")
     deadline = time.monotonic() + opts.timeout_s
     try:

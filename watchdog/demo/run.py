@@ -58,6 +58,18 @@ class DemoOptions:
     fallback: bool = False  # True: the server under `watchdog run`'s supervisor + proxy, over HTTP
     max_restarts: int = 3  # the fallback's restart bound (per hour)
 
+    def workload(self) -> Workload:
+        return Workload(
+            self.requests,
+            self.concurrency,
+            self.input_len,
+            self.output_len,
+            self.range_ratio,
+            self.seed,
+            bursts=self.bursts,
+            idle_gap_s=self.idle_gap_s,
+        )
+
     def validate(self) -> None:
         if not 1 <= self.tp <= 16:
             raise DemoError(f"--tp must be between 1 and 16, got {self.tp}")
@@ -140,16 +152,7 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None] = lambda _m: None) ->
         if "error" in ready:
             raise DemoError(f"the demo engine failed to start: {ready['error']}")
         say(f"engine and {opts.tp} workers ready after {time.monotonic() - started:.1f} s (graphs captured)")
-        workload = Workload(
-            opts.requests,
-            opts.concurrency,
-            opts.input_len,
-            opts.output_len,
-            opts.range_ratio,
-            opts.seed,
-            bursts=opts.bursts,
-            idle_gap_s=opts.idle_gap_s,
-        )
+        workload = opts.workload()
         client_result = start_client(workload, requests_q, results_q, stop)
         shape = ""
         if opts.bursts > 1:
