@@ -313,6 +313,7 @@ class LedgerTail:
         self.next_seq = 0
         self.lost = 0
         self.skipped = 0
+        self.opens = 0  # how many incarnations of the file were mapped (> 1: a restarted writer)
 
     def _open(self) -> None:
         st = os.stat(self.path)
@@ -332,6 +333,7 @@ class LedgerTail:
             mm.close()
             raise
         self._mm, self._ino, self.header, self.next_seq = mm, st.st_ino, header, 0
+        self.opens += 1
 
     def poll(self) -> list[Record]:
         self._open()

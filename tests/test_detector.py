@@ -2,8 +2,23 @@
 
 from __future__ import annotations
 
-from collectors.format import CUDAGraphMode, EngineQueue, EngineResult, EngineStep, GraphKey, StepBegin, StepEnd
+import time
+from pathlib import Path
+
+from collectors.format import (
+    CUDAGraphMode,
+    EngineQueue,
+    EngineResult,
+    EngineStep,
+    GraphKey,
+    ProcessKind,
+    StepBegin,
+    StepEnd,
+)
+from collectors.recorder import Recorder
+from tests.factory import Deployment
 from watchdog.detector import DetectorConfig, StallDetector
+from watchdog.watcher import Watcher
 
 MS = 1_000_000
 DECODE = GraphKey(CUDAGraphMode.FULL, 32, 16, uniform=True)
@@ -85,3 +100,21 @@ def test_arrivals_on_an_idle_engine_start_the_no_dispatch_clock() -> None:
     det.observe(None, [EngineQueue(1, 10_000 * MS, 0, 5)])
     assert det.check(10_500 * MS) is None
     assert det.check(11_200 * MS) is not None
+
+
+def test_a_restarted_server_clears_the_dead_ones_stall(tmp_path: Path) -> None:
+    """A replaced ledger is a new process: progress (even with no records yet), old open steps forgotten."""
+    dep = Deployment(tmp_path, tp=2)
+    for step in range(4):
+        dep.decode_step(step, reqs=16)
+    dep.decode_step(4, reqs=16, open_on=[0, 1])
+    watcher = Watcher(dep.dir, tmp_path / "incidents", detector_cfg=DetectorConfig(floor_s=0.01))
+    later = time.monotonic_ns() + 3600 * 10**9
+    assert watcher.poll(later) is not None  # the stuck step 4
+    # the restarted server's processes replace the ledgers; no record written yet (no traffic)
+    for rank in (-1, 0, 1):
+        kind = ProcessKind.ENGINE if rank < 0 else ProcessKind.WORKER
+        Recorder(dep.dir, kind=kind, rank=rank, world_size=2, n_slots=64)
+    assert watcher.poll(later) is None
+    assert watcher.progressed
+    assert watcher.poll(later + 1) is None  # the dead processes' step 4 is not a stall of the new ones

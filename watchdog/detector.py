@@ -95,6 +95,10 @@ class StallDetector:
     def forget_rank(self, rank: int) -> None:
         self._open.pop(rank, None)
 
+    def forget_engine(self) -> None:
+        """A restarted engine: what the old one had open or pending is gone with it."""
+        self._engine_open, self._pending, self._idle_since_ns = None, 0, None
+
     def _push(self, q: deque[float], value: float) -> None:
         q.append(value)
         while len(q) > self.cfg.history:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from collectors.format import Record, StepBegin, StepEnd
-from watchdog.types import RingState
+from watchdog.types import RingState, Verdict
 
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 EVIDENCE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 30.0)
@@ -96,6 +96,8 @@ class AgentMetrics:
         self.stalls.labels(g)
         for source in ("ledger", "ring", "agent"):
             self.scrape_errors.labels(g, source)
+        for verdict in Verdict:  # every series exists from the start: increase() sees the first incident
+            self.incidents.labels(g, verdict.value)
         self._open: dict[int, _Open] = {}
         self._seen: set[int] = set()
 

@@ -61,6 +61,7 @@ class Watcher:
             self._tails.setdefault(path, LedgerTail(path))
         progressed = False
         for path, tail in self._tails.items():
+            opens = tail.opens
             try:
                 records = tail.poll()
             except (LedgerError, OSError) as exc:
@@ -69,6 +70,14 @@ class Watcher:
                 continue
             assert tail.header is not None
             rank = None if tail.header.kind is ProcessKind.ENGINE else tail.header.rank
+            if opens and tail.opens > opens:
+                # A new incarnation of the process (its ledger was replaced): the old one's open
+                # step died with it, and a fresh server counts as progress even before traffic.
+                if rank is None:
+                    self._detector.forget_engine()
+                else:
+                    self._detector.forget_rank(rank)
+                progressed = True
             progressed = progressed or bool(records)
             self._detector.observe(rank, records)
             if self.on_records is not None:
