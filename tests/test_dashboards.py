@@ -1,0 +1,299 @@
+"""dashboards/: the committed dashboard and rules are what dashboards/generate.py generates (with the
+pinned grafana-foundation-sdk 11.x); panel ids, refIds and the uid are unique; and every PromQL
+expression of the dashboard and of the alert rules runs on a real Prometheus (Debian's package, on
+loopback) that scraped a real `watchdog agent` watching a real demo server (the OpenAI-compatible
+front, which serves vLLM's own metric names) while it hung with an injected fault, and returns data.
+
+What cannot return data here is listed by name with the reason (NEEDS): NVML gauges exist only on
+GPU nodes, and the supervisor's metrics only under `watchdog run`. Those expressions still have to
+execute without error on the same server.
+
+Time scaling: a rule's range windows (e.g. `[2m]` of "no step progress") are what its promtool unit
+tests (tests/test_alerts.py) check; here every range window is divided by SCALE (2m -> 20 s, 5m -> 50 s)
+and Grafana's `$__rate_interval` becomes WINDOW, so that a hang of a few tens of seconds makes the
+conditions true.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.test_agent import free_port, get, wait_for
+from tests.test_prometheus import need, prom_query
+from tests.test_soak import agent_up, leftover_rings, spawn, stop, tail
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "dashboards"))
+import generate  # noqa: E402
+
+from watchdog.supervisor.tree import unlink_rings  # noqa: E402
+
+WINDOW = "20s"
+SCALE = 6
+NAMESPACE, POD = "ci", "demo-0"  # the labels a Kubernetes PodMonitor scrape would add
+NEEDS = {
+    "gpu": "NVML gauges (watchdog_gpu_*) exist only where the agent sees NVIDIA GPUs; CI has none",
+    "supervisor": "watchdog_supervisor_* come from `watchdog run`, not from the `watchdog agent` scraped here",
+}
+
+
+def test_committed_files_are_what_the_generator_makes() -> None:
+    cp = subprocess.run(
+        [sys.executable, "dashboards/generate.py", "--check"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert cp.returncode == 0, cp.stdout + cp.stderr
+
+
+def test_the_generator_is_the_pinned_11x_sdk() -> None:
+    from importlib.metadata import version
+
+    v = version("grafana-foundation-sdk")
+    assert re.fullmatch(r"\d+!11\.\d+\.\d+", v), f"grafana-foundation-sdk {v}: pin an 11.x build (epoch!)"
+    dash = json.loads(generate.DASHBOARD_JSON.read_text())
+    assert dash["schemaVersion"] >= 39, dash["schemaVersion"]  # 10.1 builds write 36
+
+
+def panels(dash: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
+    for p in dash["panels"]:
+        out.append(p)
+        out.extend(p.get("panels", []))
+    return out
+
+
+def test_ids_and_uids_are_unique() -> None:
+    dash = json.loads(generate.DASHBOARD_JSON.read_text())
+    assert dash["uid"] == generate.DASHBOARD_UID and len(dash["uid"]) <= 40
+    ps = panels(dash)
+    ids = [p["id"] for p in ps]
+    assert len(ids) == len(set(ids)), ids
+    for p in ps:
+        refs = [t["refId"] for t in p.get("targets", [])]
+        assert len(refs) == len(set(refs)), (p["title"], refs)
+    titles = [p["title"] for p in ps]
+    assert len(titles) == len(set(titles)), titles
+    names = [v["name"] for v in dash["templating"]["list"]]
+    assert names == ["datasource", "namespace", "pod", "tp_group"], names
+    # no two panels overlap on the grid
+    cells: set[tuple[int, int]] = set()
+    for p in ps:
+        g = p["gridPos"]
+        mine = {(x, y) for x in range(g["x"], g["x"] + g["w"]) for y in range(g["y"], g["y"] + g["h"])}
+        assert not cells & mine, f"{p['title']} overlaps another panel"
+        cells |= mine
+
+
+def test_the_dashboard_has_the_panels_the_issue_asks_for() -> None:
+    dash = json.loads(generate.DASHBOARD_JSON.read_text())
+    exprs = " ".join(t["expr"] for p in panels(dash) for t in p.get("targets", []))
+    for metric in (
+        "watchdog_rank_last_step",
+        "watchdog_rank_open_step_age_seconds",
+        "watchdog_step_duration_seconds_bucket",
+        "watchdog_graph_dispatches_total",
+        "watchdog_stalls_detected_total",
+        "watchdog_incidents_total",
+        "watchdog_supervisor_cudagraph_mode",
+        "watchdog_evidence_collection_seconds_bucket",
+        "watchdog_gpu_utilization_percent",
+        "watchdog_gpu_power_watts",
+        "vllm:num_requests_running",
+        "vllm:num_requests_waiting",
+        "vllm:generation_tokens_total",
+    ):
+        assert metric in exprs, metric
+    for p in panels(dash):
+        for t in p.get("targets", []):
+            if t["expr"].startswith(("sum by (pod) (vllm", "sum by (pod) (rate(vllm")):
+                continue
+            assert "$namespace" in t["expr"] and "$pod" in t["expr"], (p["title"], t["expr"])
+    # every query the generator knows is on the dashboard, and nothing else
+    assert sorted(t["expr"] for p in panels(dash) for t in p.get("targets", [])) == sorted(
+        q.expr for q in generate.queries()
+    )
+
+
+# ---- every expression against a real Prometheus --------------------------------------------------
+
+
+def scaled(expr: str) -> str:
+    """Grafana's variables as the test's labels, range windows divided by SCALE (see the docstring)."""
+    seconds = {"s": 1, "m": 60, "h": 3600}
+    expr = re.sub(r"\[(\d+)([smh])\]", lambda m: f"[{int(m.group(1)) * seconds[m.group(2)] // SCALE}s]", expr)
+    expr = expr.replace("$__rate_interval", WINDOW)
+    return expr.replace("$namespace", NAMESPACE).replace("$pod", POD).replace("$tp_group", ".+")
+
+
+def expressions() -> list[tuple[str, str, str]]:
+    """(where, expression, needs) for every dashboard query, template-variable query and alert."""
+    out = [(f"panel query {q.legend}", q.expr, q.needs) for q in generate.queries()]
+    for v in generate.variable_queries():  # label_values(METRIC{...}, LABEL): Grafana asks for METRIC{...}
+        m = re.fullmatch(r"label_values\((.+), (\w+)\)", v)
+        assert m is not None, v
+        out.append((f"variable {m.group(2)}", m.group(1), ""))
+    out += [(f"alert {a.name}", a.expr, a.needs) for a in generate.ALERTS if a.name != "WatchdogAgentDown"]
+    return out
+
+
+class Orchestrator:
+    """The demo server's fault plan comes over a unix socket (one JSON line): this is that socket."""
+
+    def __init__(self, path: Path, fault: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(str(path))
+        self.sock.listen(2)
+        self.fault = fault
+        self.conns: list[socket.socket] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        try:
+            conn, _ = self.sock.accept()
+        except OSError:
+            return
+        self.conns.append(conn)
+        conn.sendall(json.dumps({"name": self.fault, "rank": 1, "step": None}).encode() + b"\n")
+
+    def close(self) -> None:
+        for c in [*self.conns, self.sock]:
+            c.close()
+
+
+def load(port: int, stop_ev: threading.Event, n: int = 16) -> list[threading.Thread]:
+    """n client threads sending completions until stopped (bounded: each request times out)."""
+    rng = random.Random(0)
+
+    def one() -> None:
+        while not stop_ev.is_set():
+            body = {
+                "model": "watchdog-demo",
+                "prompt": "tell me " * rng.randint(1, 40),
+                "max_tokens": rng.randint(4, 48),
+            }
+            url = f"http://127.0.0.1:{port}/v1/completions"
+            req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=10) as r:
+                    r.read()
+            except (urllib.error.URLError, OSError):
+                stop_ev.wait(0.5)
+
+    threads = [threading.Thread(target=one, daemon=True) for _ in range(n)]
+    for t in threads:
+        t.start()
+    return threads
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_every_expression_returns_data_from_a_real_prometheus(tmp_path: Path) -> None:
+    prometheus = need("prometheus")
+    agent_port, server_port, prom_port = free_port(), free_port(), free_port()
+    assert len({agent_port, server_port, prom_port}) == 3
+    ledgers = tmp_path / "ledgers"
+    ledgers.mkdir()
+    config = tmp_path / "prometheus.yml"
+    labels = f"{{namespace: {NAMESPACE}, pod: {POD}}}"
+    config.write_text(
+        "global: {scrape_interval: 1s, scrape_timeout: 1s, evaluation_interval: 1s}\n"
+        "scrape_configs:\n"
+        f"  - job_name: watchdog\n    static_configs: [{{targets: ['127.0.0.1:{agent_port}'], labels: {labels}}}]\n"
+        f"  - job_name: vllm\n    static_configs: [{{targets: ['127.0.0.1:{server_port}'], labels: {labels}}}]\n"
+    )
+    orch = Orchestrator(tmp_path / "fault.sock", "host-hang")
+    stop_load = threading.Event()
+    prom = agent = server = None
+    try:
+        with open(tmp_path / "prometheus.log", "wb") as log:
+            prom = subprocess.Popen(
+                [prometheus, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                 f"--web.listen-address=127.0.0.1:{prom_port}", "--log.level=warn"],
+                stdout=log, stderr=log, cwd=tmp_path, start_new_session=True,
+            )  # fmt: skip
+        agent = spawn(
+            ["agent", "--ledger-dir", str(ledgers), "--incidents-dir", str(tmp_path / "inc"),
+             "--port", str(agent_port)],
+            tmp_path / "agent.log",
+        )  # fmt: skip
+        agent_up(agent, agent_port, tmp_path / "agent.log")
+        with open(tmp_path / "server.log", "wb") as log:
+            server = subprocess.Popen(
+                [sys.executable, "-m", "watchdog.demo.server", "--tp", "2", "--port", str(server_port),
+                 "--workdir", str(tmp_path), "--ledger-dir", str(ledgers),
+                 "--fault-from", str(tmp_path / "fault.sock")],
+                stdout=log, stderr=log, start_new_session=True,
+            )  # fmt: skip
+        try:
+            wait_for(lambda: server.poll() is None and get(server_port, "/health")[0] == 200, 120)
+        except AssertionError:
+            raise AssertionError(f"the demo server did not come up:\n{tail(tmp_path / 'server.log')}") from None
+        load(server_port, stop_load)
+        try:
+            incidents = wait_for(lambda: json.loads(get(agent_port, "/v1/incidents")[1]), 180)
+        except AssertionError:
+            raise AssertionError(
+                f"no incident; agent:\n{tail(tmp_path / 'agent.log')}\nserver:\n{tail(tmp_path / 'server.log')}"
+            ) from None
+        assert incidents[0]["verdict"] == "host_hang", incidents
+        # the hang goes on (nothing restarts it): let the scaled windows see only the hang
+        time.sleep(int(WINDOW[:-1]) + 5)
+        results, empty, failed = {}, [], []
+        for where, expr, needs in expressions():
+            try:
+                result = prom_query(prom_port, scaled(expr))
+            except AssertionError as exc:
+                failed.append(f"{where}: {scaled(expr)}: {exc}")
+                continue
+            results[where] = result
+            if not result and needs not in NEEDS:
+                empty.append(f"{where}: {scaled(expr)}")
+        assert not failed, "queries that did not execute:\n" + "\n".join(failed)
+        assert not empty, "expressions that returned no data:\n" + "\n".join(empty)
+        # the alerts that fired carry the labels their annotations use
+        [deadlock] = results["alert WatchdogDeadlockDiagnosed"]
+        assert deadlock["metric"] == {"namespace": NAMESPACE, "pod": POD, "tp_group": "tp0", "verdict": "host_hang"}
+        assert results["alert WatchdogNoStepProgress"][0]["metric"] == {"namespace": NAMESPACE, "pod": POD}
+        # agent down: stop the agent, and `up` turns 0 on the next scrape
+        stop(agent)
+        agent = None
+        down = next(a for a in generate.ALERTS if a.name == "WatchdogAgentDown")
+        fired = wait_for(lambda: prom_query(prom_port, down.expr), 30)
+        assert fired[0]["metric"]["job"] == "watchdog" and fired[0]["metric"]["pod"] == POD, fired
+    finally:
+        stop_load.set()
+        if server is not None:
+            stop(server)
+            # A hung server can outlast stop()'s grace (in-flight requests) and be SIGKILLed before it
+            # unlinks its shm rings: unlink what its engine ledger names, so nothing outlives the test.
+            unlink_rings(ledgers)
+        if agent is not None:
+            stop(agent)
+        if prom is not None:
+            stop(prom, first=signal.SIGTERM)
+        orch.close()
+    assert leftover_rings(ledgers) == []
+
+
+def test_the_allow_list_is_explicit_and_small() -> None:
+    """Only GPU and supervisor expressions may come back empty above, each kind with its reason."""
+    kinds = {needs for _w, _e, needs in expressions() if needs}
+    assert kinds <= {*NEEDS, "vllm"}, kinds
+    allowed = [w for w, _e, needs in expressions() if needs in NEEDS]
+    assert len(allowed) <= 6, allowed
+    assert all(NEEDS[k] for k in NEEDS)
+    assert os.environ.get("WATCHDOG_ALLOW_EMPTY") is None  # no switch turns the check off
