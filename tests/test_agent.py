@@ -124,3 +124,33 @@ def test_agent_process_diagnoses_a_separate_deployment_over_http(tmp_path: Path)
         if demo is not None:
             stop(demo)
         stop(agent)
+
+
+def test_gpu_gauges_name_the_rank_whose_process_runs_on_each_gpu(tmp_path: Path) -> None:
+    from tests.factory import Deployment
+    from watchdog.agent import Agent
+    from watchdog.evidence import EvidenceError
+    from watchdog.evidence.gpus import FakeGpus
+    from watchdog.metrics import AgentMetrics
+    from watchdog.snapshot import Sources
+    from watchdog.types import GpuInfo
+    from watchdog.watcher import Watcher
+
+    dep = Deployment(tmp_path, tp=1)  # rank 0's ledger is written by this process
+    dep.decode_step(0, reqs=4)
+    gpus = FakeGpus(
+        (GpuInfo(0, 100.0, 612.5, 1980.0, pids=(os.getpid(),)), GpuInfo(1, 3.0, 81.0, 345.0, pids=(2**22 + 7,)))
+    )
+
+    def agent(source: FakeGpus) -> tuple[Agent, str]:
+        a = Agent(Watcher(dep.dir, tmp_path / "inc", Sources(stacks=None, procs=None, gpus=source)), AgentMetrics("t"))
+        a.step()
+        return a, a.metrics.exposition().decode()
+
+    _, text = agent(gpus)
+    assert 'watchdog_gpu_utilization_percent{gpu="0",rank="0",tp_group="t"} 100.0' in text
+    assert 'watchdog_gpu_power_watts{gpu="0",rank="0",tp_group="t"} 612.5' in text
+    assert 'watchdog_gpu_utilization_percent{gpu="1",rank="",tp_group="t"} 3.0' in text
+    _, text = agent(FakeGpus(error=EvidenceError("nvml", "NVML_ERROR_DRIVER_NOT_LOADED")))
+    assert 'watchdog_scrape_errors_total{source="gpu",tp_group="t"} 1.0' in text
+    assert "watchdog_gpu_utilization_percent{" not in text

@@ -32,6 +32,7 @@ from typing import Any, Protocol
 from fastapi import FastAPI, HTTPException, Request, Response
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from watchdog.evidence import EvidenceError
 from watchdog.metrics import AgentMetrics
 from watchdog.snapshot import LedgerSet, collect, read_ledger_dir
 from watchdog.types import StallInfo
@@ -61,6 +62,7 @@ class Agent:
     token: str = ""
     poll_s: float = 0.1
     ring_every_s: float = 1.0
+    gpu_every_s: float = 5.0
     extra: Callable[[], dict[str, Any]] | None = None  # more /v1/status fields (the supervisor's ladder)
     incidents: list[Incident] = field(default_factory=list)
     deadlocked: bool = False
@@ -68,6 +70,7 @@ class Agent:
     progress: int = 0  # polls that saw new records: a coordinator compares it between polls
     started_wall: float = field(default_factory=time.time)
     _next_rings_ns: int = 0
+    _next_gpus_ns: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _diagnosing: threading.Lock = field(default_factory=threading.Lock)
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -86,6 +89,9 @@ class Agent:
             self._next_rings_ns = now + int(self.ring_every_s * 1e9)
             broadcast, responses = self.loop.rings()
             self.metrics.rings(broadcast, responses)
+        if isinstance(self.loop, Watcher) and self.loop.sources.gpus is not None and now >= self._next_gpus_ns:
+            self._next_gpus_ns = now + int(self.gpu_every_s * 1e9)
+            self._sample_gpus(self.loop)
         if stall is None:
             return None
         self.metrics.stalls.labels(self.metrics.tp_group).inc()
@@ -94,6 +100,16 @@ class Agent:
                 self.open_stall = stall
             return None
         return self.diagnose(stall)
+
+    def _sample_gpus(self, watcher: Watcher) -> None:
+        assert watcher.sources.gpus is not None
+        try:
+            samples = watcher.sources.gpus.sample()
+        except EvidenceError as exc:
+            log.debug("gpu sample failed: %s", exc)
+            self.metrics.scrape_errors.labels(self.metrics.tp_group, "gpu").inc()
+            return
+        self.metrics.gpus(samples, watcher.rank_pids())
 
     def diagnose(self, stall: StallInfo | None) -> Incident:
         with self._diagnosing:

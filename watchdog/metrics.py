@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from collectors.format import Record, StepBegin, StepEnd
-from watchdog.types import RingState, Verdict
+from watchdog.types import GpuInfo, RingState, Verdict
 
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 EVIDENCE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 30.0)
@@ -92,9 +92,18 @@ class AgentMetrics:
             [*grp, "role", "rank"],
             registry=r,
         )
+        self.gpu_util = Gauge(
+            "watchdog_gpu_utilization_percent",
+            "NVML GPU utilization; rank is the TP rank whose process runs on the GPU ('' if none).",
+            [*grp, "rank", "gpu"],
+            registry=r,
+        )
+        self.gpu_power = Gauge(
+            "watchdog_gpu_power_watts", "NVML power draw, per GPU (rank as above).", [*grp, "rank", "gpu"], registry=r
+        )
         self.deadlocked.labels(g).set(0)
         self.stalls.labels(g)
-        for source in ("ledger", "ring", "agent"):
+        for source in ("ledger", "ring", "agent", "gpu"):
             self.scrape_errors.labels(g, source)
         for verdict in Verdict:  # every series exists from the start: increase() sees the first incident
             self.incidents.labels(g, verdict.value)
@@ -132,6 +141,14 @@ class AgentMetrics:
                 self.ring_lag.labels(self.tp_group, "broadcast", str(reader)).set(broadcast.unread_by(reader))
         for rank, st in responses.items():
             self.ring_lag.labels(self.tp_group, "response", str(rank)).set(st.unread_by(0))
+
+    def gpus(self, samples: tuple[GpuInfo, ...], rank_of_pid: dict[int, int]) -> None:
+        """One NVML sample per GPU, labelled with the rank whose process runs on it."""
+        for gpu in samples:
+            ranks = sorted({rank_of_pid[p] for p in gpu.pids if p in rank_of_pid})
+            rank = str(ranks[0]) if ranks else ""
+            self.gpu_util.labels(self.tp_group, rank, str(gpu.index)).set(gpu.utilization_pct)
+            self.gpu_power.labels(self.tp_group, rank, str(gpu.index)).set(gpu.power_w)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -91,6 +91,14 @@ class Watcher:
         self._fired = True
         return stall
 
+    def rank_pids(self) -> dict[int, int]:
+        """pid -> TP rank, from the headers of the worker ledgers read so far."""
+        return {
+            t.header.pid: t.header.rank
+            for t in self._tails.values()
+            if t.header is not None and t.header.kind is not ProcessKind.ENGINE
+        }
+
     def handle(self, stall: StallInfo | None) -> Incident:
         """Gather, diagnose, write the bundle (``stall`` None: a diagnosis asked for by hand)."""
         detected = time.monotonic_ns()
