@@ -10,9 +10,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -70,14 +72,57 @@ def wait_for(fn: Any, timeout: float) -> Any:
     raise AssertionError("timed out")
 
 
+class FakeKubeApi:
+    """The one edge that cannot exist here: a Kubernetes API server. Records what the agent asks."""
+
+    def __init__(self) -> None:
+        calls: list[tuple[str, str, str, Any]] = []
+        self.calls = calls
+
+        class Handler(BaseHTTPRequestHandler):
+            def _answer(self, status: int, body: dict[str, Any]) -> None:
+                raw = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(raw)))
+                self.end_headers()
+                self.wfile.write(raw)
+
+            def do_GET(self) -> None:
+                calls.append(("GET", self.path, self.headers.get("Authorization", ""), None))
+                self._answer(200, {"kind": "Pod", "metadata": {"name": "vllm-0", "uid": "uid-4242"}})
+
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                calls.append(("POST", self.path, self.headers.get("Authorization", ""), body))
+                self._answer(201, body)
+
+            def log_message(self, *_args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
 def test_agent_process_diagnoses_a_separate_deployment_over_http(tmp_path: Path) -> None:
     work = tmp_path / "w"
     (work / "ledgers").mkdir(parents=True)
     port = free_port()
+    kube = FakeKubeApi()
+    (tmp_path / "sa-token").write_text("sa-token-1\n")
     agent = start(
-        ["agent", "--ledger-dir", str(work / "ledgers"), "--incidents-dir", str(tmp_path / "inc"), "--port", str(port)],
-        env={"WATCHDOG_API_TOKEN": "s3cret", "WATCHDOG_PORT": "1"},  # the CLI's --port wins over the environment
-    )
+        ["agent", "--ledger-dir", str(work / "ledgers"), "--incidents-dir", str(tmp_path / "inc"), "--port", str(port),
+         "--on-deadlock", "evict", "--kube-events", "--kube-api", f"http://127.0.0.1:{kube.port}",
+         "--kube-token-file", str(tmp_path / "sa-token")],
+        # the CLI's --port wins over the environment; the pod comes from the downward API's env
+        env={"WATCHDOG_API_TOKEN": "s3cret", "WATCHDOG_PORT": "1", "WATCHDOG_POD_NAME": "vllm-0",
+             "WATCHDOG_POD_NAMESPACE": "llm"},
+    )  # fmt: skip
     demo = None
     try:
         assert wait_for(lambda: get(port, "/healthz")[0] == 200, 30)
@@ -105,6 +150,20 @@ def test_agent_process_diagnoses_a_separate_deployment_over_http(tmp_path: Path)
         assert "watchdog_graph_dispatches_total{mode=" in metrics
         assert (tmp_path / "inc" / incidents[0]["id"] / "diagnosis.json").is_file()
 
+        # Eviction mode: the pod's uid, an Event naming the verdict, then the Eviction (PDB-aware).
+        get_pod, event, eviction = wait_for(lambda: kube.calls[:3] if len(kube.calls) >= 3 else None, 30)
+        assert {c[2] for c in kube.calls} == {"Bearer sa-token-1"}
+        assert get_pod[:2] == ("GET", "/api/v1/namespaces/llm/pods/vllm-0")
+        assert event[:2] == ("POST", "/api/v1/namespaces/llm/events")
+        assert event[3]["reason"] == "DeadlockDiagnosed" and event[3]["message"].startswith("host_hang: ")
+        assert event[3]["involvedObject"] == {
+            "apiVersion": "v1", "kind": "Pod", "name": "vllm-0", "namespace": "llm", "uid": "uid-4242"
+        }  # fmt: skip
+        assert eviction[:2] == ("POST", "/api/v1/namespaces/llm/pods/vllm-0/eviction")
+        assert eviction[3] == {
+            "apiVersion": "policy/v1", "kind": "Eviction", "metadata": {"name": "vllm-0", "namespace": "llm"}
+        }  # fmt: skip
+
         # Evidence for a coordinator: token-protected when a token is configured.
         assert get(port, "/v1/snapshot")[0] == 401
         status, body = get(port, "/v1/snapshot", token="s3cret")
@@ -124,6 +183,7 @@ def test_agent_process_diagnoses_a_separate_deployment_over_http(tmp_path: Path)
         if demo is not None:
             stop(demo)
         stop(agent)
+        kube.close()
 
 
 def test_gpu_gauges_name_the_rank_whose_process_runs_on_each_gpu(tmp_path: Path) -> None:

@@ -251,7 +251,11 @@ def test_crd_validation_rejects_what_the_api_server_would(rendered: dict[str, li
 
 
 def env_of(container: dict[str, Any]) -> dict[str, str]:
-    return {e["name"]: e.get("value", "") for e in container.get("env", [])}
+    """Name -> value; a downward-API variable (valueFrom fieldRef) gets a stand-in named after its field."""
+    return {
+        e["name"]: e.get("value", f"<{e.get('valueFrom', {}).get('fieldRef', {}).get('fieldPath', '')}>")
+        for e in container.get("env", [])
+    }
 
 
 def containers(spec: dict[str, Any]) -> dict[str, dict[str, Any]]:

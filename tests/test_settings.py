@@ -44,6 +44,9 @@ def test_precedence_file_then_env_then_cli(tmp_path: Path) -> None:
         ("", {"WATCHDOG_RANKS": "0-x"}, r"ranks '0-x'"),
         ("port = 70000", {}, r"port 70000: must be 1-65535"),
         ("poll_interval_s = 0", {}, r"poll_interval_s = 0.0: must be positive"),
+        ("on_deadlock = 'reboot'", {}, r"on_deadlock 'reboot': choose 'report' or 'evict'"),
+        ("on_deadlock = 'evict'", {"WATCHDOG_POD_NAME": "p"}, r"need pod_name and pod_namespace"),
+        ("upstream = 'localhost:8000'", {}, r"upstream 'localhost:8000': give the server's base URL"),
     ],
 )
 def test_bad_settings_are_one_line(tmp_path: Path, text: str, env: dict[str, str], message: str) -> None:

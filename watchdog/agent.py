@@ -64,6 +64,7 @@ class Agent:
     ring_every_s: float = 1.0
     gpu_every_s: float = 5.0
     extra: Callable[[], dict[str, Any]] | None = None  # more /v1/status fields (the supervisor's ladder)
+    on_incident: Callable[[Incident], None] | None = None  # after the bundle is written (Kubernetes actions)
     incidents: list[Incident] = field(default_factory=list)
     deadlocked: bool = False
     open_stall: StallInfo | None = None
@@ -122,6 +123,8 @@ class Agent:
             self.incidents.append(incident)
             self.deadlocked = verdict.is_deadlock
         self.metrics.deadlocked.labels(g).set(1 if verdict.is_deadlock else 0)
+        if self.on_incident is not None:
+            self.on_incident(incident)
         return incident
 
     def run(self) -> None:

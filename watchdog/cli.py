@@ -226,8 +226,23 @@ def agent(**values: Any) -> int:
     metrics = AgentMetrics(s.tp_group)
     watcher = _watchers(s, metrics)()
     role = "member" if s.member else "agent"
-    serve(Agent(watcher, metrics, role=role, token=s.token(), poll_s=s.poll_interval_s), s.host, s.port)
+    agent = Agent(watcher, metrics, role=role, token=s.token(), poll_s=s.poll_interval_s)
+    agent.on_incident = _kube_actions(s, metrics)
+    serve(agent, s.host, s.port)
     return EXIT_OK
+
+
+def _kube_actions(s: Any, metrics: Any) -> Callable[[Any], None] | None:
+    """Kubernetes Events on incidents and/or evicting this pod on a deadlock, as configured."""
+    if s.on_deadlock != "evict" and not s.kube_events:
+        return None
+    from watchdog.kube import Kube, incident_actions
+
+    ca = s.kube_ca_file if s.kube_api.startswith("https") and s.kube_ca_file.exists() else None
+    kube = Kube(s.kube_api, s.kube_token_file, ca, s.pod_namespace, s.pod_name)
+    return incident_actions(
+        kube, s.kube_events, s.on_deadlock == "evict", lambda: metrics.scrape_errors.labels(s.tp_group, "kube").inc()
+    )
 
 
 def _watchers(s: Any, metrics: Any) -> Callable[[], Any]:
@@ -338,9 +353,9 @@ def coordinator(**values: Any) -> int:
         timeout_s=s.agent_timeout_s,
         on_error=lambda source: metrics.scrape_errors.labels(s.tp_group, source).inc(),
     )
-    serve(
-        Agent(coord, metrics, role="coordinator", token=s.token(), poll_s=max(s.poll_interval_s, 0.5)), s.host, s.port
-    )
+    agent = Agent(coord, metrics, role="coordinator", token=s.token(), poll_s=max(s.poll_interval_s, 0.5))
+    agent.on_incident = _kube_actions(s, metrics)
+    serve(agent, s.host, s.port)
     return EXIT_OK
 
 

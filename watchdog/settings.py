@@ -51,6 +51,13 @@ class Settings:
     observe: bool = False
     on_give_up: str = "stop"
     stop_grace_s: float = 30.0
+    on_deadlock: str = "report"
+    kube_events: bool = False
+    kube_api: str = "https://kubernetes.default.svc"
+    kube_token_file: Path = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
+    kube_ca_file: Path = Path("/var/run/secrets/kubernetes.io/serviceaccount/ca.crt")
+    pod_name: str = ""
+    pod_namespace: str = ""
     proxy_port: int = 0
     proxy_host: str = "127.0.0.1"
     upstream: str = "http://127.0.0.1:8000"
@@ -106,6 +113,13 @@ HELP = {
     "observe": "watchdog run: diagnose and report, never restart.",
     "on_give_up": "watchdog run: 'stop' the server or keep it 'up' once the restart bound is hit.",
     "stop_grace_s": "watchdog run: SIGTERM, then SIGKILL after this many seconds.",
+    "on_deadlock": "agent/coordinator: 'report', or 'evict' this pod through the Kubernetes API after a deadlock.",
+    "kube_events": "agent/coordinator: record a Kubernetes Event on the pod for every incident.",
+    "kube_api": "The Kubernetes API server (eviction mode and events).",
+    "kube_token_file": "The service-account token for the Kubernetes API.",
+    "kube_ca_file": "The CA bundle of the Kubernetes API server.",
+    "pod_name": "This pod's name (downward API), for events and eviction.",
+    "pod_namespace": "This pod's namespace (downward API), for events and eviction.",
     "proxy_port": "watchdog run: serve the resuming proxy on this port (0: no proxy).",
     "proxy_host": "watchdog run: the proxy's listen address.",
     "upstream": "watchdog run: the server's base URL (its /health says it is ready; the proxy forwards to it).",
@@ -210,6 +224,10 @@ def validate(s: Settings) -> None:
         raise WatchdogError(f"on_give_up {s.on_give_up!r}: choose 'stop' or 'up'")
     if s.max_restarts < 0 or s.restart_window_s <= 0 or s.stop_grace_s < 0:
         raise WatchdogError("max_restarts and stop_grace_s must be >= 0, restart_window_s positive")
+    if s.on_deadlock not in ("report", "evict"):
+        raise WatchdogError(f"on_deadlock {s.on_deadlock!r}: choose 'report' or 'evict'")
+    if (s.on_deadlock == "evict" or s.kube_events) and not (s.pod_name and s.pod_namespace):
+        raise WatchdogError("on_deadlock=evict and kube_events need pod_name and pod_namespace (downward API)")
     if not 0 <= s.proxy_port <= 65535 or s.resume_timeout_s <= 0:
         raise WatchdogError("proxy_port must be within 0-65535 and resume_timeout_s positive")
     if not s.upstream.startswith(("http://", "https://")):
