@@ -1,12 +1,14 @@
 """dashboards/: the committed dashboard and rules are what dashboards/generate.py generates (with the
 pinned grafana-foundation-sdk 11.x); panel ids, refIds and the uid are unique; and every PromQL
 expression of the dashboard and of the alert rules runs on a real Prometheus (Debian's package, on
-loopback) that scraped a real `watchdog agent` watching a real demo server (the OpenAI-compatible
-front, which serves vLLM's own metric names) while it hung with an injected fault, and returns data.
+loopback) that scraped a real `watchdog run` supervising a real demo server (the OpenAI-compatible
+front, which serves vLLM's own metric names) through an injected padded-slot kernel hang: the
+supervisor climbs one rung, the hang recurs, the restart bound (1) is hit and the server is left up,
+hung. So stalls, incidents, the ladder's climb, the exhausted budget and "no step progress while
+requests run" all have data, and every expression must return some.
 
 What cannot return data here is listed by name with the reason (NEEDS): NVML gauges exist only on
-GPU nodes, and the supervisor's metrics only under `watchdog run`. Those expressions still have to
-execute without error on the same server.
+GPU nodes. Those expressions still have to execute without error on the same server.
 
 Time scaling: a rule's range windows (e.g. `[2m]` of "no step progress") are what its promtool unit
 tests (tests/test_alerts.py) check; here every range window is divided by SCALE (2m -> 20 s, 5m -> 50 s)
@@ -21,7 +23,6 @@ import os
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -41,6 +42,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "dashboards"))
 import generate  # noqa: E402
 
+from watchdog.demo.fallback import FaultBroker  # noqa: E402
+from watchdog.demo.faults import FaultPlan  # noqa: E402
 from watchdog.supervisor.tree import unlink_rings  # noqa: E402
 
 WINDOW = "20s"
@@ -48,7 +51,6 @@ SCALE = 6
 NAMESPACE, POD = "ci", "demo-0"  # the labels a Kubernetes PodMonitor scrape would add
 NEEDS = {
     "gpu": "NVML gauges (watchdog_gpu_*) exist only where the agent sees NVIDIA GPUs; CI has none",
-    "supervisor": "watchdog_supervisor_* come from `watchdog run`, not from the `watchdog agent` scraped here",
 }
 
 
@@ -150,30 +152,6 @@ def expressions() -> list[tuple[str, str, str]]:
     return out
 
 
-class Orchestrator:
-    """The demo server's fault plan comes over a unix socket (one JSON line): this is that socket."""
-
-    def __init__(self, path: Path, fault: str) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.bind(str(path))
-        self.sock.listen(2)
-        self.fault = fault
-        self.conns: list[socket.socket] = []
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        try:
-            conn, _ = self.sock.accept()
-        except OSError:
-            return
-        self.conns.append(conn)
-        conn.sendall(json.dumps({"name": self.fault, "rank": 1, "step": None}).encode() + b"\n")
-
-    def close(self) -> None:
-        for c in [*self.conns, self.sock]:
-            c.close()
-
-
 def load(port: int, stop_ev: threading.Event, n: int = 16) -> list[threading.Thread]:
     """n client threads sending completions until stopped (bounded: each request times out)."""
     rng = random.Random(0)
@@ -215,9 +193,9 @@ def test_every_expression_returns_data_from_a_real_prometheus(tmp_path: Path) ->
         f"  - job_name: watchdog\n    static_configs: [{{targets: ['127.0.0.1:{agent_port}'], labels: {labels}}}]\n"
         f"  - job_name: vllm\n    static_configs: [{{targets: ['127.0.0.1:{server_port}'], labels: {labels}}}]\n"
     )
-    orch = Orchestrator(tmp_path / "fault.sock", "host-hang")
+    orch = FaultBroker(tmp_path / "fault.sock", FaultPlan("padded-slot-kernel-hang"))
     stop_load = threading.Event()
-    prom = agent = server = None
+    prom = agent = None
     try:
         with open(tmp_path / "prometheus.log", "wb") as log:
             prom = subprocess.Popen(
@@ -226,31 +204,26 @@ def test_every_expression_returns_data_from_a_real_prometheus(tmp_path: Path) ->
                 stdout=log, stderr=log, cwd=tmp_path, start_new_session=True,
             )  # fmt: skip
         agent = spawn(
-            ["agent", "--ledger-dir", str(ledgers), "--incidents-dir", str(tmp_path / "inc"),
-             "--port", str(agent_port)],
+            ["run", "--ledger-dir", str(ledgers), "--incidents-dir", str(tmp_path / "inc"), "--port", str(agent_port),
+             "--no-native-stacks", "--max-restarts", "1", "--on-give-up", "up", "--stop-grace-s", "5",
+             "--upstream", f"http://127.0.0.1:{server_port}", "--",
+             sys.executable, "-m", "watchdog.demo.server", "--tp", "2", "--port", str(server_port),
+             "--workdir", str(tmp_path), "--fault-from", str(tmp_path / "fault.sock")],
             tmp_path / "agent.log",
         )  # fmt: skip
         agent_up(agent, agent_port, tmp_path / "agent.log")
-        with open(tmp_path / "server.log", "wb") as log:
-            server = subprocess.Popen(
-                [sys.executable, "-m", "watchdog.demo.server", "--tp", "2", "--port", str(server_port),
-                 "--workdir", str(tmp_path), "--ledger-dir", str(ledgers),
-                 "--fault-from", str(tmp_path / "fault.sock")],
-                stdout=log, stderr=log, start_new_session=True,
-            )  # fmt: skip
         try:
-            wait_for(lambda: server.poll() is None and get(server_port, "/health")[0] == 200, 120)
+            wait_for(lambda: get(server_port, "/health")[0] == 200, 120)
         except AssertionError:
-            raise AssertionError(f"the demo server did not come up:\n{tail(tmp_path / 'server.log')}") from None
+            raise AssertionError(f"the demo server did not come up:\n{tail(tmp_path / 'agent.log')}") from None
         load(server_port, stop_load)
         try:
-            incidents = wait_for(lambda: json.loads(get(agent_port, "/v1/incidents")[1]), 180)
+            wait_for(lambda: json.loads(get(agent_port, "/v1/status")[1])["supervisor"]["ladder"]["gave_up"], 240)
         except AssertionError:
-            raise AssertionError(
-                f"no incident; agent:\n{tail(tmp_path / 'agent.log')}\nserver:\n{tail(tmp_path / 'server.log')}"
-            ) from None
-        assert incidents[0]["verdict"] == "host_hang", incidents
-        # the hang goes on (nothing restarts it): let the scaled windows see only the hang
+            raise AssertionError(f"the ladder did not give up:\n{tail(tmp_path / 'agent.log')}") from None
+        incidents = json.loads(get(agent_port, "/v1/incidents")[1])
+        assert [i["verdict"] for i in incidents] == ["device_hang", "device_hang"], incidents  # one per rung
+        # the hang goes on (given up, left up): let the scaled windows see only the hang
         time.sleep(int(WINDOW[:-1]) + 5)
         results, empty, failed = {}, [], []
         for where, expr, needs in expressions():
@@ -266,7 +239,7 @@ def test_every_expression_returns_data_from_a_real_prometheus(tmp_path: Path) ->
         assert not empty, "expressions that returned no data:\n" + "\n".join(empty)
         # the alerts that fired carry the labels their annotations use
         [deadlock] = results["alert WatchdogDeadlockDiagnosed"]
-        assert deadlock["metric"] == {"namespace": NAMESPACE, "pod": POD, "tp_group": "tp0", "verdict": "host_hang"}
+        assert deadlock["metric"] == {"namespace": NAMESPACE, "pod": POD, "tp_group": "tp0", "verdict": "device_hang"}
         assert results["alert WatchdogNoStepProgress"][0]["metric"] == {"namespace": NAMESPACE, "pod": POD}
         # agent down: stop the agent, and `up` turns 0 on the next scrape
         stop(agent)
@@ -276,13 +249,9 @@ def test_every_expression_returns_data_from_a_real_prometheus(tmp_path: Path) ->
         assert fired[0]["metric"]["job"] == "watchdog" and fired[0]["metric"]["pod"] == POD, fired
     finally:
         stop_load.set()
-        if server is not None:
-            stop(server)
-            # A hung server can outlast stop()'s grace (in-flight requests) and be SIGKILLed before it
-            # unlinks its shm rings: unlink what its engine ledger names, so nothing outlives the test.
-            unlink_rings(ledgers)
         if agent is not None:
-            stop(agent)
+            stop(agent)  # `watchdog run` stops the server's tree and unlinks its rings
+        unlink_rings(ledgers)  # in case the supervisor itself had to be SIGKILLed
         if prom is not None:
             stop(prom, first=signal.SIGTERM)
         orch.close()
@@ -290,9 +259,9 @@ def test_every_expression_returns_data_from_a_real_prometheus(tmp_path: Path) ->
 
 
 def test_the_allow_list_is_explicit_and_small() -> None:
-    """Only GPU and supervisor expressions may come back empty above, each kind with its reason."""
+    """Only GPU expressions may come back empty above, with the reason."""
     kinds = {needs for _w, _e, needs in expressions() if needs}
-    assert kinds <= {*NEEDS, "vllm"}, kinds
+    assert kinds <= {*NEEDS, "vllm", "supervisor"}, kinds  # vllm and supervisor ones must return data
     allowed = [w for w, _e, needs in expressions() if needs in NEEDS]
     assert len(allowed) <= 6, allowed
     assert all(NEEDS[k] for k in NEEDS)

@@ -289,6 +289,16 @@ def _forward_bites(bites: Any, sock: socket.socket) -> None:
 # ---- main ---------------------------------------------------------------------------------------
 
 
+def _compilation_config(text: str) -> dict[str, Any]:
+    try:
+        cfg = json.loads(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not JSON: {text!r}") from None
+    if not isinstance(cfg, dict) or cfg.get("cudagraph_mode", LADDER[0]) not in LADDER:
+        raise argparse.ArgumentTypeError(f"cudagraph_mode must be one of {', '.join(LADDER)}: {text!r}")
+    return cfg
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m watchdog.demo.server", description=__doc__.split("\n\n")[0])
     p.add_argument("--tp", type=int, default=2, help="tensor-parallel ranks (worker processes)")
@@ -297,12 +307,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--workdir", default=None, help="ledgers (unless --ledger-dir / $WATCHDOG_LEDGER_DIR) and stores")
     p.add_argument("--ledger-dir", default=None)
     p.add_argument("--cudagraph-mode", default="FULL_AND_PIECEWISE", choices=LADDER)
+    p.add_argument(
+        "-cc",
+        "--compilation-config",
+        type=_compilation_config,
+        default=None,
+        help="as vLLM's: JSON whose cudagraph_mode, if given, sets the mode (what `watchdog run` merges into)",
+    )
     p.add_argument("--num-speculative-tokens", type=int, default=1)
     p.add_argument("--max-num-seqs", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", default=MODEL, help="the name served in /v1/models")
     p.add_argument("--fault-from", default=None, help="the demo orchestrator's socket that sends the fault plan")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.compilation_config and "cudagraph_mode" in args.compilation_config:
+        args.cudagraph_mode = args.compilation_config["cudagraph_mode"]
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
