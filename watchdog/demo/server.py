@@ -328,6 +328,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     die_with_parent()
+    # When the supervisor stops this tree, multiprocessing's resource tracker unlinks what the
+    # killed engine and workers leave (queue semaphores, rings) -- its job -- and warns about each
+    # kind; in a supervised restart that is noise, not news. It inherits this environment.
+    os.environ.setdefault("PYTHONWARNINGS", "ignore:resource_tracker:UserWarning")
     import uvicorn
 
     from watchdog.demo.run import kill_tree
