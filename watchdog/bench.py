@@ -69,7 +69,10 @@ def recorder_ns(records: int, repeats: int) -> dict[str, float]:
         return {k: round(v, 1) for k, v in out.items()}
 
 
-def demo_on_off(tp: int, blocks: int, block_s: float, say: Callable[[str], None]) -> dict[str, Any]:
+def demo_on_off(
+    tp: int, blocks: int, block_s: float, say: Callable[[str], None], device: str = "cpu"
+) -> dict[str, Any]:
+    """Decode steps/s with the ledgers on vs off, alternating blocks in ONE deployment (CPU or CUDA)."""
     from watchdog.demo.engine import EngineArgs, engine_main
     from watchdog.demo.faults import FaultPlan
     from watchdog.demo.run import kill_tree
@@ -79,7 +82,9 @@ def demo_on_off(tp: int, blocks: int, block_s: float, say: Callable[[str], None]
     workdir = Path(tempfile.mkdtemp(prefix="watchdog-bench-"))
     ledger_dir = workdir / "ledgers"
     cfg = DispatchConfig("FULL_AND_PIECEWISE", default_capture_sizes(64, 2), 2)
-    args = EngineArgs(tp=tp, workdir=str(workdir), ledger_dir=str(ledger_dir), dispatch=cfg, max_num_seqs=32)
+    args = EngineArgs(
+        tp=tp, workdir=str(workdir), ledger_dir=str(ledger_dir), dispatch=cfg, max_num_seqs=32, device=device
+    )
     ctx = mp.get_context("spawn")
     requests: mp.Queue[Any] = ctx.Queue()
     results: mp.Queue[Any] = ctx.Queue()
@@ -91,7 +96,7 @@ def demo_on_off(tp: int, blocks: int, block_s: float, say: Callable[[str], None]
             raise RuntimeError("demo engine did not start")
         for rid in range(16):  # steady decode: 16 requests that never finish during the bench
             requests.put((rid, 16, 10**9))
-        time.sleep(1.0)  # past the prefills
+        time.sleep(1.0 if device == "cpu" else 2.0)  # past the prefills
 
         def toggle(on: bool) -> tuple[int, int]:
             requests.put(("control", {"ledger": on}))
@@ -113,7 +118,11 @@ def demo_on_off(tp: int, blocks: int, block_s: float, say: Callable[[str], None]
         on_m, off_m = statistics.median(rates[True]), statistics.median(rates[False])
         return {
             "demo_tp": tp,
+            "demo_device": device,
             "demo_blocks_each": blocks,
+            "demo_block_s": block_s,
+            "demo_steps_per_s_on": [round(r, 1) for r in rates[True]],
+            "demo_steps_per_s_off": [round(r, 1) for r in rates[False]],
             "demo_steps_per_s_ledger_on_median": round(on_m, 2),
             "demo_steps_per_s_ledger_off_median": round(off_m, 2),
             "demo_on_off_ratio": round(on_m / off_m, 4),

@@ -99,6 +99,9 @@ def demo(
         typer.Option(help="Serve over HTTP under `watchdog run`'s supervisor and proxy; restart safer on a deadlock."),
     ] = True,
     max_restarts: Annotated[int, typer.Option(help="The fallback's restart bound (per hour).")] = 3,
+    device: Annotated[
+        str, typer.Option(help="cpu (emulated device, gloo) or cuda (one GPU per rank, NCCL, CUDA graphs).")
+    ] = "cpu",
     list_faults: Annotated[bool, typer.Option("--list-faults", help="List the fault catalogue and exit.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the demo result as JSON (last line).")] = False,
 ) -> int:
@@ -134,6 +137,7 @@ def demo(
         watch=watch,
         fallback=fallback,
         max_restarts=max_restarts,
+        device=device,
     )
     result = run_demo(opts, say=_err)
     _print_demo(result)

@@ -25,6 +25,8 @@ class Graph:
 
 
 class Stream:
+    device = "cpu"  # where the kernels' tensors live (torch device string)
+
     def __init__(self, name: str = "device") -> None:
         self._q: queue.SimpleQueue[Kernel | list[Kernel]] = queue.SimpleQueue()
         self._capturing: Graph | None = None

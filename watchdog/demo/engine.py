@@ -53,6 +53,7 @@ class EngineArgs:
     ring_chunk_bytes: int = 1 << 16
     instance: str = ""
     progress: bool = False  # per-step token progress on the results queue (the HTTP front streams it)
+    device: str = "cpu"  # "cuda": one GPU per worker rank, NCCL, CUDA graphs (watchdog/demo/cuda)
 
 
 @dataclass
@@ -206,6 +207,7 @@ class Engine:
                 pg_timeout_s=self.args.pg_timeout_s,
                 ledger_slots=self.args.ledger_slots,
                 instance=self.args.instance,
+                device=self.args.device,
             )
             p = ctx.Process(target=worker_main, args=(wargs, self._plan.worker_bugs(rank), self.bites), daemon=False)
             p.start()
@@ -306,6 +308,10 @@ def engine_main(
     ready: Connection,
 ) -> None:
     die_with_parent()
+    if args.device == "cuda":
+        from watchdog.demo.cuda import apply_safe_env
+
+        apply_safe_env()  # the workers inherit it
     engine = Engine(args, plan, bites)
     try:
         engine.start_workers()

@@ -5,10 +5,12 @@ the stream is capturing a graph they are appended to that graph's capture manife
 they are eager and recorded in the ledger with a per-group sequence number. That is exactly
 what the vLLM plugin records, from the same two places.
 
-The wire format moves fixed-size chunks (like a custom all-reduce's fixed IPC buffer): a
-[T, H] all-reduce is ceil(T / chunk_rows) chunk all-reduces of identical size. So ranks that
-replay graphs of different sizes issue different *counts* of identical transfers, which gloo,
-like NCCL, cannot detect: the ranks with more transfers wait forever.
+On the emulated device (CPU, gloo) the wire format moves fixed-size chunks (like a custom
+all-reduce's fixed IPC buffer): a [T, H] all-reduce is ceil(T / chunk_rows) chunk all-reduces of
+identical size. So ranks that replay graphs of different sizes issue different *counts* of
+identical transfers, which gloo, like NCCL, cannot detect: the ranks with more transfers wait
+forever. On CUDA (``watchdog/demo/cuda``) each all-reduce is one NCCL all_reduce, captured into
+the graph, and the indexer is a Triton kernel: the mismatches and the hang are NCCL's and the GPU's.
 """
 
 from __future__ import annotations
@@ -17,13 +19,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from collectors.format import CollectiveOp
 from collectors.recorder import Recorder
-from watchdog.demo.device import Graph, Stream
+from watchdog.demo.cuda import CudaStream
+from watchdog.demo.device import Kernel, Stream
+
+Device = Stream | CudaStream
 
 GROUP = "tp"
 DTYPE = "float32"
@@ -57,9 +63,16 @@ def sparse_indexer_topk(seq_lens: torch.Tensor, clamp: Callable[[], bool]) -> No
         time.sleep(0.0005)
 
 
+def indexer_kernel(stream: Device, seq_lens: torch.Tensor, clamp: Callable[[], bool]) -> Kernel:
+    """The indexer on this device. On CUDA the clamp is a flag the host sets before each forward."""
+    if isinstance(stream, CudaStream):
+        return stream.indexer(seq_lens)
+    return partial(sparse_indexer_topk, seq_lens, clamp)
+
+
 @dataclass
 class TPComm:
-    stream: Stream
+    stream: Device
     recorder: Recorder | None
     chunk_rows: int
     step: int = 0
@@ -81,20 +94,25 @@ class TPComm:
                 return
             if self.recorder is not None:
                 self.recorder.collective(self.step, op.group, op.op, op.dtype, op.numel)
-        self.stream.launch(partial(chunked_all_reduce, t, self.chunk_rows))
+        if isinstance(self.stream, CudaStream):
+            self.stream.launch(self.stream.all_reduce(t))
+        else:
+            self.stream.launch(partial(chunked_all_reduce, t, self.chunk_rows))
 
 
 class TinyModel:
     """``layers`` blocks of (attention-proj, mlp) matmuls, each followed by an all-reduce."""
 
-    def __init__(self, hidden: int, layers: int, seed: int) -> None:
+    def __init__(self, hidden: int, layers: int, seed: int, device: str = "cpu") -> None:
         gen = torch.Generator().manual_seed(seed)
         self.hidden = hidden
-        self.weights = [torch.randn(hidden, hidden, generator=gen) / hidden**0.5 for _ in range(2 * layers)]
+        self.weights = [
+            (torch.randn(hidden, hidden, generator=gen) / hidden**0.5).to(device) for _ in range(2 * layers)
+        ]
 
     def forward(
         self,
-        stream: Stream,
+        stream: Device,
         comm: TPComm,
         x: torch.Tensor,
         seq_lens: torch.Tensor | None,
@@ -102,10 +120,10 @@ class TinyModel:
     ) -> torch.Tensor:
         """Launch the forward's kernels (into a graph while capturing); returns the output buffer."""
         if seq_lens is not None:
-            stream.launch(partial(sparse_indexer_topk, seq_lens, clamp))
+            stream.launch(indexer_kernel(stream, seq_lens, clamp))
         h = x
         for w in self.weights:
-            out = torch.empty(x.shape[0], self.hidden)
+            out = torch.empty(x.shape[0], self.hidden, device=x.device)
             stream.launch(partial(torch.matmul, h, w, out=out))
             comm.all_reduce(out)
             stream.launch(partial(torch.tanh, out, out=out))
@@ -115,7 +133,7 @@ class TinyModel:
 
 @dataclass
 class CapturedGraph:
-    graph: Graph
+    graph: Any  # device.Graph, or torch.cuda.CUDAGraph on CUDA
     x: torch.Tensor  # static input [num_tokens, hidden]
     seq_lens: torch.Tensor | None  # static per-slot lengths (FULL graphs only)
     manifest: tuple[CollectiveOp, ...]
@@ -124,14 +142,15 @@ class CapturedGraph:
 
 def capture(
     model: TinyModel,
-    stream: Stream,
+    stream: Device,
     comm: TPComm,
     num_tokens: int,
     num_slots: int | None,
     clamp: Callable[[], bool],
 ) -> CapturedGraph:
-    x = torch.zeros(num_tokens, model.hidden)
-    seq_lens = None if num_slots is None else torch.zeros(num_slots, dtype=torch.int64)
+    device = stream.device
+    x = torch.zeros(num_tokens, model.hidden, device=device)
+    seq_lens = None if num_slots is None else torch.zeros(num_slots, dtype=torch.int64, device=device)
     comm.capture_log = []
     with stream.capture() as graph:
         model.forward(stream, comm, x, seq_lens, clamp)

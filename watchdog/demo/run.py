@@ -25,6 +25,7 @@ from watchdog.demo.engine import EngineArgs, engine_main
 from watchdog.demo.faults import FaultPlan
 from watchdog.detector import DetectorConfig
 from watchdog.errors import DemoError
+from watchdog.evidence.gpus import Nvml
 from watchdog.keys import DispatchConfig, default_capture_sizes
 from watchdog.snapshot import Sources
 from watchdog.supervisor.tree import unlink_rings
@@ -57,6 +58,7 @@ class DemoOptions:
     watch: bool = True  # False: run the deployment only, for an external `watchdog agent`
     fallback: bool = False  # True: the server under `watchdog run`'s supervisor + proxy, over HTTP
     max_restarts: int = 3  # the fallback's restart bound (per hour)
+    device: str = "cpu"  # "cuda": real GPUs (one per rank), NCCL, CUDA graphs, NVML evidence
 
     def workload(self) -> Workload:
         return Workload(
@@ -85,6 +87,16 @@ class DemoOptions:
             raise DemoError(f"--idle-gap must be a finite number of seconds >= 0, got {self.idle_gap_s}")
         if self.max_restarts < 0:
             raise DemoError(f"--max-restarts must be at least 0, got {self.max_restarts}")
+        if self.device not in ("cpu", "cuda"):
+            raise DemoError(f"--device must be cpu or cuda, got {self.device!r}")
+        if self.device == "cuda":
+            if self.fallback and self.watch:
+                raise DemoError("--device cuda runs the core loop only: add --no-fallback")
+            from watchdog.demo.cuda import cuda_problem
+
+            problem = cuda_problem(self.tp)
+            if problem is not None:
+                raise DemoError(f"--device cuda: {problem}")
 
 
 def kill_tree(proc: mp.process.BaseProcess) -> None:
@@ -102,8 +114,20 @@ def kill_tree(proc: mp.process.BaseProcess) -> None:
     proc.join(timeout=5)
 
 
-def run_demo(opts: DemoOptions, say: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
+def run_demo(
+    opts: DemoOptions,
+    say: Callable[[str], None] = lambda _m: None,
+    probe: Callable[[Incident], dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """``probe`` runs once per incident while the deployment is still hung (the GPU checks use it
+    to ask NCCL RAS and PyTorch's flight recorder about the same hang); its result is returned
+    under "probes"."""
     opts.validate()
+    cuda = opts.device == "cuda"
+    if cuda:
+        from watchdog.demo.cuda import apply_safe_env
+
+        apply_safe_env()
     workdir = Path(opts.workdir) if opts.workdir else Path(tempfile.mkdtemp(prefix="watchdog-demo-"))
     ledger_dir = workdir / "ledgers"
     incidents_dir = workdir / "incidents"
@@ -122,6 +146,7 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None] = lambda _m: None) ->
         num_spec=opts.num_speculative_tokens,
         seed=opts.seed,
         max_num_seqs=opts.max_num_seqs,
+        device=opts.device,
     )
     plan = FaultPlan(opts.fault, opts.fault_rank, opts.fault_step)
     ctx = mp.get_context("spawn")
@@ -132,15 +157,20 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None] = lambda _m: None) ->
     engine = ctx.Process(
         target=engine_main, args=(eargs, plan, requests_q, results_q, bites_q, ready_tx), name="demo-engine"
     )
-    say(f"starting TP={opts.tp} demo engine ({opts.cudagraph_mode}, MTP={opts.num_speculative_tokens}) in {workdir}")
+    say(
+        f"starting TP={opts.tp} demo engine ({opts.cudagraph_mode}, MTP={opts.num_speculative_tokens}"
+        f"{', CUDA + NCCL' if cuda else ''}) in {workdir}"
+    )
     started = time.monotonic()
     engine.start()
     incidents: list[Incident] = []
+    probes: list[dict[str, Any]] = []
+    gpus = Nvml() if cuda else None  # real utilization / power / SM clock / XIDs for the analyzer
     stop = threading.Event()
     watcher = Watcher(
         ledger_dir,
         incidents_dir,
-        Sources(native=opts.native_stacks),
+        Sources(native=opts.native_stacks, gpus=gpus),
         DetectorConfig(floor_s=opts.stall_floor_s),
     )
     healthy_exit = False
@@ -167,6 +197,8 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None] = lambda _m: None) ->
                 incident = watcher.handle(stall)
                 incidents.append(incident)
                 say(f"diagnosed {incident.diagnosis.verdict.value}; bundle {incident.bundle}")
+                if probe is not None:
+                    probes.append(probe(incident))
                 break
             if time.monotonic() > deadline:
                 say(f"demo timed out after {opts.timeout_s:.0f} s without finishing or a diagnosis")
@@ -179,6 +211,8 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None] = lambda _m: None) ->
     finally:
         stop.set()
         watcher.close()
+        if gpus is not None:
+            gpus.close()
         if healthy_exit:
             requests_q.put(None)
             engine.join(timeout=30)
@@ -201,6 +235,8 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None] = lambda _m: None) ->
         "restarts": [],
         "workdir": str(workdir),
         "elapsed_s": round(time.monotonic() - started, 3),
+        **({"device": "cuda"} if cuda else {}),
+        **({"probes": probes} if probe is not None else {}),
     }
 
 

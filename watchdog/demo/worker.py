@@ -3,6 +3,9 @@
 Shaped like vLLM's GPU worker + model runner: ``execute_model`` builds the batch view from the
 scheduler output, dispatches ``(mode, BatchDescriptor)``, replays a captured graph (or runs
 eagerly), runs the MTP drafter the same way, synchronizes, and the output rank replies.
+
+``device="cpu"``: the emulated stream and gloo. ``device="cuda"``: one GPU per rank (cuda:rank),
+NCCL, real ``torch.cuda.CUDAGraph`` captures (``watchdog/demo/cuda``); the same code path.
 """
 
 from __future__ import annotations
@@ -13,7 +16,6 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
-from functools import partial
 from multiprocessing.queues import Queue
 from typing import Any
 
@@ -22,9 +24,10 @@ import torch.distributed as dist
 
 from collectors.format import CUDAGraphMode, GraphKey, ProcessKind, Role
 from collectors.recorder import Recorder, open_recorder
+from watchdog.demo.cuda import CudaStream, apply_safe_env
 from watchdog.demo.device import Stream
 from watchdog.demo.faults import WorkerBugs
-from watchdog.demo.model import CapturedGraph, TinyModel, TPComm, capture, sparse_indexer_topk
+from watchdog.demo.model import CapturedGraph, Device, TinyModel, TPComm, capture, indexer_kernel
 from watchdog.demo.proc import die_with_parent
 from watchdog.demo.shmring import ShmRing
 from watchdog.evidence.rings import RingLayout
@@ -53,6 +56,7 @@ class WorkerArgs:
     pg_timeout_s: float
     ledger_slots: int
     instance: str
+    device: str = "cpu"  # "cpu" (emulated stream, gloo) or "cuda" (cuda:rank, NCCL, CUDA graphs)
 
 
 @dataclass(frozen=True)
@@ -85,10 +89,10 @@ class Worker:
         self.bugs = bugs
         self.bites = bites
         self.rec = rec
-        self.stream = Stream("device")
+        self.stream: Device = CudaStream(args.rank) if args.device == "cuda" else Stream("device")
         self.comm = TPComm(self.stream, rec, args.chunk_rows)
-        self.model = TinyModel(args.hidden, args.layers, args.seed)
-        self.drafter = TinyModel(args.hidden, args.drafter_layers, args.seed + 1)
+        self.model = TinyModel(args.hidden, args.layers, args.seed, self.stream.device)
+        self.drafter = TinyModel(args.hidden, args.drafter_layers, args.seed + 1, self.stream.device)
         self.graphs: dict[tuple[Role, GraphKey], CapturedGraph] = {}
         self.bcast = ShmRing.attach(args.bcast_name, args.bcast_layout, reader_rank=args.rank)
         self.resp = ShmRing.attach(args.resp_name, args.resp_layout)
@@ -118,12 +122,28 @@ class Worker:
                 keys.append((Role.MODEL, GraphKey(CUDAGraphMode.PIECEWISE, size), None))
                 if self.args.num_spec:
                     keys.append((Role.DRAFTER, GraphKey(CUDAGraphMode.PIECEWISE, size), None))
+        if isinstance(self.stream, CudaStream):
+            self._warm_up()
         for role, key, slots in keys:
             model = self.model if role is Role.MODEL else self.drafter
             g = capture(model, self.stream, self.comm, key.num_tokens, slots, self._clamp)
             if self.rec is not None:
                 g.hash = self.rec.manifest(role, key, g.manifest)
             self.graphs[(role, key)] = g
+
+    def _warm_up(self) -> None:
+        """Eager forwards before any capture, as vLLM's warm-up runs: cuBLAS handles and the
+        Triton kernel are loaded outside capture. Every rank runs the same collectives; they are
+        start-up, not steps, so the ledger does not see them."""
+        rec, self.comm.recorder = self.comm.recorder, None
+        n = self.args.dispatch.capture_sizes[0] if self.args.dispatch.capture_sizes else self.q
+        x = torch.full((n, self.args.hidden), 0.01, device=self.stream.device)
+        lens = torch.ones(max(1, n // self.q), dtype=torch.int64, device=self.stream.device)
+        for model in (self.model, self.drafter):
+            self.comm.begin_forward()
+            model.forward(self.stream, self.comm, x, lens, lambda: True)
+        self.stream.synchronize()
+        self.comm.recorder = rec
 
     # ---- the step ------------------------------------------------------------------
 
@@ -172,11 +192,15 @@ class Worker:
         key = d.key
         model = self.model if role is Role.MODEL else self.drafter
         n = key.num_tokens
-        seq_lens = torch.tensor(batch.seq_lens, dtype=torch.int64)
+        if isinstance(self.stream, CudaStream):
+            seq_lens = self.stream.upload(batch.seq_lens)
+            self.stream.set_clamp(self._clamp())  # what this step's indexer launches will read
+        else:
+            seq_lens = torch.tensor(batch.seq_lens, dtype=torch.int64)
         if key.mode is CUDAGraphMode.NONE:
             if self.rec is not None:
                 self.rec.launch(batch.step, role, key, 0)
-            x = torch.empty(n, self.args.hidden)
+            x = torch.empty(n, self.args.hidden, device=self.stream.device)
             self.stream.launch(lambda: x.fill_(0.01))
             if (
                 role is Role.MODEL
@@ -196,7 +220,7 @@ class Worker:
             self.rec.launch(batch.step, role, key, g.hash)
         self._load_inputs(g, batch)
         if g.seq_lens is None:  # PIECEWISE: attention runs eagerly, on the real requests only
-            self.stream.launch(partial(sparse_indexer_topk, seq_lens, self._clamp))
+            self.stream.launch(indexer_kernel(self.stream, seq_lens, self._clamp))
         elif d.padded_reqs and not self._clamp():
             self._bite()
         self.stream.replay(g.graph)
@@ -214,6 +238,12 @@ class Worker:
     def _load_inputs(self, g: CapturedGraph, batch: Batch) -> None:
         x, lens = g.x, g.seq_lens
         real = list(batch.seq_lens)
+        if isinstance(self.stream, CudaStream):
+            x.fill_(0.01)
+            if lens is not None:
+                lens.zero_()  # padded slots keep seq_len 0, as in vLLM
+                lens[: len(real)].copy_(self.stream.upload(real))
+            return
 
         def copy_inputs() -> None:
             x.fill_(0.01)
@@ -258,6 +288,10 @@ class Worker:
 def worker_main(args: WorkerArgs, bugs: WorkerBugs, bites: Queue[Any] | None) -> None:
     die_with_parent()
     os.environ.update(DEMO_ENV)
+    cuda = args.device == "cuda"
+    if cuda:
+        apply_safe_env()
+        torch.cuda.set_device(args.rank)
     torch.set_num_threads(1)
     rec = open_recorder(
         args.ledger_dir,
@@ -275,17 +309,20 @@ def worker_main(args: WorkerArgs, bugs: WorkerBugs, bites: Queue[Any] | None) ->
             num_speculative_tokens=args.num_spec,
         )
     dist.init_process_group(
-        "gloo",
+        "nccl" if cuda else "gloo",
         init_method=f"file://{args.store_path}",
         rank=args.rank,
         world_size=args.world_size,
         timeout=datetime.timedelta(seconds=args.pg_timeout_s),
+        device_id=torch.device("cuda", args.rank) if cuda else None,
     )
     # Warm the process group's connections up before serving, as vLLM's warm-up runs do, so the
-    # first real steps do not pay for them.
-    warm = torch.zeros(args.chunk_rows, args.hidden)
+    # first real steps do not pay for them (on NCCL: the communicator exists before any capture).
+    warm = torch.zeros(args.chunk_rows, args.hidden, device=f"cuda:{args.rank}" if cuda else "cpu")
     for _ in range(3):
         dist.all_reduce(warm)
+    if cuda:
+        torch.cuda.synchronize()
     worker = Worker(args, bugs, bites, rec)
     worker.capture_all()
     worker.resp.enqueue({"ready": args.rank})
