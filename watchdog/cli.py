@@ -441,6 +441,21 @@ def bench_recorder(
     return EXIT_OK
 
 
+@bench_app.command("plugin")
+def bench_plugin(
+    steps: Annotated[int, typer.Option(help="Timed decode steps per run.")] = 20000,
+    repeats: Annotated[int, typer.Option(help="Timing runs (median reported).")] = 7,
+    reqs: Annotated[int, typer.Option(help="Requests in the decode step (x 2 tokens, MTP=1).")] = 15,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
+) -> int:
+    """The vLLM plugin's hot path: microseconds per decode step per rank, and per eager collective."""
+    from watchdog.bench_plugin import bench_plugin as run
+
+    result = run(steps=steps, repeats=repeats, reqs=reqs)
+    print(json.dumps(result) if as_json else "\n".join(f"{k}: {v}" for k, v in result.items()))
+    return EXIT_OK
+
+
 @bench_app.command("detect")
 def bench_detect(
     tp: Annotated[list[int], typer.Option(help="TP sizes to measure (repeat the option).")] = [2, 4, 8],  # noqa: B006

@@ -1,0 +1,315 @@
+"""Per-process state of the vLLM plugin, and the translations from vLLM's objects to ledger records.
+
+No vLLM import here: everything takes plain values or duck-typed vLLM objects (``Any``), so this
+module is unit-testable without vLLM. The hooks (``collectors.vllm.hooks``) call into it.
+
+Processes: ``load_general_plugins()`` runs in the API server, in EngineCore and in every worker,
+and workers may be forked after it ran. So nothing is opened at load time: the first hook that
+fires in a process creates that process's recorder, keyed on its pid (a forked child never
+writes into its parent's ledger).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from collectors.format import CollectiveOp, CUDAGraphMode, GraphKey, ProcessKind, Role
+from collectors.recorder import Recorder, open_recorder
+
+log = logging.getLogger("watchdog.vllm")
+
+ENV_LEDGER_DIR = "WATCHDOG_LEDGER_DIR"
+ENV_LEDGER_SLOTS = "WATCHDOG_LEDGER_SLOTS"
+
+_MODES = {"NONE": CUDAGraphMode.NONE, "PIECEWISE": CUDAGraphMode.PIECEWISE, "FULL": CUDAGraphMode.FULL}
+
+# torch dtype -> the ledger's dtype name (collectors.format.DTYPES); unknown ones read "unknown".
+_DTYPE_NAMES = {
+    "torch.float32": "float32",
+    "torch.float16": "float16",
+    "torch.bfloat16": "bfloat16",
+    "torch.int32": "int32",
+    "torch.int64": "int64",
+    "torch.uint8": "uint8",
+    "torch.float8_e4m3fn": "float8_e4m3fn",
+    "torch.float64": "float64",
+    "torch.int8": "int8",
+}
+
+
+def ledger_dir() -> str | None:
+    return os.environ.get(ENV_LEDGER_DIR) or None
+
+
+def mode_of(mode: Any) -> CUDAGraphMode:
+    """vLLM's ``CUDAGraphMode`` member (or its name) as the ledger's mode. Runtime modes are NONE,
+    PIECEWISE or FULL; anything else is a KeyError (the hook then disables itself)."""
+    return _MODES[getattr(mode, "name", str(mode))]
+
+
+def key_from_descriptor(mode: Any, desc: Any) -> GraphKey:
+    """V1 runner: ``(CUDAGraphMode, BatchDescriptor)`` as the dispatcher returned them."""
+    return GraphKey(
+        mode=mode_of(mode),
+        num_tokens=int(desc.num_tokens),
+        num_reqs=None if desc.num_reqs is None else int(desc.num_reqs),
+        uniform=bool(desc.uniform),
+        has_lora=bool(desc.has_lora),
+        num_active_loras=int(getattr(desc, "num_active_loras", 0) or 0),
+    )
+
+
+def key_from_execution_descriptor(desc: Any) -> GraphKey:
+    """V2 runner: a ``BatchExecutionDescriptor`` (``uniform_token_count`` set for uniform decode)."""
+    loras = int(getattr(desc, "num_active_loras", 0) or 0)
+    return GraphKey(
+        mode=mode_of(desc.cg_mode),
+        num_tokens=int(desc.num_tokens),
+        num_reqs=None if desc.num_reqs is None else int(desc.num_reqs),
+        uniform=getattr(desc, "uniform_token_count", None) is not None,
+        has_lora=loras > 0,
+        num_active_loras=loras,
+    )
+
+
+def padded_slots(key: GraphKey, unpadded_reqs: int) -> int:
+    """Request slots a FULL graph holds beyond the real requests (seq_len 0 in vLLM)."""
+    if key.mode is CUDAGraphMode.FULL and key.num_reqs is not None:
+        return max(0, key.num_reqs - unpadded_reqs)
+    return 0
+
+
+def dtype_name(dtype: Any) -> str:
+    return _DTYPE_NAMES.get(str(dtype), "unknown")
+
+
+def tensor_op(op: str, group: str, tensor: Any) -> CollectiveOp:
+    """A collective on ``tensor`` (or a list of tensors): shapes only, never values."""
+    if isinstance(tensor, list | tuple):
+        numel = sum(int(t.numel()) for t in tensor)
+        dtype = dtype_name(tensor[0].dtype) if tensor else "unknown"
+    else:
+        numel, dtype = int(tensor.numel()), dtype_name(tensor.dtype)
+    return CollectiveOp(op, group, dtype, numel)
+
+
+@dataclass(frozen=True)
+class EngineBatch:
+    """What a SchedulerOutput schedules, in counts only (no request ids leave this function)."""
+
+    total_tokens: int
+    num_reqs: int
+    num_decode_reqs: int
+    placeholders: int
+    max_query_len: int
+    min_query_len: int
+
+
+def engine_batch(scheduler_output: Any) -> EngineBatch:
+    """Counts from vLLM's ``SchedulerOutput``. A decode request is one whose query is exactly its
+    one sampled token plus its draft placeholders (``scheduled_spec_decode_tokens``, ``[-1]`` under
+    async scheduling)."""
+    per_req: dict[Any, int] = scheduler_output.num_scheduled_tokens
+    spec: dict[Any, list[int]] = getattr(scheduler_output, "scheduled_spec_decode_tokens", None) or {}
+    placeholders = 0
+    decode = 0
+    for rid, n in per_req.items():
+        drafts = len(spec.get(rid, ()))
+        placeholders += drafts
+        decode += n == 1 + drafts
+    lens = per_req.values()
+    return EngineBatch(
+        total_tokens=int(scheduler_output.total_num_scheduled_tokens),
+        num_reqs=len(per_req),
+        num_decode_reqs=decode,
+        placeholders=placeholders,
+        max_query_len=max(lens, default=0),
+        min_query_len=min(lens, default=0),
+    )
+
+
+def dispatch_config(cudagraph_mode: Any, capture_sizes: Iterable[int], query_len: int, num_spec: int) -> dict[str, Any]:
+    """The worker ledger's ``config`` entry the analyzer reads (watchdog.keys.DispatchConfig + num_spec)."""
+    return {
+        "cudagraph_mode": getattr(cudagraph_mode, "name", str(cudagraph_mode)),
+        "capture_sizes": sorted(int(s) for s in capture_sizes),
+        "uniform_decode_query_len": int(query_len),
+        "num_speculative_tokens": int(num_spec),
+    }
+
+
+@dataclass
+class Capture:
+    """Graph capture in progress: collectives recorded into the graph of the current (role, key)."""
+
+    target: tuple[Role, GraphKey] | None = None
+    ops: dict[tuple[Role, GraphKey], list[CollectiveOp]] = field(default_factory=dict)
+
+
+class WorkerState:
+    """One worker process's ledger, step counter, capture manifests and group sequence numbers."""
+
+    def __init__(self, rec: Recorder) -> None:
+        self.rec = rec
+        self.step = -1  # the current step: execute_model calls so far - 1
+        self.begun = False  # step_begin written for self.step
+        self.ended = True
+        self.placeholders = 0  # draft placeholders the current step schedules
+        self.capture: Capture | None = None
+        self.hashes: dict[tuple[Role, GraphKey], int] = {}
+
+    # ---- steps ------------------------------------------------------------------------
+
+    def next_step(self) -> int:
+        self.step += 1
+        self.begun = False
+        self.ended = False
+        return self.step
+
+    def dispatched(
+        self, role: Role, key: GraphKey, unpadded_tokens: int, unpadded_reqs: int, placeholders: int
+    ) -> None:
+        """A forward pass's key was chosen: during capture it names the graph being captured,
+        in a step it is the step's key (model) or a drafter launch."""
+        cap = self.capture
+        if cap is not None:
+            cap.target = (role, key)
+            cap.ops.setdefault((role, key), [])
+            return
+        if self.ended:  # a dummy/profile run outside any execute_model call
+            return
+        step = self.step
+        if role is Role.MODEL and not self.begun:
+            self.begun = True
+            self.rec.step_begin(
+                step,
+                key,
+                unpadded_tokens=unpadded_tokens,
+                unpadded_reqs=unpadded_reqs,
+                padded_reqs=padded_slots(key, unpadded_reqs),
+                placeholders=placeholders,
+            )
+        hashed = self.hashes.get((role, key), 0) if key.mode is not CUDAGraphMode.NONE else 0
+        self.rec.launch(step, role, key, hashed)
+
+    def end_step(self, ok: bool) -> None:
+        if not self.ended:
+            self.ended = True
+            if self.begun:
+                self.rec.step_end(self.step, ok)
+
+    # ---- collectives ------------------------------------------------------------------
+
+    def collective(self, op: CollectiveOp, capturing: Callable[[], bool]) -> None:
+        cap = self.capture
+        if cap is not None:
+            if cap.target is not None and capturing():
+                cap.ops[cap.target].append(op)
+            return  # warm-up runs between captures are not steps
+        if not self.ended:
+            self.rec.collective(self.step, op.group, op.op, op.dtype, op.numel)
+
+    # ---- capture ----------------------------------------------------------------------
+
+    def begin_capture(self) -> None:
+        if self.capture is None:
+            self.capture = Capture()
+
+    def end_capture(self) -> None:
+        """Write one manifest per captured key (keys whose capture issued no collective too)."""
+        cap, self.capture = self.capture, None
+        if cap is None:
+            return
+        for (role, key), ops in cap.ops.items():
+            if key.mode is CUDAGraphMode.NONE:
+                continue
+            self.hashes[(role, key)] = self.rec.manifest(role, key, ops)
+
+
+class ProcessState:
+    """The plugin's state in the current process, re-created after a fork (pid-keyed)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pid = -1
+        self._worker: WorkerState | None = None
+        self._engine: Recorder | None = None
+        self._worker_failed = False
+        self._engine_failed = False
+        self.engine_step = -1
+        self.engine_steps: dict[int, int] = {}  # id(SchedulerOutput) -> step
+        self.engine_counts = (0, 0)  # running, waiting after the last schedule()
+        self.engine_finished = 0
+
+    def _check_pid(self) -> None:
+        pid = os.getpid()
+        if pid != self._pid:  # first use here, or a forked child: nothing inherited
+            self.__init__()  # type: ignore[misc]
+            self._pid = pid
+
+    def worker(self, describe: Callable[[], tuple[int, int, dict[str, Any]]]) -> WorkerState | None:
+        """This process's worker ledger, created on first use. ``describe`` gives (TP rank, TP size,
+        config entry); it runs once, when vLLM's TP group exists."""
+        if self._pid == os.getpid() and (self._worker is not None or self._worker_failed):
+            return self._worker
+        with self._lock:
+            self._check_pid()
+            if self._worker is None and not self._worker_failed:
+                self._worker_failed = True  # one attempt per process
+                directory = ledger_dir()
+                if directory is None:
+                    return None
+                try:
+                    rank, world, config = describe()
+                except Exception as exc:
+                    log.warning("watchdog: cannot tell this worker's TP rank, no ledger: %r", exc)
+                    return None
+                rec = open_recorder(directory, kind=ProcessKind.WORKER, rank=rank, world_size=world, **_slots())
+                if rec is not None and rec.enabled:
+                    rec.config(role="worker", tp_rank=rank, pid=os.getpid(), **config)
+                    self._worker = WorkerState(rec)
+                    self._worker_failed = False
+            return self._worker
+
+    def current_worker(self) -> WorkerState | None:
+        """This process's worker ledger if one exists (never creates one: collectives also run in
+        processes and phases where no step hook has fired)."""
+        return self._worker if self._pid == os.getpid() else None
+
+    def current_engine(self) -> Recorder | None:
+        return self._engine if self._pid == os.getpid() else None
+
+    def engine(self, world_size: Callable[[], int]) -> Recorder | None:
+        if self._pid == os.getpid() and (self._engine is not None or self._engine_failed):
+            return self._engine
+        with self._lock:
+            self._check_pid()
+            if self._engine is None and not self._engine_failed:
+                self._engine_failed = True
+                directory = ledger_dir()
+                if directory is None:
+                    return None
+                try:
+                    world = world_size()
+                except Exception as exc:
+                    log.warning("watchdog: cannot tell the TP size, no engine ledger: %r", exc)
+                    return None
+                rec = open_recorder(directory, kind=ProcessKind.ENGINE, rank=-1, world_size=world, **_slots())
+                if rec is not None and rec.enabled:
+                    rec.config(role="engine", tp=world, pid=os.getpid())
+                    self._engine = rec
+                    self._engine_failed = False
+            return self._engine
+
+
+def _slots() -> dict[str, int]:
+    raw = os.environ.get(ENV_LEDGER_SLOTS, "")
+    return {"n_slots": int(raw)} if raw.isdigit() and int(raw) > 0 else {}
+
+
+STATE = ProcessState()
