@@ -7,8 +7,9 @@ supervisor climbs one rung, the hang recurs, the restart bound (1) is hit and th
 hung. So stalls, incidents, the ladder's climb, the exhausted budget and "no step progress while
 requests run" all have data, and every expression must return some.
 
-What cannot return data here is listed by name with the reason (NEEDS): NVML gauges exist only on
-GPU nodes. Those expressions still have to execute without error on the same server.
+NVML cannot exist here: the supervisor's agent samples a fake pynvml (tests/fake_nvml.py, two
+devices) through the real sampling path, so the GPU panels have data too. Nothing is allowed to
+come back empty (NEEDS would list an exception by name, with its reason; it is empty).
 
 Time scaling: a rule's range windows (e.g. `[2m]` of "no step progress") are what its promtool unit
 tests (tests/test_alerts.py) check; here every range window is divided by SCALE (2m -> 20 s, 5m -> 50 s)
@@ -49,9 +50,7 @@ from watchdog.supervisor.tree import unlink_rings  # noqa: E402
 WINDOW = "20s"
 SCALE = 6
 NAMESPACE, POD = "ci", "demo-0"  # the labels a Kubernetes PodMonitor scrape would add
-NEEDS = {
-    "gpu": "NVML gauges (watchdog_gpu_*) exist only where the agent sees NVIDIA GPUs; CI has none",
-}
+NEEDS: dict[str, str] = {}  # kind of expression -> why it may return no data here (none may)
 
 
 def test_committed_files_are_what_the_generator_makes() -> None:
@@ -205,7 +204,8 @@ def test_every_expression_returns_data_from_a_real_prometheus(tmp_path: Path) ->
             )  # fmt: skip
         agent = spawn(
             ["run", "--ledger-dir", str(ledgers), "--incidents-dir", str(tmp_path / "inc"), "--port", str(agent_port),
-             "--no-native-stacks", "--max-restarts", "1", "--on-give-up", "up", "--stop-grace-s", "5",
+             "--no-native-stacks", "--nvml-module", "tests.fake_nvml",  # run from the repository root
+             "--max-restarts", "1", "--on-give-up", "up", "--stop-grace-s", "5",
              "--upstream", f"http://127.0.0.1:{server_port}", "--",
              sys.executable, "-m", "watchdog.demo.server", "--tp", "2", "--port", str(server_port),
              "--workdir", str(tmp_path), "--fault-from", str(tmp_path / "fault.sock")],
@@ -259,10 +259,10 @@ def test_every_expression_returns_data_from_a_real_prometheus(tmp_path: Path) ->
 
 
 def test_the_allow_list_is_explicit_and_small() -> None:
-    """Only GPU expressions may come back empty above, with the reason."""
+    """No expression may come back empty above; an exception would have to be named, with its reason."""
     kinds = {needs for _w, _e, needs in expressions() if needs}
-    assert kinds <= {*NEEDS, "vllm", "supervisor"}, kinds  # vllm and supervisor ones must return data
+    assert kinds <= {*NEEDS, "vllm", "supervisor", "gpu"}, kinds  # and these must return data
     allowed = [w for w, _e, needs in expressions() if needs in NEEDS]
-    assert len(allowed) <= 6, allowed
+    assert allowed == [], allowed
     assert all(NEEDS[k] for k in NEEDS)
     assert os.environ.get("WATCHDOG_ALLOW_EMPTY") is None  # no switch turns the check off

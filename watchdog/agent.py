@@ -41,6 +41,7 @@ from watchdog.watcher import Incident, Watcher
 log = logging.getLogger("watchdog")
 
 SNAPSHOT_SCHEMA = "watchdog.snapshot/v1"
+GPU_RETRY_S = 60.0  # after a failed NVML sample
 STATUS_SCHEMA = "watchdog.status/v1"
 
 
@@ -107,8 +108,10 @@ class Agent:
         try:
             samples = watcher.sources.gpus.sample()
         except EvidenceError as exc:
+            # No NVML on this node (or it broke): count it, and ask again only once a minute.
             log.debug("gpu sample failed: %s", exc)
             self.metrics.scrape_errors.labels(self.metrics.tp_group, "gpu").inc()
+            self._next_gpus_ns = time.monotonic_ns() + int(GPU_RETRY_S * 1e9)
             return
         self.metrics.gpus(samples, watcher.rank_pids())
 

@@ -261,7 +261,7 @@ def _watchers(s: Any, metrics: Any) -> Callable[[], Any]:
 
         psutil.PROCFS_PATH = str(s.proc_root)
     sources = Sources(
-        gpus=Nvml() if s.nvml else None,
+        gpus=Nvml(module=s.nvml_module) if s.nvml else None,
         shm_dir=str(s.shm_dir),
         proc_root=str(s.proc_root),
         native=s.native_stacks,

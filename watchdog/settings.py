@@ -43,6 +43,7 @@ class Settings:
     native_stacks: bool = True
     native_timeout_s: float = 2.0
     nvml: bool = True
+    nvml_module: str = "pynvml"
     agent_timeout_s: float = 10.0
     ladder: str = "FULL_AND_PIECEWISE,FULL_DECODE_ONLY,NONE"
     max_restarts: int = 3
@@ -105,6 +106,7 @@ HELP = {
     "stack_timeout_s": "Bound on py-spy dumps of Python stacks, per process.",
     "native_stacks": "Also take native stacks (py-spy --native).",
     "native_timeout_s": "Bound on native dumps (informational; never delays a diagnosis longer).",
+    "nvml_module": "The Python module with pynvml's API (nvidia-ml-py's `pynvml`; a fake in tests).",
     "nvml": "Sample GPUs through NVML (off on machines without NVIDIA GPUs is automatic).",
     "ladder": "watchdog run: cudagraph modes to fall back through, safest last.",
     "max_restarts": "watchdog run: at most this many restarts within restart_window_s, then give up.",

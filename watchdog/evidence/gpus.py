@@ -9,6 +9,7 @@ imports (and ``FakeGpus`` works) on machines without the library; any NVML failu
 from __future__ import annotations
 
 import contextlib
+import importlib
 import threading
 from typing import Any, Protocol
 
@@ -29,8 +30,9 @@ class Nvml(GpuSource):
     events after registration, which happens at the first successful sample.
     """
 
-    def __init__(self, nvml: Any = None) -> None:
+    def __init__(self, nvml: Any = None, module: str = "pynvml") -> None:
         self._nvml = nvml
+        self._module = module  # imported at the first sample when ``nvml`` is None
         self._ready = False
         self._events: Any = None  # an NVML event set, or None where events are unsupported
         self._lock = threading.Lock()  # the agent's metrics loop and a snapshot may sample at once
@@ -65,10 +67,9 @@ class Nvml(GpuSource):
     def _load(self) -> Any:
         if self._nvml is None:
             try:
-                import pynvml
+                self._nvml = importlib.import_module(self._module)
             except ImportError:
-                raise EvidenceError("nvml", "pynvml not installed (pip install nvidia-ml-py)") from None
-            self._nvml = pynvml
+                raise EvidenceError("nvml", f"{self._module} not importable (pip install nvidia-ml-py)") from None
         return self._nvml
 
     @staticmethod
