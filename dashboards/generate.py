@@ -325,42 +325,32 @@ def queries() -> list[Query]:
     return [q for _t, _d, _u, qs, _k in _panel_specs() for q in qs]
 
 
+def _query_variable(name: str, label: str, query: str) -> Any:
+    """A multi-value template variable filled from a label's values (All = any)."""
+    return (
+        db.QueryVariable(name)
+        .label(label)
+        .datasource(DS)
+        .query(query)
+        .refresh(dm.VariableRefresh.ON_TIME_RANGE_CHANGED)
+        .sort(dm.VariableSort.ALPHABETICAL_ASC)
+        .multi(True)
+        .include_all(True)
+        .all_value(".*")
+    )
+
+
 def _variables() -> list[Any]:
-    ds = db.DatasourceVariable("datasource").label("Data source").type("prometheus")
-    namespace = (
-        db.QueryVariable("namespace")
-        .label("Namespace")
-        .datasource(DS)
-        .query("label_values(watchdog_deadlocked, namespace)")
-        .refresh(dm.VariableRefresh.ON_TIME_RANGE_CHANGED)
-        .sort(dm.VariableSort.ALPHABETICAL_ASC)
-        .multi(True)
-        .include_all(True)
-        .all_value(".*")
-    )
-    pod = (
-        db.QueryVariable("pod")
-        .label("Pod")
-        .datasource(DS)
-        .query('label_values(watchdog_deadlocked{namespace=~"$namespace"}, pod)')
-        .refresh(dm.VariableRefresh.ON_TIME_RANGE_CHANGED)
-        .sort(dm.VariableSort.ALPHABETICAL_ASC)
-        .multi(True)
-        .include_all(True)
-        .all_value(".*")
-    )
-    tp_group = (
-        db.QueryVariable("tp_group")
-        .label("TP group")
-        .datasource(DS)
-        .query('label_values(watchdog_deadlocked{namespace=~"$namespace", pod=~"$pod"}, tp_group)')
-        .refresh(dm.VariableRefresh.ON_TIME_RANGE_CHANGED)
-        .sort(dm.VariableSort.ALPHABETICAL_ASC)
-        .multi(True)
-        .include_all(True)
-        .all_value(".*")
-    )
-    return [ds, namespace, pod, tp_group]
+    return [
+        db.DatasourceVariable("datasource").label("Data source").type("prometheus"),
+        _query_variable("namespace", "Namespace", "label_values(watchdog_deadlocked, namespace)"),
+        _query_variable("pod", "Pod", 'label_values(watchdog_deadlocked{namespace=~"$namespace"}, pod)'),
+        _query_variable(
+            "tp_group",
+            "TP group",
+            'label_values(watchdog_deadlocked{namespace=~"$namespace", pod=~"$pod"}, tp_group)',
+        ),
+    ]
 
 
 def variable_queries() -> list[str]:
