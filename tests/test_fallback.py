@@ -250,3 +250,18 @@ def test_observe_diagnoses_and_never_restarts(tmp_path: Path, runs: list[Run]) -
     run.proc.send_signal(signal.SIGTERM)
     assert run.wait(30) == 0
     wait_until(lambda: not leftovers(run.work), 15, "the server tree to be gone")
+
+
+@pytest.mark.timeout(60)
+def test_a_server_command_that_cannot_start_is_one_line(tmp_path: Path) -> None:
+    from tests.demo_util import run_cli
+
+    cp = run_cli(
+        ["run", "--ledger-dir", str(tmp_path / "l"), "--incidents-dir", str(tmp_path / "i"), "--port",
+         str(free_port()), "--", str(tmp_path / "no-such-server"), "--flag"],
+        timeout=50,
+    )  # fmt: skip
+    assert cp.returncode == 1 and "Traceback" not in cp.stderr, cp.stderr
+    assert cp.stderr.strip().splitlines()[-1] == (
+        f"watchdog: server command '{tmp_path / 'no-such-server'}': No such file or directory"
+    )

@@ -144,7 +144,11 @@ class Supervisor:
             if self.gate is not None:
                 self.gate.going_down()  # requests wait (in the proxy) until the new server answers /health
             self._ready = False
-            proc = start_tree(argv, env)
+            try:
+                proc = start_tree(argv, env)
+            except OSError as exc:
+                self._close_gate()
+                raise WatchdogError(f"server command {argv[0]!r}: {exc.strerror or exc}") from None
             self.agent.loop.close()
             self.agent.loop = self.make_watcher()
             try:
