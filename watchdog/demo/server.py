@@ -340,7 +340,11 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(args.workdir or os.getcwd())
     ledger_dir = Path(args.ledger_dir or os.environ.get("WATCHDOG_LEDGER_DIR") or workdir / "ledgers")
     ledger_dir.mkdir(parents=True, exist_ok=True)
-    plan, fault_sock = receive_plan(args.fault_from) if args.fault_from else (FaultPlan(), None)
+    try:
+        plan, fault_sock = receive_plan(args.fault_from) if args.fault_from else (FaultPlan(), None)
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"demo server: --fault-from {args.fault_from}: {exc}", file=sys.stderr)
+        return 1
     q = 1 + args.num_speculative_tokens
     eargs = EngineArgs(
         tp=args.tp,
