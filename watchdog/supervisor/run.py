@@ -41,7 +41,7 @@ class Restart:
     to_mode: str
     after_incident: str
     verdict: str
-    downtime_s: float | None = None  # stop began -> the new generation's first ledger record
+    downtime_s: float | None = None  # stop began -> the new server answers /health (no proxy: its first record)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -201,9 +201,8 @@ class Supervisor:
                 return int(rc)
             self._open_gate_when_ready()
             incident = self.agent.step()
-            if self.agent.loop.progressed and self._downtime_from is not None and self.restarts:
-                self.restarts[-1].downtime_s = time.monotonic() - self._downtime_from
-                self._downtime_from = None
+            if self.gate is None and self.agent.loop.progressed:
+                self._end_downtime()  # no health check to go by: the first ledger record
             if incident is not None and incident.diagnosis.verdict.is_deadlock:
                 return incident
             self._stop.wait(self.cfg.poll_s)
@@ -228,8 +227,14 @@ class Supervisor:
         self._next_health = time.monotonic() + 0.25
         if healthy(self.cfg.upstream):
             self._ready = True
+            self._end_downtime()
             self.gate.up()
             self.say(f"watchdog run: generation {self.generation} is serving")
+
+    def _end_downtime(self) -> None:
+        if self._downtime_from is not None and self.restarts:
+            self.restarts[-1].downtime_s = time.monotonic() - self._downtime_from
+            self._downtime_from = None
 
     def _close_gate(self) -> None:
         if self.gate is not None:
