@@ -123,15 +123,35 @@ def test_no_ledger_dir_means_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert p.engine(lambda: 2) is None
 
 
+@pytest.mark.timeout(60)
 def test_forked_child_gets_its_own_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real fork (vLLM may fork workers after the plugin loaded): the child sees no ledger until
+    its own first hook opens one; the parent's is untouched."""
     monkeypatch.setenv(st.ENV_LEDGER_DIR, str(tmp_path))
     p = st.ProcessState()
     ws = p.worker(lambda: (0, 2, {}))
     assert ws is not None and p.current_worker() is ws
-    monkeypatch.setattr(os, "getpid", lambda: 999_999_999)  # as seen from a forked child
-    assert p.current_worker() is None
-    child = p.worker(lambda: (1, 2, {}))
-    assert child is not None and child is not ws and child.rec.path.name == "rank001.ledger"
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report through the pipe, never return into pytest
+        code = 1
+        try:
+            inherited = p.current_worker()
+            child = p.worker(lambda: (1, 2, {}))
+            ok = inherited is None and child is not None and child is not ws and child.rec.path.name == "rank001.ledger"
+            code = 0 if ok else 2
+        finally:
+            os.write(w, bytes([code]))
+            os._exit(0)
+    os.close(w)
+    try:
+        got = os.read(r, 1)
+    finally:
+        os.close(r)
+        os.waitpid(pid, 0)
+    assert got == b"\x00", f"child saw the parent's ledger or could not open its own (code {got!r})"
+    assert p.current_worker() is ws  # the parent keeps its own
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["rank000.ledger", "rank001.ledger"]
 
 
 def test_failing_describe_disables_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: Any) -> None:
@@ -194,3 +214,201 @@ def test_every_collective_method_is_a_target() -> None:
     names = {t.qualname for t in TARGETS}
     assert {f"GroupCoordinator.{m}" for m in COLLECTIVE_OPS} <= names
     assert len(names) == len(TARGETS)
+
+
+# ---- the hook wrappers themselves (the code the plugin installs), around stand-in originals ----------
+
+
+class _Mode:
+    """Stands in for vLLM's CUDAGraphMode member: a singleton with a ``name``."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+_FULL, _PIECEWISE, _NONE = _Mode("FULL"), _Mode("PIECEWISE"), _Mode("NONE")
+
+
+class _Tensor:
+    def __init__(self, numel: int, dtype: str = "torch.bfloat16") -> None:
+        self._n, self.dtype = numel, dtype
+
+    def numel(self) -> int:
+        return self._n
+
+
+class _Owner:
+    unique_name = "tp:0"
+
+    def __init__(self) -> None:
+        self.vllm_config = SimpleNamespace(
+            compilation_config=SimpleNamespace(
+                cudagraph_mode=SimpleNamespace(name="FULL_AND_PIECEWISE"), cudagraph_capture_sizes=[2, 4, 8, 16, 32]
+            ),
+            speculative_config=SimpleNamespace(num_speculative_tokens=1),
+        )
+
+
+def test_hook_wrappers_cache_keys_and_pick_up_manifests(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keys translated before a capture carry its manifest hashes afterwards; eager collectives, capture
+    collectives and steps go through the wrappers' fast paths into the same ledger the analyzer reads."""
+    from collectors.vllm import hooks
+
+    monkeypatch.setenv(st.ENV_LEDGER_DIR, str(tmp_path))
+    proc = st.ProcessState()
+    monkeypatch.setattr(hooks, "STATE", proc)
+    monkeypatch.setattr(hooks, "_describe", lambda cfg: lambda: (1, 2, st.dispatch_config("FULL", [2, 4], 2, 1)))
+    monkeypatch.setattr(hooks, "_capturing", lambda: True)
+
+    made: list[Hook] = []
+
+    def t(name: str) -> Hook:
+        made.append(Hook(Target("test", name, (), "test")))
+        return made[-1]
+
+    desc = {
+        32: SimpleNamespace(num_tokens=32, num_reqs=16, uniform=True, has_lora=False, num_active_loras=0),
+        300: SimpleNamespace(num_tokens=300, num_reqs=None, uniform=False, has_lora=False, num_active_loras=0),
+    }
+    model = hooks._v1_model_dispatch(
+        t("m"), lambda self, n, r, *a, **k: (_FULL if n <= 32 else _NONE, desc[32 if n <= 32 else 300])
+    )
+    drafter = hooks._v1_drafter_dispatch(
+        t("d"), lambda self, n, *a, **k: (_PIECEWISE, 32, None) if n <= 32 else (_NONE, n, None)
+    )
+    ar = hooks._collective("all_reduce")(t("c"), lambda self, x, *a, **k: x)
+
+    def forward(self: Any, n: int, r: int) -> None:
+        model(self, n, r)
+        ar(self, _Tensor(4096))
+        drafter(self, n)
+        ar(self, [_Tensor(8), _Tensor(8, "torch.float32")])
+
+    def capture_body(self: Any) -> None:
+        forward(self, 32, 16)
+
+    capture = hooks._v1_capture(t("cap"), capture_body)
+    execute = hooks._execute_model(t("e"), lambda self, so: None)
+    sample = hooks._sample_tokens(t("s"), lambda self, g: object())
+    w = _Owner()
+    so = SimpleNamespace(scheduled_spec_decode_tokens={i: [-1] for i in range(15)})
+
+    execute(w, so)  # step 0: keys translated (and cached) before any capture
+    forward(w, 30, 15)
+    sample(w, None)
+    capture(w)  # the graphs: manifests for (model, FULL 32) and (drafter, PIECEWISE 32)
+    for n, r in ((30, 15), (300, 1)):  # step 1 replays the cached keys, step 2 runs eagerly
+        execute(w, so)
+        forward(w, n, r)
+        sample(w, None)
+    ws = proc.current_worker()
+    assert ws is not None
+    assert [h.error for h in made] == [""] * 6  # no wrapper switched itself off
+    ws.rec.close()
+
+    ledger = read_ledger(tmp_path / "rank001.ledger")
+    full = GraphKey(CUDAGraphMode.FULL, 32, 16, uniform=True)
+    pw = GraphKey(CUDAGraphMode.PIECEWISE, 32)
+    manifests = {(m.role, m.key): m for m in ledger.manifests.values()}
+    assert set(manifests) == {(Role.MODEL, full), (Role.DRAFTER, pw)}
+    # each captured graph holds the collective issued after its key was chosen
+    assert manifests[(Role.MODEL, full)].collectives == (CollectiveOp("all_reduce", "tp", "bfloat16", 4096),)
+    assert manifests[(Role.DRAFTER, pw)].collectives == (CollectiveOp("all_reduce", "tp", "bfloat16", 16),)
+    launches = [(r.step, r.role, r.key, r.manifest_hash) for r in ledger.records if isinstance(r, Launch)]
+    h_model, h_drafter = manifests[(Role.MODEL, full)].hash, manifests[(Role.DRAFTER, pw)].hash
+    eager = GraphKey(CUDAGraphMode.NONE, 300)
+    assert launches == [
+        (0, Role.MODEL, full, 0),  # before the capture: no manifest yet
+        (0, Role.DRAFTER, pw, 0),
+        (1, Role.MODEL, full, h_model),  # the same cached keys, now with their manifests
+        (1, Role.DRAFTER, pw, h_drafter),
+        (2, Role.MODEL, eager, 0),
+        (2, Role.DRAFTER, eager, 0),
+    ]
+    colls = [
+        (c.step, c.group, c.op, c.dtype, c.numel, c.group_seq) for c in ledger.records if isinstance(c, CollectiveRec)
+    ]
+    # eager collectives in steps 0..2 (the capture's are in the manifests, not the ring)
+    assert [c[0] for c in colls] == [0, 0, 1, 1, 2, 2]
+    assert colls[0][1:] == ("tp", "all_reduce", "bfloat16", 4096, 0)
+    assert colls[1][1:] == ("tp", "all_reduce", "bfloat16", 16, 1)  # a list of tensors: summed, first dtype
+    begins = [(b.step, b.key, b.padded_reqs, b.placeholders) for b in ledger.records if isinstance(b, StepBegin)]
+    assert begins == [(0, full, 1, 15), (1, full, 1, 15), (2, eager, 0, 15)]
+    assert [(e.step, e.ok) for e in ledger.records if isinstance(e, StepEnd)] == [(0, True), (1, True), (2, True)]
+
+
+def test_bench_plugin_runs_and_splits_the_cost() -> None:
+    """``watchdog bench plugin``: the hooked step, the bare records and the plugin's own part are all
+    measured (small counts: this checks the bench, not the figures)."""
+    from watchdog.bench_plugin import SCHEMA, bench_plugin
+
+    out = bench_plugin(steps=300, repeats=3)
+    assert out["schema"] == SCHEMA and out["ledger_enabled_throughout"] is True
+    assert out["us_records_floor_median"] > 0 and out["us_per_eager_collective_median"] > 0
+    assert len(out["us_per_step_runs"]) == 3
+    total, floor, own = out["us_per_step_median"], out["us_records_floor_median"], out["us_plugin_own_median"]
+    assert abs(total - floor - own) < 0.01
+    assert out["within_target"] == (total < out["target_us_per_step"])
+
+
+@pytest.mark.parametrize("with_loras", [False, True], ids=["0.20.x-descriptor", "0.33.x-descriptor"])
+def test_v2_dispatch_hook_both_descriptor_shapes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, with_loras: bool
+) -> None:
+    """``CudaGraphManager.dispatch``: the model's and the drafter's managers (vLLM's class names) are
+    told apart, other managers are ignored; 0.20.x's ``BatchExecutionDescriptor`` has no
+    ``num_active_loras``, 0.33.x's has."""
+    from collectors.vllm import hooks
+
+    monkeypatch.setenv(st.ENV_LEDGER_DIR, str(tmp_path))
+    proc = st.ProcessState()
+    monkeypatch.setattr(hooks, "STATE", proc)
+    monkeypatch.setattr(hooks, "_describe", lambda cfg: lambda: (0, 1, {}))
+
+    def desc(mode: _Mode, tokens: int, reqs: int | None, uniform: int | None) -> Any:
+        fields = {"cg_mode": mode, "num_tokens": tokens, "num_reqs": reqs, "uniform_token_count": uniform}
+        return SimpleNamespace(**fields, **({"num_active_loras": 0} if with_loras else {}))
+
+    full, pw = desc(_FULL, 32, 16, 2), desc(_PIECEWISE, 32, None, None)
+
+    class ModelCudaGraphManager(_Owner):
+        pass
+
+    class EagleCudaGraphManager(_Owner):
+        pass
+
+    class EncoderCudaGraphManager(_Owner):
+        pass
+
+    made: list[Hook] = []
+
+    def dispatch(out: Any) -> Any:
+        made.append(Hook(Target("test", "dispatch", (), "test")))
+        return hooks._v2_dispatch(made[-1], lambda self, r, n, *a, **k: out)
+
+    model, drafter, encoder = dispatch(full), dispatch(pw), dispatch(pw)
+
+    def forward(self: Any, so: Any) -> object:  # the runner's step: its managers dispatch inside it
+        encoder(EncoderCudaGraphManager(), 15, 30)  # not part of the step: not recorded
+        model(ModelCudaGraphManager(), 15, 30)
+        drafter(EagleCudaGraphManager(), 15, 30)
+        return object()  # sampled in the same call: execute_model ends the step
+
+    execute = hooks._execute_model(Hook(Target("test", "e", (), "test")), forward)
+    so = SimpleNamespace(scheduled_spec_decode_tokens={i: [-1] for i in range(15)})
+    for _ in range(2):
+        execute(_Owner(), so)
+    ws = proc.current_worker()
+    assert ws is not None and [h.error for h in made] == ["", "", ""]
+    ws.rec.close()
+    ledger = read_ledger(tmp_path / "rank000.ledger")
+    k_full = GraphKey(CUDAGraphMode.FULL, 32, 16, uniform=True)
+    k_pw = GraphKey(CUDAGraphMode.PIECEWISE, 32)
+    begins = [
+        (b.step, b.key, b.unpadded_reqs, b.padded_reqs, b.placeholders)
+        for b in ledger.records
+        if isinstance(b, StepBegin)
+    ]
+    assert begins == [(0, k_full, 15, 1, 15), (1, k_full, 15, 1, 15)]
+    launches = [(r.step, r.role, r.key) for r in ledger.records if isinstance(r, Launch)]
+    assert launches == [(s, role, k) for s in (0, 1) for role, k in ((Role.MODEL, k_full), (Role.DRAFTER, k_pw))]

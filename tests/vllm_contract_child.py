@@ -1,5 +1,6 @@
-"""Runs inside a real-vLLM environment (tests/vllm_envs.py): checks every hook target, then loads the
-plugin through vLLM's own ``load_general_plugins()``. Prints one JSON object."""
+"""Runs inside a real-vLLM environment (tests/vllm_envs.py): checks every hook target (``targets``), loads
+the plugin through vLLM's own ``load_general_plugins()`` (``plugins``), or both in one process
+(``both``). Prints one JSON object."""
 
 from __future__ import annotations
 
@@ -45,7 +46,12 @@ def _wrapped(t: object) -> bool:
 
 if __name__ == "__main__":
     mode = sys.argv[1]
-    out = check_targets() if mode == "targets" else load_plugins()
+    if mode == "targets":
+        out = check_targets()
+    elif mode == "plugins":
+        out = load_plugins()
+    else:  # "both": one vLLM import for the two checks (targets first: it wraps nothing)
+        out = {"targets": check_targets(), "plugins": load_plugins()}
     from importlib.metadata import version
 
     out["vllm"] = version("vllm")

@@ -143,6 +143,24 @@ def _run(cmd: list[str], what: str) -> None:
         raise EnvUnavailable(f"{what} failed (exit {res.returncode}): {' | '.join(tail)}")
 
 
+def python_or_skip(version: str) -> Path:
+    """The environment's python for a test: skipped when it cannot be built, failed in CI (``WATCHDOG_CI=1``)."""
+    import pytest
+
+    try:
+        return env_python(version)
+    except EnvUnavailable as exc:
+        if os.environ.get("WATCHDOG_CI") == "1":
+            pytest.fail(f"vLLM {version} environment could not be built: {exc}")
+        pytest.skip(f"vLLM {version} environment could not be built (no network?): {exc}")
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """Environment for a child in a vLLM environment: this project importable, vLLM quiet."""
+    root = Path(__file__).resolve().parent.parent
+    return {**os.environ, "PYTHONPATH": str(root), "VLLM_LOGGING_LEVEL": "ERROR", **extra}
+
+
 if __name__ == "__main__":
     for v in sys.argv[1:] or VERSIONS:
         print(v, env_python(v))

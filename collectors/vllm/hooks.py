@@ -20,14 +20,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from collectors.format import CUDAGraphMode, GraphKey, Role
+from collectors.format import GraphKey, Role
 from collectors.vllm.state import (
     STATE,
     WorkerState,
     dispatch_config,
+    dtype_name,
     engine_batch,
     key_from_descriptor,
     key_from_execution_descriptor,
+    mode_of,
     tensor_op,
 )
 
@@ -177,10 +179,19 @@ def _describe(vllm_config: Any) -> Callable[[], tuple[int, int, dict[str, Any]]]
 
 
 def _worker_of(obj: Any) -> WorkerState | None:
-    return STATE.worker(_describe(obj.vllm_config))
+    """This process's worker ledger; the first call creates it (from ``obj.vllm_config``)."""
+    state = STATE
+    ws = state.ws
+    if ws is not None or state.worker_gave_up:
+        return ws
+    return state.worker(_describe(obj.vllm_config))
 
 
 # ---- graph keys -------------------------------------------------------------------------
+# Each key is translated once per process and cached in ``WorkerState.keys``. The cache key is a
+# tuple of the descriptor's plain fields and ``id(mode)``: vLLM's descriptors are frozen dataclasses
+# and its CUDAGraphMode an Enum, whose hashes run Python code; ints, bools and None hash in C. The
+# cached entry keeps the mode object (``Keyed.src``) and is used only if it is that same object.
 
 
 def _v1_model_dispatch(hook: Hook, orig: Any) -> Callable[..., Any]:
@@ -188,10 +199,14 @@ def _v1_model_dispatch(hook: Hook, orig: Any) -> Callable[..., Any]:
         out = orig(self, num_tokens, num_reqs, *args, **kwargs)
         if hook.on:
             try:
-                ws = _worker_of(self)
+                ws = STATE.ws or _worker_of(self)
                 if ws is not None:
-                    key = key_from_descriptor(out[0], out[1])
-                    ws.dispatched(Role.MODEL, key, num_tokens, num_reqs, ws.placeholders)
+                    mode, d = out[0], out[1]
+                    ck = (id(mode), d.num_tokens, d.num_reqs, d.uniform, d.has_lora, getattr(d, "num_active_loras", 0))
+                    k = ws.keys.get(ck)
+                    if k is None or k.src is not mode:
+                        k = ws.keyed(ck, key_from_descriptor(mode, d), mode)
+                    ws.launch(0, k, num_tokens, num_reqs)
             except Exception as exc:
                 hook.fail(exc)
         return out
@@ -204,10 +219,14 @@ def _v1_drafter_dispatch(hook: Hook, orig: Any) -> Callable[..., Any]:
         out = orig(self, num_tokens, *args, **kwargs)
         if hook.on:
             try:
-                ws = _worker_of(self)
+                ws = STATE.ws or _worker_of(self)
                 if ws is not None:
-                    mode = CUDAGraphMode[out[0].name]
-                    ws.dispatched(Role.DRAFTER, GraphKey(mode, int(out[1])), num_tokens, 0, 0)
+                    mode, padded = out[0], out[1]
+                    ck = (id(mode), padded)
+                    k = ws.keys.get(ck)
+                    if k is None or k.src is not mode:
+                        k = ws.keyed(ck, GraphKey(mode_of(mode), int(padded)), mode)
+                    ws.launch(1, k, num_tokens, 0)
             except Exception as exc:
                 hook.fail(exc)
         return out
@@ -224,15 +243,27 @@ def _v2_role(manager: Any) -> Role | None:
     return None  # encoder graphs and the like: not part of the step's collective sequence
 
 
+_V2_ROLES: dict[type, int] = {}  # manager class -> int(Role), -1: not hooked (encoder graphs and the like)
+
+
 def _v2_dispatch(hook: Hook, orig: Any) -> Callable[..., Any]:
     def wrapper(self: Any, num_reqs: int, num_tokens: int, *args: Any, **kwargs: Any) -> Any:
         out = orig(self, num_reqs, num_tokens, *args, **kwargs)
         if hook.on:
             try:
-                role = _v2_role(self)
-                ws = _worker_of(self) if role is not None else None
-                if ws is not None and role is not None:
-                    ws.dispatched(role, key_from_execution_descriptor(out), num_tokens, num_reqs, ws.placeholders)
+                role = _V2_ROLES.get(type(self))
+                if role is None:
+                    r = _v2_role(self)
+                    role = _V2_ROLES[type(self)] = -1 if r is None else int(r)
+                ws = (STATE.ws or _worker_of(self)) if role >= 0 else None
+                if ws is not None:
+                    mode = out.cg_mode
+                    loras = getattr(out, "num_active_loras", 0)  # absent in 0.20.x
+                    ck = (id(mode), out.num_tokens, out.num_reqs, out.uniform_token_count, loras)
+                    k = ws.keys.get(ck)
+                    if k is None or k.src is not mode:
+                        k = ws.keyed(ck, key_from_execution_descriptor(out), mode)
+                    ws.launch(role, k, num_tokens, num_reqs)
             except Exception as exc:
                 hook.fail(exc)
         return out
@@ -302,11 +333,10 @@ def _execute_model(hook: Hook, orig: Any) -> Callable[..., Any]:
         ws: WorkerState | None = None
         if hook.on:
             try:
-                ws = _worker_of(self)
+                ws = STATE.ws or _worker_of(self)
                 if ws is not None:
-                    ws.next_step()
                     spec = getattr(scheduler_output, "scheduled_spec_decode_tokens", None)
-                    ws.placeholders = sum(map(len, spec.values())) if spec else 0
+                    ws.begin_step(sum(map(len, spec.values())) if spec else 0)
             except Exception as exc:
                 hook.fail(exc)
         try:
@@ -327,19 +357,21 @@ def _sample_tokens(hook: Hook, orig: Any) -> Callable[..., Any]:
         try:
             out = orig(self, *args, **kwargs)
         except BaseException:
-            if hook.on:
-                _end(hook, self, False)
+            _end(hook, False)
             raise
-        if hook.on:
-            _end(hook, self, True)
+        if hook.on and STATE.ws is not None and not STATE.ws.ended:
+            _end(hook, True)
         return out
 
     return wrapper
 
 
-def _end(hook: Hook, worker: Any, ok: bool) -> None:
+def _end(hook: Hook, ok: bool) -> None:
+    """End the current step (a step only begins in ``execute_model``: no ledger is opened here)."""
+    if not hook.on:
+        return
     try:
-        ws = _worker_of(worker)
+        ws = STATE.ws
         if ws is not None:
             ws.end_step(ok)
     except Exception as exc:
@@ -349,15 +381,32 @@ def _end(hook: Hook, worker: Any, ok: bool) -> None:
 # ---- collectives --------------------------------------------------------------------------
 
 
+_GROUPS: dict[Any, str] = {}  # GroupCoordinator.unique_name ("tp:0") -> group name ("tp")
+
+
+def _group(unique_name: Any) -> str:
+    name = _GROUPS.get(unique_name)
+    if name is None:
+        name = _GROUPS[unique_name] = str(unique_name).split(":", 1)[0]
+    return name
+
+
 def _collective(op_name: str) -> Callable[[Hook, Any], Callable[..., Any]]:
     def make(hook: Hook, orig: Any) -> Callable[..., Any]:
         def wrapper(self: Any, input_: Any, *args: Any, **kwargs: Any) -> Any:
             if hook.on:
                 try:
-                    ws = STATE.current_worker()
+                    ws = STATE.ws
                     if ws is not None:
-                        group = str(self.unique_name).split(":", 1)[0]
-                        ws.collective(tensor_op(op_name, group, input_), _capturing)
+                        if ws.capture is not None:
+                            ws.collective(tensor_op(op_name, _group(self.unique_name), input_), _capturing)
+                        elif not ws.ended:  # eager, inside a step: straight to the ledger
+                            if isinstance(input_, list | tuple):
+                                op = tensor_op(op_name, "", input_)
+                                dtype, numel = op.dtype, op.numel
+                            else:
+                                dtype, numel = dtype_name(input_.dtype), input_.numel()
+                            ws.rec.collective(ws.step, _group(self.unique_name), op_name, dtype, numel)
                 except Exception as exc:
                     hook.fail(exc)
             return orig(self, input_, *args, **kwargs)
@@ -407,7 +456,7 @@ def _engine_execute(hook: Hook, orig: Any) -> Callable[..., Any]:
     def wrapper(self: Any, scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
         if hook.on:
             try:
-                rec = STATE.engine(lambda: int(self.parallel_config.tensor_parallel_size))
+                rec = STATE.eng or STATE.engine(lambda: int(self.parallel_config.tensor_parallel_size))
                 if rec is not None:
                     STATE.engine_step += 1
                     step = STATE.engine_step

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -84,8 +85,16 @@ def padded_slots(key: GraphKey, unpadded_reqs: int) -> int:
     return 0
 
 
+_DTYPE_CACHE: dict[Any, str] = {}  # torch.dtype object -> name (str(dtype) costs more than the record)
+
+
 def dtype_name(dtype: Any) -> str:
-    return _DTYPE_NAMES.get(str(dtype), "unknown")
+    name = _DTYPE_CACHE.get(dtype)
+    if name is None:
+        name = _DTYPE_NAMES.get(str(dtype), "unknown")
+        if len(_DTYPE_CACHE) < 64:
+            _DTYPE_CACHE[dtype] = name
+    return name
 
 
 def tensor_op(op: str, group: str, tensor: Any) -> CollectiveOp:
@@ -151,8 +160,31 @@ class Capture:
     ops: dict[tuple[Role, GraphKey], list[CollectiveOp]] = field(default_factory=dict)
 
 
+ROLES = (Role.MODEL, Role.DRAFTER)  # by int(role)
+MAX_KEYS = 4096  # translated keys kept per process (graph keys are a few dozen; eager ones one per size)
+
+
+class Keyed:
+    """A graph key as the hot path uses it: translated once, with what each record needs precomputed
+    (the manifest hash per role, the request count that padding is measured against)."""
+
+    __slots__ = ("full_reqs", "graphed", "hashes", "key", "src")
+
+    def __init__(self, key: GraphKey, hashes: tuple[int, int], src: Any = None) -> None:
+        self.key = key
+        self.src = src  # the vLLM mode object the cache key names by id (kept alive, compared by identity)
+        self.hashes = hashes  # (model, drafter) manifest hash; 0: not captured, or eager
+        self.graphed = key.mode is not CUDAGraphMode.NONE
+        self.full_reqs = key.num_reqs if key.mode is CUDAGraphMode.FULL and key.num_reqs is not None else -1
+
+
 class WorkerState:
-    """One worker process's ledger, step counter, capture manifests and group sequence numbers."""
+    """One worker process's ledger, step counter, capture manifests and group sequence numbers.
+
+    Hot path (every step): ``begin_step``, ``launch`` with a cached ``Keyed`` (``keyed``), ``end_step``,
+    and eager ``collective_eager``. Nothing there allocates beyond the record itself, and nothing
+    asks the OS anything (``os.getpid`` alone costs ~0.3 us on a busy VM).
+    """
 
     def __init__(self, rec: Recorder) -> None:
         self.rec = rec
@@ -162,6 +194,22 @@ class WorkerState:
         self.placeholders = 0  # draft placeholders the current step schedules
         self.capture: Capture | None = None
         self.hashes: dict[tuple[Role, GraphKey], int] = {}
+        self.keys: dict[Any, Keyed] = {}  # hook-specific cache key (plain ints/None/ids) -> Keyed
+
+    # ---- keys -------------------------------------------------------------------------
+
+    def keyed(self, cache_key: Any, key: GraphKey, src: Any) -> Keyed:
+        """Remember ``key`` under ``cache_key``: a tuple the hook builds from vLLM's descriptor, naming
+        vLLM's mode object ``src`` by its id (hashing an Enum member runs Python code)."""
+        if len(self.keys) >= MAX_KEYS:
+            self.keys.clear()
+        k = self.keys[cache_key] = self._keyed(key, src)
+        return k
+
+    def _keyed(self, key: GraphKey, src: Any = None) -> Keyed:
+        if key.mode is CUDAGraphMode.NONE:
+            return Keyed(key, (0, 0), src)
+        return Keyed(key, (self.hashes.get((Role.MODEL, key), 0), self.hashes.get((Role.DRAFTER, key), 0)), src)
 
     # ---- steps ------------------------------------------------------------------------
 
@@ -171,31 +219,46 @@ class WorkerState:
         self.ended = False
         return self.step
 
+    def begin_step(self, placeholders: int) -> None:
+        self.step += 1
+        self.begun = False
+        self.ended = False
+        self.placeholders = placeholders
+
     def dispatched(
         self, role: Role, key: GraphKey, unpadded_tokens: int, unpadded_reqs: int, placeholders: int
     ) -> None:
         """A forward pass's key was chosen: during capture it names the graph being captured,
         in a step it is the step's key (model) or a drafter launch."""
-        cap = self.capture
-        if cap is not None:
-            cap.target = (role, key)
-            cap.ops.setdefault((role, key), [])
+        if self.capture is not None:
+            self._capture_target(role, key)
+        elif not self.ended:
+            saved, self.placeholders = self.placeholders, placeholders
+            try:
+                self.launch(int(role), self._keyed(key), unpadded_tokens, unpadded_reqs)
+            finally:
+                self.placeholders = saved
+
+    def launch(self, role: int, k: Keyed, unpadded_tokens: int, unpadded_reqs: int) -> None:
+        """``dispatched`` for the hooks: ``role`` as an int, the key already translated. The model's
+        first launch in a step also writes the step's begin record."""
+        if self.capture is not None:
+            self._capture_target(ROLES[role], k.key)
             return
         if self.ended:  # a dummy/profile run outside any execute_model call
             return
-        step = self.step
-        if role is Role.MODEL and not self.begun:
+        rec = self.rec
+        if role == 0 and not self.begun:
             self.begun = True
-            self.rec.step_begin(
-                step,
-                key,
+            rec.step_begin(
+                self.step,
+                k.key,
                 unpadded_tokens=unpadded_tokens,
                 unpadded_reqs=unpadded_reqs,
-                padded_reqs=padded_slots(key, unpadded_reqs),
-                placeholders=placeholders,
+                padded_reqs=k.full_reqs - unpadded_reqs if k.full_reqs > unpadded_reqs else 0,
+                placeholders=self.placeholders,
             )
-        hashed = self.hashes.get((role, key), 0) if key.mode is not CUDAGraphMode.NONE else 0
-        self.rec.launch(step, role, key, hashed)
+        rec.launch(self.step, ROLES[role], k.key, k.hashes[role])
 
     def end_step(self, ok: bool) -> None:
         if not self.ended:
@@ -216,6 +279,12 @@ class WorkerState:
 
     # ---- capture ----------------------------------------------------------------------
 
+    def _capture_target(self, role: Role, key: GraphKey) -> None:
+        cap = self.capture
+        assert cap is not None
+        cap.target = (role, key)
+        cap.ops.setdefault((role, key), [])
+
     def begin_capture(self) -> None:
         if self.capture is None:
             self.capture = Capture()
@@ -229,16 +298,35 @@ class WorkerState:
             if key.mode is CUDAGraphMode.NONE:
                 continue
             self.hashes[(role, key)] = self.rec.manifest(role, key, ops)
+        for k in self.keys.values():  # keys translated before this capture now have manifests
+            if k.graphed:
+                k.hashes = self._keyed(k.key).hashes
 
 
 class ProcessState:
-    """The plugin's state in the current process, re-created after a fork (pid-keyed)."""
+    """The plugin's state in the current process, re-created after a fork.
+
+    ``ws`` and ``eng`` are what the hot path reads: the ledger of this process, or None. A forked
+    child starts empty (``os.register_at_fork``), so it never writes into its parent's ledger; the
+    slow paths (first use) also compare pids, for a fork that bypassed ``os.fork``.
+    """
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._reset()
+        ref = weakref.ref(self)
+
+        def after_fork() -> None:
+            me = ref()
+            if me is not None:
+                me._reset()
+
+        os.register_at_fork(after_in_child=after_fork)
+
+    def _reset(self) -> None:
+        self._lock = threading.Lock()  # a lock held by another thread at fork time stays held in the child
         self._pid = -1
-        self._worker: WorkerState | None = None
-        self._engine: Recorder | None = None
+        self.ws: WorkerState | None = None
+        self.eng: Recorder | None = None
         self._worker_failed = False
         self._engine_failed = False
         self.engine_step = -1
@@ -249,17 +337,22 @@ class ProcessState:
     def _check_pid(self) -> None:
         pid = os.getpid()
         if pid != self._pid:  # first use here, or a forked child: nothing inherited
-            self.__init__()  # type: ignore[misc]
+            self._reset()
             self._pid = pid
+
+    @property
+    def worker_gave_up(self) -> bool:
+        """This process tried to open its worker ledger and could not (or has no ledger directory)."""
+        return self._worker_failed
 
     def worker(self, describe: Callable[[], tuple[int, int, dict[str, Any]]]) -> WorkerState | None:
         """This process's worker ledger, created on first use. ``describe`` gives (TP rank, TP size,
         config entry); it runs once, when vLLM's TP group exists."""
-        if self._pid == os.getpid() and (self._worker is not None or self._worker_failed):
-            return self._worker
+        if self.ws is not None:
+            return self.ws
         with self._lock:
             self._check_pid()
-            if self._worker is None and not self._worker_failed:
+            if self.ws is None and not self._worker_failed:
                 self._worker_failed = True  # one attempt per process
                 directory = ledger_dir()
                 if directory is None:
@@ -272,24 +365,24 @@ class ProcessState:
                 rec = open_recorder(directory, kind=ProcessKind.WORKER, rank=rank, world_size=world, **_slots())
                 if rec is not None and rec.enabled:
                     rec.config(role="worker", tp_rank=rank, pid=os.getpid(), **config)
-                    self._worker = WorkerState(rec)
+                    self.ws = WorkerState(rec)
                     self._worker_failed = False
-            return self._worker
+            return self.ws
 
     def current_worker(self) -> WorkerState | None:
         """This process's worker ledger if one exists (never creates one: collectives also run in
         processes and phases where no step hook has fired)."""
-        return self._worker if self._pid == os.getpid() else None
+        return self.ws
 
     def current_engine(self) -> Recorder | None:
-        return self._engine if self._pid == os.getpid() else None
+        return self.eng
 
     def engine(self, world_size: Callable[[], int]) -> Recorder | None:
-        if self._pid == os.getpid() and (self._engine is not None or self._engine_failed):
-            return self._engine
+        if self.eng is not None:
+            return self.eng
         with self._lock:
             self._check_pid()
-            if self._engine is None and not self._engine_failed:
+            if self.eng is None and not self._engine_failed:
                 self._engine_failed = True
                 directory = ledger_dir()
                 if directory is None:
@@ -302,9 +395,9 @@ class ProcessState:
                 rec = open_recorder(directory, kind=ProcessKind.ENGINE, rank=-1, world_size=world, **_slots())
                 if rec is not None and rec.enabled:
                     rec.config(role="engine", tp=world, pid=os.getpid())
-                    self._engine = rec
+                    self.eng = rec
                     self._engine_failed = False
-            return self._engine
+            return self.eng
 
 
 def _slots() -> dict[str, int]:

@@ -1,0 +1,95 @@
+"""vLLM's real ``CudagraphDispatcher`` driven through the plugin's installed hooks (CPU, both vLLM versions).
+
+tests/vllm_dispatch_child.py builds vLLM's real ``CompilationConfig`` (FULL_AND_PIECEWISE, MTP=1
+capture sizes, max_num_seqs), its TP group and its dispatchers (target and MTP drafter), installs the
+plugin, and runs the seed's batch shapes as steps through vLLM's real ``Worker.execute_model`` ->
+``GPUModelRunner._determine_batch_execution_and_padding`` / ``SpecDecodeBaseProposer._determine_batch_
+execution_and_padding`` -> ``Worker.sample_tokens``. It reports what vLLM returned; this test reads the
+ledger the plugin wrote (with the project's reader, in this process) and checks that it holds exactly
+those keys, step by step, with the padded request slots and draft placeholders.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from vllm_envs import VERSIONS, child_env, python_or_skip
+
+from collectors.format import CUDAGraphMode, GraphKey, Launch, Role, StepBegin, StepEnd
+from collectors.reader import read_ledger
+
+ROOT = Path(__file__).resolve().parent.parent
+CHILD = Path(__file__).parent / "vllm_dispatch_child.py"
+
+
+def _child(version: str, mode: str, ledger_dir: Path) -> dict[str, Any]:
+    python = python_or_skip(version)
+    res = subprocess.run(
+        [str(python), str(CHILD), mode],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=child_env(WATCHDOG_LEDGER_DIR=str(ledger_dir)),
+        cwd=ROOT,
+    )
+    line = next((ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    assert line is not None, f"child failed (exit {res.returncode}): {res.stderr[-3000:]}"
+    out: dict[str, Any] = json.loads(line[len("RESULT ") :])
+    assert out["vllm"] == version
+    return out
+
+
+def _model_key(r: list[Any]) -> GraphKey:
+    mode, tokens, reqs, uniform, lora = r
+    return GraphKey(CUDAGraphMode(mode), tokens, reqs, uniform=uniform, has_lora=lora)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("version", VERSIONS)
+def test_ledger_holds_exactly_the_keys_vllm_dispatched(version: str, tmp_path: Path) -> None:
+    out = _child(version, "dispatch", tmp_path)
+    assert any(h.endswith("GPUModelRunner._determine_batch_execution_and_padding") for h in out["installed"])
+    assert out["ledger"] == str(tmp_path / "rank000.ledger")
+    ledger = read_ledger(tmp_path / "rank000.ledger")
+    assert (ledger.header.rank, ledger.header.world_size) == (0, 1)  # from vLLM's own TP group
+    assert ledger.config["cudagraph_mode"] == "FULL_AND_PIECEWISE"
+    assert ledger.config["capture_sizes"] == [2, 4, 8, 16, 24, 32, 40, 48]
+    assert ledger.config["uniform_decode_query_len"] == 2
+
+    steps, returned = out["steps"], out["returned"]
+    assert len(returned) == len(steps) == 6
+    recs = ledger.records
+    begins = [r for r in recs if isinstance(r, StepBegin)]
+    launches = [r for r in recs if isinstance(r, Launch)]
+    ends = [r for r in recs if isinstance(r, StepEnd)]
+    assert len(recs) == 4 * len(steps)  # begin, model launch, drafter launch, end: nothing else
+    assert [b.step for b in begins] == [e.step for e in ends] == list(range(len(steps)))
+    assert all(e.ok for e in ends)
+
+    for i, (step, got) in enumerate(zip(steps, returned, strict=True)):
+        model = _model_key(got["model"])
+        drafter = GraphKey(CUDAGraphMode(got["drafter"][0]), got["drafter"][1])
+        b = begins[i]
+        mine = [(lk.role, lk.key) for lk in launches if lk.step == i]
+        assert b.key == model, f"step {i} ({step['name']}): ledger {b.key} != vLLM {model}"
+        assert mine == [(Role.MODEL, model), (Role.DRAFTER, drafter)], f"step {i} ({step['name']})"
+        per_req = step["per_req"]
+        assert (b.unpadded_tokens, b.unpadded_reqs, b.placeholders) == (sum(per_req), len(per_req), step["drafted"])
+        full = model.mode is CUDAGraphMode.FULL and model.num_reqs is not None
+        assert b.padded_reqs == (model.num_reqs - len(per_req) if full and model.num_reqs else 0)
+
+    # The seed's shapes, as vLLM 0.20.1 and 0.33.0 dispatch them (design.md, "Checked on CPU"):
+    by_name = {s["name"]: b for s, b in zip(steps, begins, strict=True)}
+    full16 = GraphKey(CUDAGraphMode.FULL, 32, 16, uniform=True)
+    assert (by_name["15x2"].key, by_name["15x2"].padded_reqs) == (full16, 1)  # the padded slot
+    assert (by_name["16x2"].key, by_name["16x2"].padded_reqs) == (full16, 0)
+    assert (by_name["17x2"].key, by_name["17x2"].padded_reqs) == (GraphKey(CUDAGraphMode.FULL, 40, 20, uniform=True), 3)
+    assert by_name["mixed prefill"].key == GraphKey(CUDAGraphMode.PIECEWISE, 32)
+    assert by_name["long prefill"].key.mode is CUDAGraphMode.NONE
