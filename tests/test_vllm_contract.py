@@ -68,3 +68,28 @@ def test_plugin_loads_through_load_general_plugins(version: str, tmp_path_factor
     other = tmp_path_factory.mktemp("other")
     assert _run(version, "plugins", WATCHDOG_LEDGER_DIR=str(other), VLLM_PLUGINS="other")["wrapped"] == []
     assert _run(version, "plugins", WATCHDOG_LEDGER_DIR="")["wrapped"] == []
+
+
+def test_a_half_extracted_environment_is_not_used(tmp_path: Path) -> None:
+    """A cached environment whose vLLM files are not all there (an interrupted or raced build) is rebuilt,
+    not used: it imports as an empty namespace package and every vLLM test would fail on it."""
+    import vllm_envs
+
+    version = VERSIONS[0]
+    env = tmp_path / f"vllm-{version}"
+    site = env / "lib" / "python3.11" / "site-packages"
+    (site / f"vllm-{version}.dist-info").mkdir(parents=True)
+    (site / "vllm" / "plugins").mkdir(parents=True)
+    (env / "bin").mkdir()
+    (env / "bin" / "python").touch()
+    (env / "pyvenv.cfg").write_text("include-system-site-packages = true\n")
+    (env / "watchdog-stamp").write_text(vllm_envs._stamp(version))
+    files = ["vllm/__init__.py", "vllm/plugins/__init__.py"]
+    record = [f"{f},sha256=x,1" for f in files] + [f"vllm-{version}.dist-info/RECORD,,"]
+    (site / f"vllm-{version}.dist-info" / "RECORD").write_text("\n".join(record) + "\n")
+    (site / files[1]).touch()
+    assert not vllm_envs._usable(env, version)  # vllm/__init__.py missing
+    (site / files[0]).touch()
+    assert vllm_envs._usable(env, version)
+    (env / "watchdog-stamp").write_text("another build")
+    assert not vllm_envs._usable(env, version)

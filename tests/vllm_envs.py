@@ -11,11 +11,13 @@ shared pip cache (the vLLM wheels are ~250 MB each; the second build is offline-
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 _COMMON = [
@@ -89,35 +91,64 @@ def _stamp(version: str) -> str:
 
 
 def env_python(version: str) -> Path:
-    """The python of the environment for ``version``, built on first use."""
+    """The python of the environment for ``version``, built on first use.
+
+    A cached environment is used only if its stamp matches and every file vLLM's wheel installed is
+    still there (a build interrupted or raced by another process leaves a half-extracted ``vllm/``
+    that imports as an empty namespace package). Builds hold a lock, so concurrent test runs
+    sharing the cache build once and never in each other's directory.
+    """
     root = cache_root()
-    env = root / f"vllm-{version}"
-    python = env / "bin" / "python"
-    stamp = env / "watchdog-stamp"
-    cfg = env / "pyvenv.cfg"
-    if (
-        python.exists()
-        and stamp.exists()
-        and stamp.read_text() == _stamp(version)
-        and "include-system-site-packages = true" in cfg.read_text()  # torch comes from the system
-    ):
-        return python
-    tmp = root / f".vllm-{version}.building"
-    shutil.rmtree(tmp, ignore_errors=True)
     root.mkdir(parents=True, exist_ok=True)
-    try:
-        _run([sys.executable, "-m", "venv", "--system-site-packages", str(tmp)], "venv")
-        pip = [str(tmp / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", "--disable-pip-version-check"]
-        pip += ["--cache-dir", str(root / "pip-cache")]
-        _run([*pip, f"vllm=={version}", *PINS[version]], f"pip install vllm=={version}")
+    env = root / f"vllm-{version}"
+    with open(root / f".vllm-{version}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _usable(env, version):
+            return env / "bin" / "python"
+        for stale in root.glob(f".vllm-{version}.*"):  # left by a build that died (we hold the lock)
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".vllm-{version}.", dir=root))
+        tmp.chmod(0o755)
+        try:
+            _run([sys.executable, "-m", "venv", "--system-site-packages", str(tmp)], "venv")
+            pip = [str(tmp / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps"]
+            pip += ["--disable-pip-version-check"]
+            pip += ["--cache-dir", str(root / "pip-cache")]
+            _run([*pip, f"vllm=={version}", *PINS[version]], f"pip install vllm=={version}")
+            _run([str(tmp / "bin" / "python"), "-c", "import vllm.plugins, vllm.platforms"], f"import vllm=={version}")
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         # Paths inside a venv are absolute: built beside the final name, then moved and patched.
         shutil.rmtree(env, ignore_errors=True)
-    except EnvUnavailable:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _relocate(tmp, env)
-    stamp.write_text(_stamp(version))
-    return python
+        _relocate(tmp, env)
+        (env / "watchdog-stamp").write_text(_stamp(version))
+        if not _usable(env, version):
+            raise EnvUnavailable(f"vllm=={version}: the environment at {env} is incomplete after building it")
+        return env / "bin" / "python"
+
+
+def _usable(env: Path, version: str) -> bool:
+    stamp = env / "watchdog-stamp"
+    cfg = env / "pyvenv.cfg"
+    if not (
+        (env / "bin" / "python").exists()
+        and stamp.exists()
+        and stamp.read_text() == _stamp(version)
+        and cfg.exists()
+        and "include-system-site-packages = true" in cfg.read_text()  # torch comes from the system
+    ):
+        return False
+    site = next((env / "lib").glob("python*/site-packages"), None)
+    record = site / f"vllm-{version}.dist-info" / "RECORD" if site else None
+    if record is None or not record.exists():
+        return False
+    for line in record.read_text().splitlines():
+        rel = line.split(",", 1)[0]
+        if rel.startswith("vllm/") and not (site / rel).exists():
+            return False
+    return True
 
 
 def _relocate(src: Path, dst: Path) -> None:
