@@ -117,6 +117,15 @@ P_ENGINE_QUEUE: Final = struct.Struct("<QH6xqII")  # mono, running, waiting
 for _s in (P_STEP_BEGIN, P_STEP_END, P_LAUNCH, P_COLLECTIVE, P_ENGINE_STEP, P_ENGINE_RESULT, P_ENGINE_QUEUE):
     assert _s.size <= TRAILER_OFFSET, _s.format
 
+# What the writer packs: the same bytes, but the fields a graph key fixes come pre-packed (once per
+# key) and are copied per record. KEY_FIELDS: mode, uniform, has_lora, num_tokens, num_reqs (-1 =
+# None), active_loras. LAUNCH_FIELDS: role, then the key's fields, then the manifest hash.
+KEY_FIELDS: Final = struct.Struct("<BBBxIiHxx")
+LAUNCH_FIELDS: Final = struct.Struct("<BBBBIiHxxI")
+W_STEP_BEGIN: Final = struct.Struct(f"<QH6xqq{KEY_FIELDS.size}sIIII")
+W_LAUNCH: Final = struct.Struct(f"<QH6xqq{LAUNCH_FIELDS.size}s")
+assert W_STEP_BEGIN.size == P_STEP_BEGIN.size and W_LAUNCH.size == P_LAUNCH.size
+
 
 @dataclass(frozen=True, slots=True)
 class GraphKey:
@@ -176,6 +185,21 @@ class CollectiveOp:
             raise ValueError(f"collective entry must be [op, group, dtype, numel], got {data!r}")
         op, group, dtype, numel = data
         return cls(str(op), str(group), str(dtype), int(numel))
+
+
+def pack_key(key: GraphKey) -> bytes:
+    """A key's fields as a STEP_BEGIN record holds them (``W_STEP_BEGIN``)."""
+    reqs = -1 if key.num_reqs is None else key.num_reqs
+    return KEY_FIELDS.pack(MODE_CODES[key.mode], key.uniform, key.has_lora, key.num_tokens, reqs, key.num_active_loras)
+
+
+def pack_launch(role: Role, key: GraphKey, manifest: int) -> bytes:
+    """Everything a LAUNCH record holds after its step and time (``W_LAUNCH``)."""
+    reqs = -1 if key.num_reqs is None else key.num_reqs
+    mode = MODE_CODES[key.mode]
+    return LAUNCH_FIELDS.pack(
+        int(role), mode, key.uniform, key.has_lora, key.num_tokens, reqs, key.num_active_loras, manifest
+    )
 
 
 def manifest_hash(collectives: tuple[CollectiveOp, ...] | list[CollectiveOp]) -> int:

@@ -33,19 +33,18 @@ from collectors.format import (
     MAGIC,
     META_HEAD,
     META_USED_OFFSET,
-    MODE_CODES,
     OPS,
     P_COLLECTIVE,
     P_ENGINE_QUEUE,
     P_ENGINE_RESULT,
     P_ENGINE_STEP,
-    P_LAUNCH,
-    P_STEP_BEGIN,
     P_STEP_END,
     SLOT_SIZE,
     TRAILER_OFFSET,
     U32,
     U64,
+    W_LAUNCH,
+    W_STEP_BEGIN,
     CollectiveOp,
     GraphKey,
     ProcessKind,
@@ -53,12 +52,18 @@ from collectors.format import (
     Role,
     code_of,
     manifest_hash,
+    pack_key,
+    pack_launch,
 )
 
 log = logging.getLogger("watchdog.ledger")
 
 META_DROPPED_OFFSET = 280  # u32: meta entries that did not fit
 _BUSY = b"\xff" * 8  # trailer of a slot being rewritten; never a record seq
+_BUSY_U64 = (1 << 64) - 1
+_CURSOR_WORD = CURSOR_OFFSET // 8
+_SLOT_WORDS = SLOT_SIZE // 8
+_TRAILER_WORD = TRAILER_OFFSET // 8
 
 
 # Plain ints: packing an IntEnum member costs an __index__ call on the hot path.
@@ -101,13 +106,21 @@ class Recorder:
         self._lock = threading.Lock()
         self._mm: mmap.mmap | None = None
         self._n = n_slots
+        if meta_size > 0:
+            meta_size = -(-meta_size // 8) * 8  # ring slots 8-byte aligned: their seqs are single stores
         self._ring_off = HEADER_SIZE + meta_size
         self._meta_size = meta_size
+        # The header and the ring as arrays of u64: storing one item is one aligned 8-byte store
+        # (no slice object, no bytes built): the seqs and the cursor never pass through 0.
+        self._head_words: memoryview | None = None
+        self._ring_words: memoryview | None = None
         self._meta_used = 0
         self._seqs = itertools.count()
         self._group_seq: dict[str, int] = {}
         try:
             self._mm = self._create(kind, rank, world_size, instance)
+            self._head_words = memoryview(self._mm)[:HEADER_SIZE].cast("Q")
+            self._ring_words = memoryview(self._mm)[self._ring_off :].cast("Q")
             self.enabled = True
         except Exception as exc:  # never raise into the host process
             log.warning("watchdog ledger disabled: cannot create %s: %s", self.path, exc)
@@ -167,19 +180,18 @@ class Recorder:
         if not self.enabled:
             return
         try:
-            mm = self._mm
-            assert mm is not None
             seq = next(self._seqs)
-            off = self._ring_off + (seq % self._n) * SLOT_SIZE
-            trailer = off + TRAILER_OFFSET
+            i = seq % self._n
+            words, mm = self._ring_words, self._mm
+            assert words is not None and mm is not None
+            trailer = i * _SLOT_WORDS + _TRAILER_WORD
             # Mark the slot busy before rewriting it: pack_into zero-fills, then stores field by
             # field, so without the mark a reader could take a half-written slot whose head and
-            # trailer still hold the old seq. Seqs and the cursor are stored as one 8-byte copy:
-            # pack_into would pass through 0 first, and a reader could see that.
-            mm[trailer : trailer + 8] = _BUSY
-            layout.pack_into(mm, off, seq, kind, *fields)
-            mm[trailer : trailer + 8] = U64.pack(seq)
-            mm[CURSOR_OFFSET : CURSOR_OFFSET + 8] = U64.pack(seq + 1)
+            # trailer still hold the old seq. Seqs and the cursor are single 8-byte stores.
+            words[trailer] = _BUSY_U64
+            layout.pack_into(mm, self._ring_off + i * SLOT_SIZE, seq, kind, *fields)
+            words[trailer] = seq
+            self._head_words[_CURSOR_WORD] = seq + 1  # type: ignore[index]
         except Exception as exc:
             self._disable(exc)
 
@@ -193,17 +205,18 @@ class Recorder:
         padded_reqs: int = 0,
         placeholders: int = 0,
     ) -> None:
+        self.step_begin_packed(step, pack_key(key), unpadded_tokens, unpadded_reqs, padded_reqs, placeholders)
+
+    def step_begin_packed(
+        self, step: int, key: bytes, unpadded_tokens: int, unpadded_reqs: int, padded_reqs: int, placeholders: int
+    ) -> None:
+        """``step_begin`` with the key already packed (``format.pack_key``): the plugin's hot path."""
         self._put(
-            P_STEP_BEGIN,
+            W_STEP_BEGIN,
             _K_STEP_BEGIN,
             step,
             time.monotonic_ns(),
-            MODE_CODES[key.mode],
-            key.uniform,
-            key.has_lora,
-            key.num_tokens,
-            -1 if key.num_reqs is None else key.num_reqs,
-            key.num_active_loras,
+            key,
             unpadded_tokens,
             unpadded_reqs,
             padded_reqs,
@@ -212,20 +225,11 @@ class Recorder:
 
     def launch(self, step: int, role: Role, key: GraphKey, manifest: int = 0) -> None:
         """A forward pass starts: a graph replay (manifest = its hash) or an eager run (0)."""
-        self._put(
-            P_LAUNCH,
-            _K_LAUNCH,
-            step,
-            time.monotonic_ns(),
-            int(role),
-            MODE_CODES[key.mode],
-            key.uniform,
-            key.has_lora,
-            key.num_tokens,
-            -1 if key.num_reqs is None else key.num_reqs,
-            key.num_active_loras,
-            manifest,
-        )
+        self._put(W_LAUNCH, _K_LAUNCH, step, time.monotonic_ns(), pack_launch(role, key, manifest))
+
+    def launch_packed(self, step: int, launch: bytes) -> None:
+        """``launch`` with role, key and manifest hash already packed (``format.pack_launch``)."""
+        self._put(W_LAUNCH, _K_LAUNCH, step, time.monotonic_ns(), launch)
 
     def collective(self, step: int, group: str, op: str, dtype: str, numel: int) -> None:
         """An eager collective issued by the host, numbered per group."""
@@ -335,6 +339,11 @@ class Recorder:
 
     def close(self) -> None:
         with self._lock:
+            self.enabled = False
+            for view in (self._head_words, self._ring_words):
+                if view is not None:
+                    view.release()  # the mapping cannot close while views of it exist
+            self._head_words = self._ring_words = None
             if self._mm is not None:
                 try:
                     self._mm.flush()

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from collectors.format import CollectiveOp, CUDAGraphMode, GraphKey, ProcessKind, Role
+from collectors.format import CollectiveOp, CUDAGraphMode, GraphKey, ProcessKind, Role, pack_key, pack_launch
 from collectors.recorder import Recorder, open_recorder
 
 log = logging.getLogger("watchdog.vllm")
@@ -166,16 +166,23 @@ MAX_KEYS = 4096  # translated keys kept per process (graph keys are a few dozen;
 
 class Keyed:
     """A graph key as the hot path uses it: translated once, with what each record needs precomputed
-    (the manifest hash per role, the request count that padding is measured against)."""
+    (the key's and each role's launch fields packed, the request count that padding is measured
+    against)."""
 
-    __slots__ = ("full_reqs", "graphed", "hashes", "key", "src")
+    __slots__ = ("begin", "full_reqs", "graphed", "hashes", "key", "launches", "src")
 
     def __init__(self, key: GraphKey, hashes: tuple[int, int], src: Any = None) -> None:
         self.key = key
         self.src = src  # the vLLM mode object the cache key names by id (kept alive, compared by identity)
-        self.hashes = hashes  # (model, drafter) manifest hash; 0: not captured, or eager
         self.graphed = key.mode is not CUDAGraphMode.NONE
         self.full_reqs = key.num_reqs if key.mode is CUDAGraphMode.FULL and key.num_reqs is not None else -1
+        self.begin = pack_key(key)
+        self.set_hashes(hashes)
+
+    def set_hashes(self, hashes: tuple[int, int]) -> None:
+        """(model, drafter) manifest hash; 0: not captured, or eager."""
+        self.hashes = hashes
+        self.launches = tuple(pack_launch(role, self.key, h) for role, h in zip(ROLES, hashes, strict=True))
 
 
 class WorkerState:
@@ -250,15 +257,9 @@ class WorkerState:
         rec = self.rec
         if role == 0 and not self.begun:
             self.begun = True
-            rec.step_begin(
-                self.step,
-                k.key,
-                unpadded_tokens=unpadded_tokens,
-                unpadded_reqs=unpadded_reqs,
-                padded_reqs=k.full_reqs - unpadded_reqs if k.full_reqs > unpadded_reqs else 0,
-                placeholders=self.placeholders,
-            )
-        rec.launch(self.step, ROLES[role], k.key, k.hashes[role])
+            padded = k.full_reqs - unpadded_reqs if k.full_reqs > unpadded_reqs else 0
+            rec.step_begin_packed(self.step, k.begin, unpadded_tokens, unpadded_reqs, padded, self.placeholders)
+        rec.launch_packed(self.step, k.launches[role])
 
     def end_step(self, ok: bool) -> None:
         if not self.ended:
@@ -300,7 +301,7 @@ class WorkerState:
             self.hashes[(role, key)] = self.rec.manifest(role, key, ops)
         for k in self.keys.values():  # keys translated before this capture now have manifests
             if k.graphed:
-                k.hashes = self._keyed(k.key).hashes
+                k.set_hashes(self._keyed(k.key).hashes)
 
 
 class ProcessState:
