@@ -19,8 +19,9 @@ from typing import Any
 
 import pytest
 
+from watchdog.analyzer.rings import describe
 from watchdog.demo.shmring import ShmRing
-from watchdog.evidence.rings import RingError, RingLayout, describe, inspect_ring
+from watchdog.evidence.rings import RingError, RingLayout, inspect_ring
 from watchdog.types import RingChunk
 
 REPO = Path(__file__).resolve().parents[1]

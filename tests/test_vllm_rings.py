@@ -5,7 +5,7 @@ tests/vllm_rings_child.py runs an engine (broadcast writer, response reader) and
 state. Meanwhile this process, which never imports vLLM, does what the agent does: reads the ledger
 directory, finds the rings (named by the engine ledger's ``rings`` entry, and again by discovery from
 /dev/shm and /proc), reads their flags (``watchdog.snapshot.read_rings``) and classifies them
-(``watchdog.evidence.rings.classify``). The stalled reader must be named, the writer-side "no free
+(``watchdog.analyzer.rings.classify``). The stalled reader must be named, the writer-side "no free
 block" state and the "read but never replied" state told apart.
 """
 
@@ -28,10 +28,11 @@ import contextlib
 
 from vllm_envs import VERSIONS, child_env, python_or_skip
 
+from watchdog.analyzer.diagnose import diagnose
+from watchdog.analyzer.rings import classify, describe
 from watchdog.evidence.discover import deployment_specs, discover_rings
-from watchdog.evidence.rings import RingVerdict, classify, describe
-from watchdog.snapshot import find_ring_specs, known_pids, read_ledger_dir, read_rings
-from watchdog.types import RingState
+from watchdog.snapshot import Sources, gather, known_pids
+from watchdog.types import RingState, RingVerdict, Verdict
 
 ROOT = Path(__file__).resolve().parent.parent
 CHILD = Path(__file__).parent / "vllm_rings_child.py"
@@ -115,15 +116,18 @@ class Child:
 
 
 def inspect(child: Child) -> tuple[RingVerdict, RingState, dict[int, RingState], Any]:
-    """What the agent sees: rings named by the engine ledger, read from /dev/shm, classified."""
-    ledgers = read_ledger_dir(child.ledgers)
-    specs, missing = find_ring_specs(ledgers, SHM, "/proc")
-    assert missing == []
-    states, unreadable = read_rings(specs, SHM)
-    assert unreadable == []
-    broadcast = next(s for s in states if s.role == "broadcast")
-    responses = {i: s for i, s in enumerate(s for s in states if s.role == "response")}
-    return classify(broadcast, responses), broadcast, responses, ledgers
+    """What the agent sees: the agent's own snapshot (ledgers, and the rings the engine ledger names,
+    read from /dev/shm) through the analyzer; its diagnosis carries the ring verdict."""
+    snap, ledgers, _ = gather(child.ledgers, Sources(stacks=None, procs=None, shm_dir=SHM))
+    assert not [m for m in snap.missing if "ring" in m], snap.missing
+    broadcast = next(s for s in snap.rings if s.role == "broadcast")
+    responses = {i: s for i, s in enumerate(s for s in snap.rings if s.role == "response")}
+    diag = diagnose(snap)
+    assert diag.rings is not None, diag
+    assert diag.rings == classify(broadcast, responses)
+    assert f"rings: {diag.rings.summary}" in diag.evidence or diag.verdict is Verdict.NO_DEADLOCK
+    assert diag.to_json()["rings"]["kind"] == diag.rings.kind
+    return diag.rings, broadcast, responses, ledgers
 
 
 def engine_lines(log: str, pid: int) -> list[str]:

@@ -122,6 +122,34 @@ class RingState:
 
 
 @dataclass(frozen=True)
+class RingVerdict:
+    """What the rings alone say about where a stalled engine <-> workers exchange stopped.
+
+    kind, most telling first:
+      ``broadcast_full``   every broadcast chunk is written and ``readers`` have read none of them:
+                           the writer (the engine) finds no free block: vLLM's "No available shared
+                           memory broadcast block found" on the writer side. Those readers stopped reading.
+      ``reader_behind``    ``readers`` have not read the latest broadcast(s) the others read; the ring
+                           still has room. Those readers are stuck before taking their request.
+      ``reply_unread``     every reader took every broadcast; the response rings of ``ranks`` hold
+                           replies the engine has not read (the engine is what stopped).
+      ``awaiting_reply``   every reader took every broadcast and no reply is waiting: a worker read its
+                           request and has not replied (the hang is inside the step; the engine waits
+                           in ``acquire_read``).
+      ``idle``             nothing was ever broadcast.
+      ``no_broadcast``     the broadcast ring could not be read.
+    """
+
+    kind: str
+    readers: tuple[int, ...]  # broadcast readers (local worker indexes) that did not read
+    ranks: tuple[int, ...]  # response rings (by worker rank) holding unread replies
+    summary: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "readers": list(self.readers), "ranks": list(self.ranks), "summary": self.summary}
+
+
+@dataclass(frozen=True)
 class ProcessEvidence:
     """Everything known about one process: a TP rank (rank >= 0) or the engine (rank None)."""
 
@@ -246,6 +274,7 @@ class Diagnosis:
     missing: tuple[str, ...] = ()
     evidence: tuple[str, ...] = ()
     findings: tuple[Finding, ...] = ()
+    rings: RingVerdict | None = None  # what vLLM's shm rings say (None: no ring was read)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -261,4 +290,5 @@ class Diagnosis:
             "summary": self.summary,
             "recommendation": self.recommendation.to_json(),
             "rules_fired": [f.rule for f in self.findings],
+            "rings": None if self.rings is None else self.rings.to_json(),
         }

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collectors.format import CUDAGraphMode, Role
 from watchdog.analyzer.config import AnalyzerConfig
 from watchdog.analyzer.facts import RankFacts, engine_facts, facts_of
+from watchdog.analyzer.rings import ring_verdict
 from watchdog.analyzer.rules import PRIORITY, RULES, Context, key_modes
 from watchdog.analyzer.stacks import where
 from watchdog.keys import next_rung
@@ -107,6 +108,7 @@ def diagnose(snapshot: Snapshot, cfg: AnalyzerConfig | None = None) -> Diagnosis
         findings.extend(rule.fn(ctx, cfg))
     findings.sort(key=lambda f: PRIORITY.index(f.verdict))
     top = findings[0] if findings else None
+    rings = ring_verdict(snapshot.rings)
     div = next((f.divergence for f in findings if f.divergence is not None), None)
     reports = {r: _report(f, div) for r, f in facts.items()}
 
@@ -122,8 +124,13 @@ def diagnose(snapshot: Snapshot, cfg: AnalyzerConfig | None = None) -> Diagnosis
             summary = "no rank is inside an unfinished step and the engine has nothing pending"
         else:
             summary = "a stall, but no rule could explain it" + (f": {stuck}" if stuck else "")
+            if rings is not None and rings.kind not in ("idle", "no_broadcast"):
+                summary += f"; rings: {rings.summary}"
             if missing:
                 summary += f" (missing: {'; '.join(missing)})"
+    # A healthy server mid-step also has a request taken and no reply yet: the rings are evidence
+    # only about a stall.
+    ring_line = (f"rings: {rings.summary}",) if rings is not None and verdict is not Verdict.NO_DEADLOCK else ()
     return Diagnosis(
         verdict=verdict,
         step=step,
@@ -134,8 +141,9 @@ def diagnose(snapshot: Snapshot, cfg: AnalyzerConfig | None = None) -> Diagnosis
         first_divergence=div,
         novelty=top.novelty if top is not None else (),
         missing=tuple(missing),
-        evidence=top.evidence if top is not None else (),
+        evidence=(top.evidence if top is not None else ()) + ring_line,
         findings=tuple(findings),
+        rings=rings,
     )
 
 

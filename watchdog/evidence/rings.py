@@ -13,7 +13,6 @@ reader whose flags stay 0, without touching (or pausing) any process.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -107,86 +106,3 @@ def inspect_ring(name: str, layout: RingLayout, role: str, shm_dir: str = "/dev/
         for i in range(0, layout.metadata_size, step)
     )
     return RingState(name, role, layout.n_readers, chunks)
-
-
-def describe(state: RingState) -> str:
-    """One line, e.g. ``broadcast psm_ab12: 3 chunks written; reader 2 has 3 unread, readers 0,1 caught up``."""
-    written = sum(1 for c in state.chunks if c.written)
-    lagging = [r for r in range(state.n_readers) if state.unread_by(r)]
-    caught_up = [str(r) for r in range(state.n_readers) if r not in lagging]
-    readers = [f"reader {r} has {state.unread_by(r)} unread" for r in lagging]
-    if caught_up:
-        readers.append(f"reader{'s' if len(caught_up) > 1 else ''} {','.join(caught_up)} caught up")
-    chunks = "chunk" if written == 1 else "chunks"
-    return f"{state.role} {state.name}: {written} {chunks} written; {', '.join(readers)}"
-
-
-@dataclass(frozen=True)
-class RingVerdict:
-    """What the rings alone say about where a stalled engine <-> workers exchange stopped.
-
-    kind, most telling first:
-      ``broadcast_full``   every broadcast chunk is written and ``readers`` have read none of them:
-                           the writer (the engine) finds no free block: vLLM's "No available shared
-                           memory broadcast block found" on the writer side. Those readers stopped reading.
-      ``reader_behind``    ``readers`` have not read the latest broadcast(s) the others read; the ring
-                           still has room. Those readers are stuck before taking their request.
-      ``reply_unread``     every reader took every broadcast; the response rings of ``ranks`` hold
-                           replies the engine has not read (the engine is what stopped).
-      ``awaiting_reply``   every reader took every broadcast and no reply is waiting: a worker read its
-                           request and has not replied (the hang is inside the step; the engine waits
-                           in ``acquire_read``).
-      ``idle``             nothing was ever broadcast.
-      ``no_broadcast``     the broadcast ring could not be read.
-    """
-
-    kind: str
-    readers: tuple[int, ...]  # broadcast readers (local worker indexes) that did not read
-    ranks: tuple[int, ...]  # response rings (by worker rank) holding unread replies
-    summary: str
-
-
-def classify(broadcast: RingState | None, responses: Mapping[int, RingState]) -> RingVerdict:
-    """The ``RingVerdict`` for one deployment's broadcast ring and its response rings (rank -> ring)."""
-    unread_replies = tuple(sorted(r for r, st in responses.items() if st.n_readers >= 1 and st.unread_by(0)))
-    if broadcast is None:
-        return RingVerdict("no_broadcast", (), unread_replies, "the broadcast ring could not be read")
-    written = sum(1 for c in broadcast.chunks if c.written)
-    if written == 0:
-        return RingVerdict("idle", (), unread_replies, f"broadcast {broadcast.name}: nothing broadcast yet")
-    unread = {r: broadcast.unread_by(r) for r in range(broadcast.n_readers)}
-    behind = tuple(r for r, n in unread.items() if n)
-    full = len(broadcast.chunks)
-    blocking = tuple(r for r in behind if unread[r] == full)
-    if blocking:
-        names = ", ".join(map(str, blocking))
-        return RingVerdict(
-            "broadcast_full",
-            blocking,
-            unread_replies,
-            f"broadcast {broadcast.name}: all {full} chunks written and unread by reader {names}: "
-            "the engine has no free block to write (reader stopped reading)",
-        )
-    if behind:
-        parts = ", ".join(f"reader {r} ({unread[r]} unread)" for r in behind)
-        return RingVerdict(
-            "reader_behind",
-            behind,
-            unread_replies,
-            f"broadcast {broadcast.name}: {parts} did not read what the other readers read",
-        )
-    if unread_replies:
-        ranks = ", ".join(map(str, unread_replies))
-        return RingVerdict(
-            "reply_unread",
-            (),
-            unread_replies,
-            f"every reader took every broadcast; replies from rank {ranks} wait unread by the engine",
-        )
-    return RingVerdict(
-        "awaiting_reply",
-        (),
-        (),
-        f"broadcast {broadcast.name}: every reader took every broadcast and no reply is waiting: "
-        "a worker read its request and has not replied",
-    )
