@@ -25,6 +25,7 @@ from __future__ import annotations
 import enum
 import struct
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final
 
@@ -91,6 +92,7 @@ class Role(enum.IntEnum):
 
 class RecordKind(enum.IntEnum):
     STEP_BEGIN = 1
+    STEP_BEGIN_LAUNCH = 5  # a step's begin with the model's launch folded in: one record, not two
     STEP_END = 2
     LAUNCH = 3
     COLLECTIVE = 4
@@ -103,6 +105,8 @@ class RecordKind(enum.IntEnum):
 # STEP_BEGIN: step, mono, mode, uniform, has_lora, num_tokens, num_reqs(-1=None),
 #             active_loras, unpadded_tokens, unpadded_reqs, padded_reqs, placeholders
 P_STEP_BEGIN: Final = struct.Struct("<QH6xqqBBBxIiHxxIIII")
+# STEP_BEGIN_LAUNCH: the STEP_BEGIN fields, then the model launch's manifest hash (0: eager)
+P_STEP_BEGIN_LAUNCH: Final = struct.Struct("<QH6xqqBBBxIiHxxIIIII")
 P_STEP_END: Final = struct.Struct("<QH6xqqB")  # step, mono, ok
 # LAUNCH: step, mono, role, mode, uniform, has_lora, num_tokens, num_reqs, active_loras, manifest hash
 P_LAUNCH: Final = struct.Struct("<QH6xqqBBBBIiHxxI")
@@ -114,17 +118,27 @@ P_ENGINE_STEP: Final = struct.Struct("<QH6xqqIIIIIIII")
 P_ENGINE_RESULT: Final = struct.Struct("<QH6xqqBxxxIII")  # step, mono, ok, running, waiting, finished
 P_ENGINE_QUEUE: Final = struct.Struct("<QH6xqII")  # mono, running, waiting
 
-for _s in (P_STEP_BEGIN, P_STEP_END, P_LAUNCH, P_COLLECTIVE, P_ENGINE_STEP, P_ENGINE_RESULT, P_ENGINE_QUEUE):
+_LAYOUTS = (P_STEP_BEGIN, P_STEP_BEGIN_LAUNCH, P_STEP_END, P_LAUNCH, P_COLLECTIVE, P_ENGINE_STEP, P_ENGINE_RESULT)
+for _s in (*_LAYOUTS, P_ENGINE_QUEUE):
     assert _s.size <= TRAILER_OFFSET, _s.format
 
 # What the writer packs: the same bytes, but the fields a graph key fixes come pre-packed (once per
 # key) and are copied per record. KEY_FIELDS: mode, uniform, has_lora, num_tokens, num_reqs (-1 =
 # None), active_loras. LAUNCH_FIELDS: role, then the key's fields, then the manifest hash.
+# The records written every step share one shape (step, time, a pre-packed block, five u32) so
+# that the recorder writes them through one fixed-arity path: a record with fewer u32 gets zeros,
+# which land in bytes its reader does not look at.
 KEY_FIELDS: Final = struct.Struct("<BBBxIiHxx")
 LAUNCH_FIELDS: Final = struct.Struct("<BBBBIiHxxI")
-W_STEP_BEGIN: Final = struct.Struct(f"<QH6xqq{KEY_FIELDS.size}sIIII")
-W_LAUNCH: Final = struct.Struct(f"<QH6xqq{LAUNCH_FIELDS.size}s")
-assert W_STEP_BEGIN.size == P_STEP_BEGIN.size and W_LAUNCH.size == P_LAUNCH.size
+W_STEP_BEGIN: Final = struct.Struct(f"<QH6xqq{KEY_FIELDS.size}sIIIII")  # 5th u32 unused
+W_STEP_BEGIN_LAUNCH: Final = struct.Struct(f"<QH6xqq{KEY_FIELDS.size}sIIIII")
+W_LAUNCH: Final = struct.Struct(f"<QH6xqq{LAUNCH_FIELDS.size}sIIIII")  # u32s unused
+W_STEP_END: Final = struct.Struct("<QH6xqq1sIIIII")  # ok as one byte; u32s unused
+COLLECTIVE_FIELDS: Final = struct.Struct("<8sBB6x")  # group, op, dtype: what names one kind of collective
+W_COLLECTIVE: Final = struct.Struct(f"<QH6xqq{COLLECTIVE_FIELDS.size}sQQ")
+for _w, _p in ((W_STEP_BEGIN, P_STEP_BEGIN), (W_LAUNCH, P_LAUNCH), (W_STEP_END, P_STEP_END)):
+    assert _p.size <= _w.size <= TRAILER_OFFSET, _w.format
+assert W_STEP_BEGIN_LAUNCH.size == P_STEP_BEGIN_LAUNCH.size and W_COLLECTIVE.size == P_COLLECTIVE.size
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,6 +216,11 @@ def pack_launch(role: Role, key: GraphKey, manifest: int) -> bytes:
     )
 
 
+def pack_collective(group: str, op: str, dtype: str) -> bytes:
+    """Group, op and dtype as a COLLECTIVE record holds them (``W_COLLECTIVE``); unknown names read "unknown"."""
+    return COLLECTIVE_FIELDS.pack(group.encode()[:8], code_of(OPS, op), code_of(DTYPES, dtype))
+
+
 def manifest_hash(collectives: tuple[CollectiveOp, ...] | list[CollectiveOp]) -> int:
     text = ";".join(f"{c.op},{c.group},{c.dtype},{c.numel}" for c in collectives)
     return zlib.crc32(text.encode())
@@ -220,6 +239,7 @@ class StepBegin:
     unpadded_reqs: int
     padded_reqs: int
     placeholders: int
+    launch: Launch | None = None  # the model's launch, when the writer folded it into this record
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,6 +307,18 @@ class EngineQueue:
 
 
 Record = StepBegin | StepEnd | Launch | Collective | EngineStep | EngineResult | EngineQueue
+
+
+def launches(records: Iterable[Record]) -> list[Launch]:
+    """Every launch in ``records``, in order: the LAUNCH records and the model launches folded into
+    step begins (``STEP_BEGIN_LAUNCH``)."""
+    out: list[Launch] = []
+    for rec in records:
+        if isinstance(rec, Launch):
+            out.append(rec)
+        elif isinstance(rec, StepBegin) and rec.launch is not None:
+            out.append(rec.launch)
+    return out
 
 
 @dataclass(frozen=True, slots=True)

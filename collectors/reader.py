@@ -33,6 +33,7 @@ from collectors.format import (
     P_ENGINE_STEP,
     P_LAUNCH,
     P_STEP_BEGIN,
+    P_STEP_BEGIN_LAUNCH,
     P_STEP_END,
     SLOT_HEAD,
     SLOT_SIZE,
@@ -127,6 +128,12 @@ def decode_slot(slot: bytes, expected_seq: int) -> Record | None:
         if kind == RecordKind.STEP_BEGIN:
             step, mono, mode, uni, lora, tok, reqs, loras, ut, ur, pad, ph = P_STEP_BEGIN.unpack_from(slot, 0)[2:]
             return StepBegin(seq, step, mono, _key(mode, uni, lora, tok, reqs, loras), ut, ur, pad, ph)
+        if kind == RecordKind.STEP_BEGIN_LAUNCH:
+            step, mono, mode, uni, lora, tok, reqs, loras, ut, ur, pad, ph, h = P_STEP_BEGIN_LAUNCH.unpack_from(
+                slot, 0
+            )[2:]
+            key = _key(mode, uni, lora, tok, reqs, loras)
+            return StepBegin(seq, step, mono, key, ut, ur, pad, ph, Launch(seq, step, mono, Role.MODEL, key, h))
         if kind == RecordKind.STEP_END:
             step, mono, ok = P_STEP_END.unpack_from(slot, 0)[2:]
             return StepEnd(seq, step, mono, bool(ok))

@@ -25,7 +25,6 @@ from collectors.format import (
     CURSOR_OFFSET,
     DEFAULT_META_SIZE,
     DEFAULT_SLOTS,
-    DTYPES,
     FORMAT_VERSION,
     HEADER_CRC_OFFSET,
     HEADER_SIZE,
@@ -33,25 +32,25 @@ from collectors.format import (
     MAGIC,
     META_HEAD,
     META_USED_OFFSET,
-    OPS,
-    P_COLLECTIVE,
     P_ENGINE_QUEUE,
     P_ENGINE_RESULT,
     P_ENGINE_STEP,
-    P_STEP_END,
     SLOT_SIZE,
     TRAILER_OFFSET,
     U32,
     U64,
+    W_COLLECTIVE,
     W_LAUNCH,
     W_STEP_BEGIN,
+    W_STEP_BEGIN_LAUNCH,
+    W_STEP_END,
     CollectiveOp,
     GraphKey,
     ProcessKind,
     RecordKind,
     Role,
-    code_of,
     manifest_hash,
+    pack_collective,
     pack_key,
     pack_launch,
 )
@@ -64,10 +63,12 @@ _BUSY_U64 = (1 << 64) - 1
 _CURSOR_WORD = CURSOR_OFFSET // 8
 _SLOT_WORDS = SLOT_SIZE // 8
 _TRAILER_WORD = TRAILER_OFFSET // 8
+_OK, _NOT_OK = b"\x01", b"\x00"
 
 
 # Plain ints: packing an IntEnum member costs an __index__ call on the hot path.
 _K_STEP_BEGIN = int(RecordKind.STEP_BEGIN)
+_K_STEP_BEGIN_LAUNCH = int(RecordKind.STEP_BEGIN_LAUNCH)
 _K_STEP_END = int(RecordKind.STEP_END)
 _K_LAUNCH = int(RecordKind.LAUNCH)
 _K_COLLECTIVE = int(RecordKind.COLLECTIVE)
@@ -195,6 +196,28 @@ class Recorder:
         except Exception as exc:
             self._disable(exc)
 
+    def _put_step(
+        self, layout: Struct, kind: int, step: int, block: bytes, a: int, b: int, c: int, d: int, e: int
+    ) -> None:
+        """``_put`` for the records the vLLM plugin writes every step (``W_STEP_BEGIN``-shaped layouts):
+        fixed arity, so no argument tuple is built and unpacked (~0.5 us of ~1.4 per record)."""
+        if not self.enabled:
+            return
+        try:
+            seq = next(self._seqs)
+            i = seq % self._n
+            words, mm = self._ring_words, self._mm
+            assert words is not None and mm is not None
+            trailer = i * _SLOT_WORDS + _TRAILER_WORD
+            words[trailer] = _BUSY_U64  # as in _put
+            layout.pack_into(
+                mm, self._ring_off + i * SLOT_SIZE, seq, kind, step, time.monotonic_ns(), block, a, b, c, d, e
+            )
+            words[trailer] = seq
+            self._head_words[_CURSOR_WORD] = seq + 1  # type: ignore[index]
+        except Exception as exc:
+            self._disable(exc)
+
     def step_begin(
         self,
         step: int,
@@ -204,53 +227,71 @@ class Recorder:
         unpadded_reqs: int,
         padded_reqs: int = 0,
         placeholders: int = 0,
+        launch_manifest: int | None = None,
     ) -> None:
-        self.step_begin_packed(step, pack_key(key), unpadded_tokens, unpadded_reqs, padded_reqs, placeholders)
+        """A step begins with ``key`` as its graph key. With ``launch_manifest`` (the manifest hash, 0 for
+        an eager run) the model's launch is folded into this record: one record instead of two."""
+        packed = pack_key(key)
+        if launch_manifest is None:
+            self.step_begin_packed(step, packed, unpadded_tokens, unpadded_reqs, padded_reqs, placeholders)
+        else:
+            self.step_begin_launch_packed(
+                step, packed, unpadded_tokens, unpadded_reqs, padded_reqs, placeholders, launch_manifest
+            )
 
     def step_begin_packed(
         self, step: int, key: bytes, unpadded_tokens: int, unpadded_reqs: int, padded_reqs: int, placeholders: int
     ) -> None:
-        """``step_begin`` with the key already packed (``format.pack_key``): the plugin's hot path."""
-        self._put(
-            W_STEP_BEGIN,
-            _K_STEP_BEGIN,
+        """``step_begin`` with the key already packed (``format.pack_key``)."""
+        self._put_step(
+            W_STEP_BEGIN, _K_STEP_BEGIN, step, key, unpadded_tokens, unpadded_reqs, padded_reqs, placeholders, 0
+        )
+
+    def step_begin_launch_packed(
+        self,
+        step: int,
+        key: bytes,
+        unpadded_tokens: int,
+        unpadded_reqs: int,
+        padded_reqs: int,
+        placeholders: int,
+        manifest: int,
+    ) -> None:
+        """A step's begin and its model launch in one record (``STEP_BEGIN_LAUNCH``): the plugin's hot path."""
+        self._put_step(
+            W_STEP_BEGIN_LAUNCH,
+            _K_STEP_BEGIN_LAUNCH,
             step,
-            time.monotonic_ns(),
             key,
             unpadded_tokens,
             unpadded_reqs,
             padded_reqs,
             placeholders,
+            manifest,
         )
 
     def launch(self, step: int, role: Role, key: GraphKey, manifest: int = 0) -> None:
         """A forward pass starts: a graph replay (manifest = its hash) or an eager run (0)."""
-        self._put(W_LAUNCH, _K_LAUNCH, step, time.monotonic_ns(), pack_launch(role, key, manifest))
+        self.launch_packed(step, pack_launch(role, key, manifest))
 
     def launch_packed(self, step: int, launch: bytes) -> None:
         """``launch`` with role, key and manifest hash already packed (``format.pack_launch``)."""
-        self._put(W_LAUNCH, _K_LAUNCH, step, time.monotonic_ns(), launch)
+        self._put_step(W_LAUNCH, _K_LAUNCH, step, launch, 0, 0, 0, 0, 0)
 
     def collective(self, step: int, group: str, op: str, dtype: str, numel: int) -> None:
         """An eager collective issued by the host, numbered per group."""
+        self.collective_packed(step, group, pack_collective(group, op, dtype), numel)
+
+    def collective_packed(self, step: int, group: str, ident: bytes, numel: int) -> None:
+        """``collective`` with group, op and dtype already packed (``format.pack_collective``)."""
         if not self.enabled:
             return
         seq = self._group_seq.get(group, 0)
         self._group_seq[group] = seq + 1
-        self._put(
-            P_COLLECTIVE,
-            _K_COLLECTIVE,
-            step,
-            time.monotonic_ns(),
-            group.encode()[:8],
-            code_of(OPS, op),
-            code_of(DTYPES, dtype),
-            numel,
-            seq,
-        )
+        self._put(W_COLLECTIVE, _K_COLLECTIVE, step, time.monotonic_ns(), ident, numel, seq)
 
     def step_end(self, step: int, ok: bool = True) -> None:
-        self._put(P_STEP_END, RecordKind.STEP_END, step, time.monotonic_ns(), ok)
+        self._put_step(W_STEP_END, _K_STEP_END, step, _OK if ok else _NOT_OK, 0, 0, 0, 0, 0)
 
     def engine_step(
         self,
@@ -293,7 +334,7 @@ class Recorder:
         )
 
     def engine_queue(self, *, running: int, waiting: int) -> None:
-        self._put(P_ENGINE_QUEUE, RecordKind.ENGINE_QUEUE, time.monotonic_ns(), running, waiting)
+        self._put(P_ENGINE_QUEUE, _K_ENGINE_QUEUE, time.monotonic_ns(), running, waiting)
 
     # ---- meta area -------------------------------------------------------------------
 

@@ -2,7 +2,7 @@
 
 dep = Deployment(tmp_path, tp=2, mode="FULL_AND_PIECEWISE")
 dep.decode_step(0, reqs=16)                 # every rank, every record, step closed
-dep.decode_step(1, reqs=15, open_on=[0, 1])  # stuck: begun and launched, not ended
+dep.decode_step(1, reqs=15, open_on=[0, 1])  # stuck: begun + launched (one record), not ended
 snap = dep.snapshot(host={0: "sync", 1: "sync"}, device={0: "kernel", 1: "kernel"})
 """
 
@@ -118,6 +118,8 @@ class Deployment:
         for r, rec in enumerate(self.ranks):
             if r in skip:
                 continue
+            # As the vLLM plugin writes it: a graphed model launch folded into the step's begin record.
+            fold = r not in not_launched and d.key.mode is not CUDAGraphMode.NONE
             rec.step_begin(
                 step,
                 d.key,
@@ -125,10 +127,12 @@ class Deployment:
                 unpadded_reqs=reqs,
                 padded_reqs=d.padded_reqs,
                 placeholders=reqs * self.num_spec,
+                launch_manifest=self.hashes[(Role.MODEL, d.key)] if fold else None,
             )
             if r in not_launched:
                 continue
-            self.launch(r, step, Role.MODEL, d.key)
+            if not fold:
+                self.launch(r, step, Role.MODEL, d.key)
             if self.num_spec:
                 dtok = (drafter_override or {}).get(r, tokens)
                 self.launch(r, step, Role.DRAFTER, drafter_dispatch(self.cfg, dtok), eager_layers=1)

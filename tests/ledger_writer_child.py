@@ -55,7 +55,11 @@ def expected(seq: int) -> Record:
     """Record ``seq`` as ``write`` produces it, with mono_ns 0."""
     kind = seq % KINDS
     if kind == 0:
-        return StepBegin(seq, seq, 0, key_of(seq), (seq * 5) & M32, (seq * 11) & M32, (seq * 13) & M32, seq & 0xFF)
+        # every other step begin carries the model launch folded in (STEP_BEGIN_LAUNCH)
+        folded = Launch(seq, seq, 0, Role.MODEL, key_of(seq), (seq * 40503) & M32) if seq // KINDS % 2 else None
+        return StepBegin(
+            seq, seq, 0, key_of(seq), (seq * 5) & M32, (seq * 11) & M32, (seq * 13) & M32, seq & 0xFF, folded
+        )
     if kind == 1:
         return Launch(seq, seq, 0, Role(seq & 1), key_of(seq), (seq * 2654435761) & M32)
     if kind == 2:
@@ -86,6 +90,7 @@ def write(rec: Recorder, seq: int) -> None:
             unpadded_reqs=r.unpadded_reqs,
             padded_reqs=r.padded_reqs,
             placeholders=r.placeholders,
+            launch_manifest=None if r.launch is None else r.launch.manifest_hash,
         )
     elif isinstance(r, Launch):
         rec.launch(r.step, r.role, r.key, r.manifest_hash)

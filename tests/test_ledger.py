@@ -76,6 +76,8 @@ def child_env() -> dict[str, str]:
 
 
 def bare(r: Record) -> Record:
+    if isinstance(r, StepBegin) and r.launch is not None:
+        return dataclasses.replace(r, mono_ns=0, launch=dataclasses.replace(r.launch, mono_ns=0))
     return dataclasses.replace(r, mono_ns=0)
 
 
@@ -178,6 +180,9 @@ def test_round_trip_every_record_kind_meta_and_header(tmp_path: Path) -> None:
         rec.engine_result(9, ok=True, running=11, waiting=5, finished=1)
         rec.engine_result(10, ok=False, running=0, waiting=0, finished=0)
         rec.engine_queue(running=4, waiting=9)
+        rec.step_begin(
+            11, full, unpadded_tokens=30, unpadded_reqs=15, padded_reqs=1, placeholders=15, launch_manifest=h
+        )  # the model launch folded in
         after = time.monotonic_ns()
 
         led = read_ledger(rec.path)
@@ -199,6 +204,7 @@ def test_round_trip_every_record_kind_meta_and_header(tmp_path: Path) -> None:
         EngineResult(11, 9, 0, True, 11, 5, 1),
         EngineResult(12, 10, 0, False, 0, 0, 0),
         EngineQueue(13, 0, 4, 9),
+        StepBegin(14, 11, 0, full, 30, 15, 1, 15, Launch(14, 11, 0, Role.MODEL, full, h)),
     ]
     assert [bare(r) for r in led.records] == want
     monos = [r.mono_ns for r in led.records]

@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 
 from collectors.format import Collective as CollectiveRec
-from collectors.format import CollectiveOp, CUDAGraphMode, GraphKey, Launch, Role, StepBegin, StepEnd
+from collectors.format import CollectiveOp, CUDAGraphMode, GraphKey, Role, StepBegin, StepEnd
+from collectors.format import launches as format_launches
 from collectors.reader import read_ledger
 from collectors.vllm import register
 from collectors.vllm import state as st
@@ -102,7 +103,7 @@ def test_steps_capture_and_collectives_reach_the_ledger(tmp_path: Path) -> None:
         (0, full, 15, 1, 15),
         (1, eager, 3, 0, 0),
     ]
-    launches = [(r.step, r.role, r.key, r.manifest_hash) for r in recs if isinstance(r, Launch)]
+    launches = [(r.step, r.role, r.key, r.manifest_hash) for r in format_launches(recs)]
     by_key = {m.key: m.hash for m in ledger.manifests.values()}
     assert launches == [
         (0, Role.MODEL, full, by_key[full]),
@@ -314,7 +315,7 @@ def test_hook_wrappers_cache_keys_and_pick_up_manifests(tmp_path: Path, monkeypa
     # each captured graph holds the collective issued after its key was chosen
     assert manifests[(Role.MODEL, full)].collectives == (CollectiveOp("all_reduce", "tp", "bfloat16", 4096),)
     assert manifests[(Role.DRAFTER, pw)].collectives == (CollectiveOp("all_reduce", "tp", "bfloat16", 16),)
-    launches = [(r.step, r.role, r.key, r.manifest_hash) for r in ledger.records if isinstance(r, Launch)]
+    launches = [(r.step, r.role, r.key, r.manifest_hash) for r in format_launches(ledger.records)]
     h_model, h_drafter = manifests[(Role.MODEL, full)].hash, manifests[(Role.DRAFTER, pw)].hash
     eager = GraphKey(CUDAGraphMode.NONE, 300)
     assert launches == [
@@ -410,5 +411,5 @@ def test_v2_dispatch_hook_both_descriptor_shapes(
         if isinstance(b, StepBegin)
     ]
     assert begins == [(0, k_full, 15, 1, 15), (1, k_full, 15, 1, 15)]
-    launches = [(r.step, r.role, r.key) for r in ledger.records if isinstance(r, Launch)]
+    launches = [(r.step, r.role, r.key) for r in format_launches(ledger.records)]
     assert launches == [(s, role, k) for s in (0, 1) for role, k in ((Role.MODEL, k_full), (Role.DRAFTER, k_pw))]

@@ -1,18 +1,19 @@
 """``watchdog bench plugin``: what the vLLM plugin's hooks cost per step per rank.
 
-One decode step under FULL_AND_PIECEWISE with MTP=1 goes through four hooks on each rank:
-``Worker.execute_model`` (step number, draft placeholders), the model's graph-key choice
-(``step_begin`` + ``launch``), the drafter's graph-key choice (``launch``) and
-``Worker.sample_tokens`` (``step_end``). This times exactly those wrappers (collectors.vllm.hooks)
-around do-nothing originals, fed descriptor objects shaped like vLLM's (``BatchDescriptor``,
-``CUDAGraphMode``), so the figure is the plugin's own cost, not vLLM's. Median of ``repeats`` runs.
-An eager collective (one record each) is timed separately: eager steps issue one per all-reduce.
+One decode step under FULL_AND_PIECEWISE with MTP=1 goes through four hooks on each rank and
+writes three records: ``Worker.execute_model`` (step number, draft placeholders), the model's
+graph-key choice (the step's begin with the model launch folded in: one ``STEP_BEGIN_LAUNCH``
+record), the drafter's graph-key choice (``LAUNCH``) and ``Worker.sample_tokens`` (``STEP_END``).
+This times exactly those wrappers (collectors.vllm.hooks) around do-nothing originals, fed
+descriptor objects shaped like vLLM's (``BatchDescriptor``, ``CUDAGraphMode``), so the figure is
+the plugin's own cost, not vLLM's. Median of ``repeats`` runs. An eager collective (one record
+each) is timed separately: eager steps issue one per all-reduce.
 
-The same four records written straight through the recorder's public API are timed too
-(``records_floor``): what any plugin recording these four records pays. Bare, hooked and floor runs
-alternate within each repeat, so all three see the same machine noise (the CI machine has 2 busy
-cores: quote medians). ``tests/vllm_dispatch_child.py bench`` times the same wrappers around vLLM's
-real classes instead of stand-ins.
+The same three records written straight through the recorder (keys pre-packed, as the plugin
+does) are timed too (``records_floor``): what any plugin recording them pays. Bare, hooked and
+floor runs alternate within each repeat, so all three see the same machine noise (the CI machine
+has 2 busy cores: quote medians). ``tests/vllm_dispatch_child.py bench`` times the same wrappers
+around vLLM's real classes instead of stand-ins.
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ def _interleaved(fns: list[Callable[[], None]], n: int, repeats: int) -> list[li
 
 def bench_plugin(*, steps: int = 20000, repeats: int = 7, reqs: int = 15) -> dict[str, Any]:
     """Median ns per step (hooked minus bare) for a ``reqs`` x 2-token decode step, and per eager collective."""
-    from collectors.format import CUDAGraphMode, GraphKey, Role
+    from collectors.format import CUDAGraphMode, GraphKey, Role, pack_key, pack_launch
     from collectors.vllm import hooks, state
     from collectors.vllm.hooks import Hook, Target
 
@@ -134,10 +135,11 @@ def bench_plugin(*, steps: int = 20000, repeats: int = 7, reqs: int = 15) -> dic
             key = GraphKey(CUDAGraphMode.FULL, 32, 16, uniform=True)
             dkey = GraphKey(CUDAGraphMode.PIECEWISE, 32)
 
-            def floor_step() -> None:  # the same four records, no hook
-                rec.step_begin(0, key, unpadded_tokens=2 * reqs, unpadded_reqs=reqs, padded_reqs=1, placeholders=reqs)
-                rec.launch(0, Role.MODEL, key, 0)
-                rec.launch(0, Role.DRAFTER, dkey, 0)
+            packed_key, drafter_launch = pack_key(key), pack_launch(Role.DRAFTER, dkey, 0)
+
+            def floor_step() -> None:  # the same three records, no hook
+                rec.step_begin_launch_packed(0, packed_key, 2 * reqs, reqs, 1, reqs, 0)
+                rec.launch_packed(0, drafter_launch)
                 rec.step_end(0, True)
 
             def eager() -> None:
@@ -161,7 +163,7 @@ def bench_plugin(*, steps: int = 20000, repeats: int = 7, reqs: int = 15) -> dic
     per_step_us = (hooked - base) / 1000
     return {
         "schema": SCHEMA,
-        "step": f"decode, {reqs} requests x 2 tokens, FULL model graph + PIECEWISE drafter (4 hooks, 4 records)",
+        "step": f"decode, {reqs} requests x 2 tokens, FULL model graph + PIECEWISE drafter (4 hooks, 3 records)",
         "us_per_step_median": round(per_step_us, 3),
         "us_per_step_runs": [round(x, 3) for x in per_run],
         "us_records_floor_median": round(floor / 1000, 3),

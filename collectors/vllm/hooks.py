@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from collectors.format import GraphKey, Role
+from collectors.format import GraphKey, Role, pack_collective
 from collectors.vllm.state import (
     STATE,
     WorkerState,
@@ -336,7 +336,9 @@ def _execute_model(hook: Hook, orig: Any) -> Callable[..., Any]:
                 ws = STATE.ws or _worker_of(self)
                 if ws is not None:
                     spec = getattr(scheduler_output, "scheduled_spec_decode_tokens", None)
-                    ws.begin_step(sum(map(len, spec.values())) if spec else 0)
+                    # vLLM schedules a request's drafts only if it has some: with one draft token
+                    # per request each list holds exactly one
+                    ws.begin_step((len(spec) if ws.one_draft else sum(map(len, spec.values()))) if spec else 0)
             except Exception as exc:
                 hook.fail(exc)
         try:
@@ -359,8 +361,12 @@ def _sample_tokens(hook: Hook, orig: Any) -> Callable[..., Any]:
         except BaseException:
             _end(hook, False)
             raise
-        if hook.on and STATE.ws is not None and not STATE.ws.ended:
-            _end(hook, True)
+        ws = STATE.ws
+        if ws is not None and not ws.ended and hook.on:
+            try:
+                ws.end_step(True)
+            except Exception as exc:
+                hook.fail(exc)
         return out
 
     return wrapper
@@ -393,6 +399,9 @@ def _group(unique_name: Any) -> str:
 
 def _collective(op_name: str) -> Callable[[Hook, Any], Callable[..., Any]]:
     def make(hook: Hook, orig: Any) -> Callable[..., Any]:
+        # (group's unique_name, torch dtype) -> (group, packed group/op/dtype): one lookup per eager call
+        idents: dict[tuple[Any, Any], tuple[str, bytes]] = {}
+
         def wrapper(self: Any, input_: Any, *args: Any, **kwargs: Any) -> Any:
             if hook.on:
                 try:
@@ -403,10 +412,16 @@ def _collective(op_name: str) -> Callable[[Hook, Any], Callable[..., Any]]:
                         elif not ws.ended:  # eager, inside a step: straight to the ledger
                             if isinstance(input_, list | tuple):
                                 op = tensor_op(op_name, "", input_)
-                                dtype, numel = op.dtype, op.numel
+                                ws.rec.collective(ws.step, _group(self.unique_name), op_name, op.dtype, op.numel)
                             else:
-                                dtype, numel = dtype_name(input_.dtype), input_.numel()
-                            ws.rec.collective(ws.step, _group(self.unique_name), op_name, dtype, numel)
+                                ck = (self.unique_name, input_.dtype)
+                                ident = idents.get(ck)
+                                if ident is None:
+                                    group = _group(self.unique_name)
+                                    ident = (group, pack_collective(group, op_name, dtype_name(input_.dtype)))
+                                    if len(idents) < 256:
+                                        idents[ck] = ident
+                                ws.rec.collective_packed(ws.step, ident[0], ident[1], input_.numel())
                 except Exception as exc:
                     hook.fail(exc)
             return orig(self, input_, *args, **kwargs)

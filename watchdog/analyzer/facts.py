@@ -132,6 +132,9 @@ def traces(ledger: Ledger | None) -> dict[int, StepTrace]:
             trace = out.setdefault(rec.step, StepTrace(rec.step))
             if isinstance(rec, StepBegin):
                 trace.begin = rec
+                if rec.launch is not None:  # the model launch folded into the begin record
+                    trace.launches.append(rec.launch)
+                    trace.events.append(rec.launch)
             elif isinstance(rec, StepEnd):
                 trace.end = rec
             elif isinstance(rec, Launch):
