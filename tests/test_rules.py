@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from watchdog.analyzer import diagnose
-from watchdog.types import RankState, StallInfo, Verdict
+from watchdog.types import RankState, RingChunk, RingState, StallInfo, Verdict
 
 from .factory import Deployment
 
@@ -150,3 +151,39 @@ def test_no_ledgers_is_inconclusive(tmp_path: Path) -> None:
     d = diagnose(empty)
     assert d.verdict is Verdict.INCONCLUSIVE
     assert "rank 0: no ledger" in d.missing
+
+
+def _ring(name: str, role: str, readers: int, flags: list[tuple[bool, ...]]) -> RingState:
+    """A ring's flags as the agent reads them: per chunk (written, read by reader 0, 1, ...)."""
+    return RingState(name, role, readers, tuple(RingChunk(f[0], tuple(f[1:])) for f in flags))
+
+
+def test_the_diagnosis_carries_what_the_rings_say_about_a_stall(tmp_path: Path) -> None:
+    dep = Deployment(tmp_path, tp=2)
+    warm(dep)
+    dep.decode_step(5, 15, open_on=[0], not_launched=[1], result=False)
+    snap = dep.snapshot(host={0: "sync", 1: "ring"}, device={0: "collective", 1: "idle"})
+    # rank 1 never took step 5's request off the broadcast ring; rank 0 did
+    bcast = _ring("psm_b", "broadcast", 2, [(True, True, True), (True, True, False), (False, False, False)])
+    replies = [_ring(f"psm_r{r}", "response", 1, [(False, False)]) for r in range(2)]
+    d = diagnose(dataclasses.replace(snap, rings=(bcast, *replies)))
+    assert d.rings is not None and (d.rings.kind, d.rings.readers) == ("reader_behind", (1,))
+    assert f"rings: {d.rings.summary}" in d.evidence
+    assert d.to_json()["rings"] == {"kind": "reader_behind", "readers": [1], "ranks": [], "summary": d.rings.summary}
+    # no ring read (post-mortem): no ring verdict, and nothing claimed about rings
+    d = diagnose(dataclasses.replace(snap, rings=()))
+    assert d.rings is None and not any(e.startswith("rings:") for e in d.evidence)
+    assert d.to_json()["rings"] is None
+
+
+def test_a_healthy_server_is_not_reported_from_its_rings(tmp_path: Path) -> None:
+    dep = Deployment(tmp_path, tp=2)
+    warm(dep)
+    dep.engine_result(4, running=0)  # every request finished: nothing pending
+    snap = dep.snapshot(host={0: "ring", 1: "ring"}, device={0: "idle", 1: "idle"})
+    # every broadcast taken, no reply waiting: also what a healthy step in flight looks like
+    bcast = _ring("psm_b", "broadcast", 2, [(True, True, True)])
+    d = diagnose(dataclasses.replace(snap, rings=(bcast,)))
+    assert d.verdict is Verdict.NO_DEADLOCK
+    assert d.rings is not None and d.rings.kind == "awaiting_reply"
+    assert not any(e.startswith("rings:") for e in d.evidence)
