@@ -46,9 +46,10 @@ class Child:
     def __init__(self, version: str, scenario: str, tmp: Path) -> None:
         self.log_path = tmp / f"{scenario}.log"
         self.ledgers = tmp / "ledgers"
+        python = python_or_skip(version)  # before anything is opened: it may skip or fail
         self._log = open(self.log_path, "w")  # noqa: SIM115 (closed in close())
         self.proc = subprocess.Popen(
-            [str(python_or_skip(version)), str(CHILD), scenario],
+            [str(python), str(CHILD), scenario],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._log,
