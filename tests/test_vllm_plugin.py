@@ -13,6 +13,8 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st_h
 
 from collectors.format import Collective as CollectiveRec
 from collectors.format import CollectiveOp, CUDAGraphMode, GraphKey, Role, StepBegin, StepEnd
@@ -58,6 +60,24 @@ def test_engine_batch_counts_shapes_only() -> None:
     b = st.engine_batch(out)
     assert (b.total_tokens, b.num_reqs, b.num_decode_reqs, b.placeholders) == (34, 3, 2, 2)
     assert (b.max_query_len, b.min_query_len) == (30, 2)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    per_req=st_h.dictionaries(st_h.sampled_from("abcdefgh"), st_h.integers(1, 40), max_size=8),
+    spec=st_h.dictionaries(st_h.sampled_from("abcdefghij"), st_h.integers(0, 3), max_size=10),
+)
+def test_engine_batch_counts_what_the_definition_says(per_req: dict[str, int], spec: dict[str, int]) -> None:
+    """The C-level counting equals the definition, request by request (drafts listed for requests
+    that are not scheduled, or empty draft lists, included even though vLLM never sends them)."""
+    drafts = {rid: [-1] * k for rid, k in spec.items()}
+    out = SimpleNamespace(
+        num_scheduled_tokens=per_req, scheduled_spec_decode_tokens=drafts, total_num_scheduled_tokens=0
+    )
+    b = st.engine_batch(out)
+    assert b.placeholders == sum(len(drafts.get(rid, ())) for rid in per_req)
+    assert b.num_decode_reqs == sum(n == 1 + len(drafts.get(rid, ())) for rid, n in per_req.items())
+    assert b.num_reqs == len(per_req)
 
 
 def test_steps_capture_and_collectives_reach_the_ledger(tmp_path: Path) -> None:
