@@ -96,3 +96,35 @@ def test_ledger_holds_exactly_the_keys_vllm_dispatched(version: str, tmp_path: P
     assert (by_name["17x2"].key, by_name["17x2"].padded_reqs) == (GraphKey(CUDAGraphMode.FULL, 40, 20, uniform=True), 3)
     assert by_name["mixed prefill"].key == GraphKey(CUDAGraphMode.PIECEWISE, 32)
     assert by_name["long prefill"].key.mode is CUDAGraphMode.NONE
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("version", VERSIONS)
+def test_v2_runner_ledger_holds_exactly_the_keys_vllm_dispatched(version: str, tmp_path: Path) -> None:
+    """The V2 runner generation: vLLM's real ``ModelCudaGraphManager.dispatch`` (its candidates from the
+    real CompilationConfig), hooked through ``CudaGraphManager.dispatch``, inside the real
+    ``Worker.execute_model`` / ``sample_tokens``."""
+    out = _child(version, "dispatch_v2", tmp_path)
+    assert any(h.endswith("CudaGraphManager.dispatch") for h in out["installed"]), out["installed"]
+    ledger = read_ledger(tmp_path / "rank000.ledger")
+    steps, returned = out["steps"], out["returned"]
+    assert len(returned) == len(steps) == 6
+    recs = ledger.records
+    begins = [r for r in recs if isinstance(r, StepBegin)]
+    ends = [r for r in recs if isinstance(r, StepEnd)]
+    assert len(recs) == 2 * len(steps)  # begin with the model launch folded in, end (no drafter here)
+    assert [b.step for b in begins] == [e.step for e in ends] == list(range(len(steps)))
+    for i, (step, (mode, tokens, reqs, uniform)) in enumerate(zip(steps, returned, strict=True)):
+        want = GraphKey(CUDAGraphMode(mode), tokens, reqs, uniform=uniform is not None)
+        b = begins[i]
+        assert b.key == want, f"step {i} ({step['name']}): ledger {b.key} != vLLM {want}"
+        assert b.launch is not None and (b.launch.role, b.launch.key) == (Role.MODEL, want)
+        full = want.mode is CUDAGraphMode.FULL and want.num_reqs is not None
+        assert b.padded_reqs == (want.num_reqs - len(step["per_req"]) if full and want.num_reqs else 0)
+    by_name = {s["name"]: b for s, b in zip(steps, begins, strict=True)}
+    full16 = GraphKey(CUDAGraphMode.FULL, 32, 16, uniform=True)
+    assert (by_name["15x2"].key, by_name["15x2"].padded_reqs) == (full16, 1)  # the padded slot
+    assert (by_name["16x2"].key, by_name["16x2"].padded_reqs) == (full16, 0)
+    assert (by_name["17x2"].key, by_name["17x2"].padded_reqs) == (GraphKey(CUDAGraphMode.FULL, 40, 20, uniform=True), 3)
+    assert by_name["mixed prefill"].key == GraphKey(CUDAGraphMode.PIECEWISE, 32)
+    assert by_name["long prefill"].key.mode is CUDAGraphMode.NONE

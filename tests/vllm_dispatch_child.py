@@ -14,6 +14,7 @@ small stand-in objects that carry exactly the attributes those bodies read). No 
 Modes:
   dispatch  run the seed's batch shapes as steps; print what vLLM returned per step (the ledger is
             read by the test, with the project's reader).
+  dispatch_v2  the same shapes through the V2 runner's real ``ModelCudaGraphManager.dispatch``.
   bench     time one 15 x 2 decode step through the real wrapped methods with the hooks vs the
             unwrapped originals, alternating blocks; print medians.
 """
@@ -53,7 +54,7 @@ def _free_port() -> int:
 
 
 def setup() -> dict[str, Any]:
-    from vllm.config import CompilationConfig, CUDAGraphMode, ParallelConfig, set_current_vllm_config
+    from vllm.config import CacheConfig, CompilationConfig, CUDAGraphMode, ParallelConfig, set_current_vllm_config
     from vllm.config.compilation import CompilationMode
     from vllm.distributed import parallel_state as ps
     from vllm.v1.cudagraph_dispatcher import CudagraphDispatcher
@@ -74,8 +75,11 @@ def setup() -> dict[str, Any]:
     vc = SimpleNamespace(
         compilation_config=cc,
         parallel_config=pc,
+        cache_config=CacheConfig(),
         num_speculative_tokens=NUM_SPEC,
-        speculative_config=SimpleNamespace(num_speculative_tokens=NUM_SPEC, enforce_eager=False),
+        speculative_config=SimpleNamespace(
+            num_speculative_tokens=NUM_SPEC, enforce_eager=False, uses_dynamic_speculative_decoding=lambda: False
+        ),
         lora_config=None,
         scheduler_config=SimpleNamespace(max_num_seqs=MAX_NUM_SEQS),
         observability_config=SimpleNamespace(cudagraph_metrics=False),
@@ -213,6 +217,62 @@ def run_dispatch() -> dict[str, Any]:
     }
 
 
+def run_dispatch_v2() -> dict[str, Any]:
+    """The V2 runner's dispatch (``vllm/v1/worker/gpu``): vLLM's real ``ModelCudaGraphManager``, its
+    candidates built by its own code from the real ``CompilationConfig``, called the way the V2 runner
+    calls it inside the real ``Worker.execute_model``; the plugin's hook on ``CudaGraphManager.dispatch``
+    records what it returns. Two stand-ins for what needs a GPU: the platform's CUDA graph memory pool,
+    and the capture itself (the manager dispatches to graphs only once ``capture`` has set
+    ``_graphs_captured``; capturing needs CUDA)."""
+    env = setup()
+    import torch
+    from vllm.config import CUDAGraphMode, set_current_vllm_config
+    from vllm.platforms import current_platform
+    from vllm.v1.worker.gpu.cudagraph_utils import ModelCudaGraphManager
+
+    from collectors.vllm.hooks import install
+
+    installed = install(frozenset({"v2"}))
+    w = env["worker"]
+    vc = w.vllm_config
+    type(current_platform)._global_graph_pool = object()  # stand-in: no CUDA graph pool on CPU
+    with set_current_vllm_config(vc):
+        mgr = ModelCudaGraphManager(vc, torch.device("cpu"), CUDAGraphMode.FULL_AND_PIECEWISE, 1 + NUM_SPEC)
+    mgr._graphs_captured = True  # stand-in for capture(), which ends by setting it
+    loras = "num_active_loras" in inspect.signature(ModelCudaGraphManager.dispatch).parameters
+    returned: list[list[Any]] = []
+
+    class RunnerV2:  # calls dispatch as the V2 runner does: requests, tokens, uniform query length
+        def execute_model(self, so: Any, intermediate_tensors: Any = None) -> None:
+            per_req = list(so.num_scheduled_tokens.values())
+            uniform = per_req[0] if len(set(per_req)) == 1 else None
+            args = [len(per_req), int(so.total_num_scheduled_tokens), uniform] + ([0] if loras else [])
+            d = mgr.dispatch(*args)
+            returned.append([d.cg_mode.name, d.num_tokens, d.num_reqs, d.uniform_token_count])
+            return None
+
+        def sample_tokens(self, grammar_output: Any) -> Any:
+            return SimpleNamespace(sampled=True)
+
+    w.model_runner = RunnerV2()
+    fns = env["hooked"]
+    for _, per_req, drafted in STEPS:
+        so = scheduler_output(per_req, drafted)
+        fns["execute"](w, so)
+        fns["sample"](w, None)
+    from collectors.vllm.state import STATE
+
+    ws = STATE.current_worker()
+    if ws is not None:
+        ws.rec.close()
+    return {
+        "installed": sorted(installed.hooks),
+        "steps": [{"name": n, "per_req": p, "drafted": d} for n, p, d in STEPS],
+        "returned": returned,
+        "ledger": None if ws is None else str(ws.rec.path),
+    }
+
+
 def run_bench(blocks: int = 30, n: int = 1000) -> dict[str, Any]:
     env = setup()
     w = env["worker"]
@@ -257,7 +317,7 @@ def run_bench(blocks: int = 30, n: int = 1000) -> dict[str, Any]:
 
 if __name__ == "__main__":
     mode = sys.argv[1]
-    out = run_dispatch() if mode == "dispatch" else run_bench()
+    out = {"dispatch": run_dispatch, "dispatch_v2": run_dispatch_v2, "bench": run_bench}[mode]()
     from importlib.metadata import version
 
     out["vllm"] = version("vllm")
