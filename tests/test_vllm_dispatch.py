@@ -52,6 +52,18 @@ def _model_key(r: list[Any]) -> GraphKey:
     return GraphKey(CUDAGraphMode(mode), tokens, reqs, uniform=uniform, has_lora=lora)
 
 
+def assert_the_seed_shapes(steps: list[dict[str, Any]], begins: list[StepBegin]) -> None:
+    """The seed's shapes, as vLLM 0.20.1 and 0.33.0 dispatch them (design.md, "Checked on CPU"), in
+    either runner generation."""
+    by_name = {s["name"]: b for s, b in zip(steps, begins, strict=True)}
+    full16 = GraphKey(CUDAGraphMode.FULL, 32, 16, uniform=True)
+    assert (by_name["15x2"].key, by_name["15x2"].padded_reqs) == (full16, 1)  # the padded slot
+    assert (by_name["16x2"].key, by_name["16x2"].padded_reqs) == (full16, 0)
+    assert (by_name["17x2"].key, by_name["17x2"].padded_reqs) == (GraphKey(CUDAGraphMode.FULL, 40, 20, uniform=True), 3)
+    assert by_name["mixed prefill"].key == GraphKey(CUDAGraphMode.PIECEWISE, 32)
+    assert by_name["long prefill"].key.mode is CUDAGraphMode.NONE
+
+
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("version", VERSIONS)
 def test_ledger_holds_exactly_the_keys_vllm_dispatched(version: str, tmp_path: Path) -> None:
@@ -88,14 +100,7 @@ def test_ledger_holds_exactly_the_keys_vllm_dispatched(version: str, tmp_path: P
         full = model.mode is CUDAGraphMode.FULL and model.num_reqs is not None
         assert b.padded_reqs == (model.num_reqs - len(per_req) if full and model.num_reqs else 0)
 
-    # The seed's shapes, as vLLM 0.20.1 and 0.33.0 dispatch them (design.md, "Checked on CPU"):
-    by_name = {s["name"]: b for s, b in zip(steps, begins, strict=True)}
-    full16 = GraphKey(CUDAGraphMode.FULL, 32, 16, uniform=True)
-    assert (by_name["15x2"].key, by_name["15x2"].padded_reqs) == (full16, 1)  # the padded slot
-    assert (by_name["16x2"].key, by_name["16x2"].padded_reqs) == (full16, 0)
-    assert (by_name["17x2"].key, by_name["17x2"].padded_reqs) == (GraphKey(CUDAGraphMode.FULL, 40, 20, uniform=True), 3)
-    assert by_name["mixed prefill"].key == GraphKey(CUDAGraphMode.PIECEWISE, 32)
-    assert by_name["long prefill"].key.mode is CUDAGraphMode.NONE
+    assert_the_seed_shapes(steps, begins)
 
 
 @pytest.mark.timeout(300)
@@ -121,10 +126,4 @@ def test_v2_runner_ledger_holds_exactly_the_keys_vllm_dispatched(version: str, t
         assert b.launch is not None and (b.launch.role, b.launch.key) == (Role.MODEL, want)
         full = want.mode is CUDAGraphMode.FULL and want.num_reqs is not None
         assert b.padded_reqs == (want.num_reqs - len(step["per_req"]) if full and want.num_reqs else 0)
-    by_name = {s["name"]: b for s, b in zip(steps, begins, strict=True)}
-    full16 = GraphKey(CUDAGraphMode.FULL, 32, 16, uniform=True)
-    assert (by_name["15x2"].key, by_name["15x2"].padded_reqs) == (full16, 1)  # the padded slot
-    assert (by_name["16x2"].key, by_name["16x2"].padded_reqs) == (full16, 0)
-    assert (by_name["17x2"].key, by_name["17x2"].padded_reqs) == (GraphKey(CUDAGraphMode.FULL, 40, 20, uniform=True), 3)
-    assert by_name["mixed prefill"].key == GraphKey(CUDAGraphMode.PIECEWISE, 32)
-    assert by_name["long prefill"].key.mode is CUDAGraphMode.NONE
+    assert_the_seed_shapes(steps, begins)

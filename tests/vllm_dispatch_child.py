@@ -196,8 +196,9 @@ def scheduler_output(per_req: list[int], drafted: int) -> Any:
     )
 
 
-def run_dispatch() -> dict[str, Any]:
-    env = setup()
+def run_steps(env: dict[str, Any], installed: list[str], returned: list[Any]) -> dict[str, Any]:
+    """Run ``STEPS`` through the hooked ``Worker.execute_model`` / ``sample_tokens``, close the ledger,
+    and say what was hooked, what vLLM returned per step and where the ledger is."""
     w = env["worker"]
     fns = env["hooked"]
     for _, per_req, drafted in STEPS:
@@ -210,11 +211,16 @@ def run_dispatch() -> dict[str, Any]:
     if ws is not None:
         ws.rec.close()
     return {
-        "installed": env["installed"],
+        "installed": installed,
         "steps": [{"name": n, "per_req": p, "drafted": d} for n, p, d in STEPS],
-        "returned": w.model_runner.returned,
+        "returned": returned,
         "ledger": None if ws is None else str(ws.rec.path),
     }
+
+
+def run_dispatch() -> dict[str, Any]:
+    env = setup()
+    return run_steps(env, env["installed"], env["worker"].model_runner.returned)
 
 
 def run_dispatch_v2() -> dict[str, Any]:
@@ -255,22 +261,7 @@ def run_dispatch_v2() -> dict[str, Any]:
             return SimpleNamespace(sampled=True)
 
     w.model_runner = RunnerV2()
-    fns = env["hooked"]
-    for _, per_req, drafted in STEPS:
-        so = scheduler_output(per_req, drafted)
-        fns["execute"](w, so)
-        fns["sample"](w, None)
-    from collectors.vllm.state import STATE
-
-    ws = STATE.current_worker()
-    if ws is not None:
-        ws.rec.close()
-    return {
-        "installed": sorted(installed.hooks),
-        "steps": [{"name": n, "per_req": p, "drafted": d} for n, p, d in STEPS],
-        "returned": returned,
-        "ledger": None if ws is None else str(ws.rec.path),
-    }
+    return run_steps(env, sorted(installed.hooks), returned)
 
 
 def run_bench(blocks: int = 30, n: int = 1000) -> dict[str, Any]:
