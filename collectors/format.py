@@ -130,15 +130,15 @@ for _s in (*_LAYOUTS, P_ENGINE_QUEUE):
 # which land in bytes its reader does not look at.
 KEY_FIELDS: Final = struct.Struct("<BBBxIiHxx")
 LAUNCH_FIELDS: Final = struct.Struct("<BBBBIiHxxI")
-W_STEP_BEGIN: Final = struct.Struct(f"<QH6xqq{KEY_FIELDS.size}sIIIII")  # 5th u32 unused
-W_STEP_BEGIN_LAUNCH: Final = struct.Struct(f"<QH6xqq{KEY_FIELDS.size}sIIIII")
+# STEP_BEGIN and STEP_BEGIN_LAUNCH: the 5th u32 is the folded launch's manifest hash (unused in STEP_BEGIN)
+W_STEP_BEGIN: Final = struct.Struct(f"<QH6xqq{KEY_FIELDS.size}sIIIII")
 W_LAUNCH: Final = struct.Struct(f"<QH6xqq{LAUNCH_FIELDS.size}sIIIII")  # u32s unused
 W_STEP_END: Final = struct.Struct("<QH6xqq1sIIIII")  # ok as one byte; u32s unused
 COLLECTIVE_FIELDS: Final = struct.Struct("<8sBB6x")  # group, op, dtype: what names one kind of collective
 W_COLLECTIVE: Final = struct.Struct(f"<QH6xqq{COLLECTIVE_FIELDS.size}sQQ")
 for _w, _p in ((W_STEP_BEGIN, P_STEP_BEGIN), (W_LAUNCH, P_LAUNCH), (W_STEP_END, P_STEP_END)):
     assert _p.size <= _w.size <= TRAILER_OFFSET, _w.format
-assert W_STEP_BEGIN_LAUNCH.size == P_STEP_BEGIN_LAUNCH.size and W_COLLECTIVE.size == P_COLLECTIVE.size
+assert W_STEP_BEGIN.size == P_STEP_BEGIN_LAUNCH.size and W_COLLECTIVE.size == P_COLLECTIVE.size
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,19 +201,20 @@ class CollectiveOp:
         return cls(str(op), str(group), str(dtype), int(numel))
 
 
+def _key_fields(key: GraphKey) -> tuple[int, bool, bool, int, int, int]:
+    """mode, uniform, has_lora, num_tokens, num_reqs (-1 = None), active_loras: as records hold a key."""
+    reqs = -1 if key.num_reqs is None else key.num_reqs
+    return MODE_CODES[key.mode], key.uniform, key.has_lora, key.num_tokens, reqs, key.num_active_loras
+
+
 def pack_key(key: GraphKey) -> bytes:
     """A key's fields as a STEP_BEGIN record holds them (``W_STEP_BEGIN``)."""
-    reqs = -1 if key.num_reqs is None else key.num_reqs
-    return KEY_FIELDS.pack(MODE_CODES[key.mode], key.uniform, key.has_lora, key.num_tokens, reqs, key.num_active_loras)
+    return KEY_FIELDS.pack(*_key_fields(key))
 
 
 def pack_launch(role: Role, key: GraphKey, manifest: int) -> bytes:
     """Everything a LAUNCH record holds after its step and time (``W_LAUNCH``)."""
-    reqs = -1 if key.num_reqs is None else key.num_reqs
-    mode = MODE_CODES[key.mode]
-    return LAUNCH_FIELDS.pack(
-        int(role), mode, key.uniform, key.has_lora, key.num_tokens, reqs, key.num_active_loras, manifest
-    )
+    return LAUNCH_FIELDS.pack(int(role), *_key_fields(key), manifest)
 
 
 def pack_collective(group: str, op: str, dtype: str) -> bytes:

@@ -42,7 +42,6 @@ from collectors.format import (
     W_COLLECTIVE,
     W_LAUNCH,
     W_STEP_BEGIN,
-    W_STEP_BEGIN_LAUNCH,
     W_STEP_END,
     CollectiveOp,
     GraphKey,
@@ -231,23 +230,11 @@ class Recorder:
     ) -> None:
         """A step begins with ``key`` as its graph key. With ``launch_manifest`` (the manifest hash, 0 for
         an eager run) the model's launch is folded into this record: one record instead of two."""
-        packed = pack_key(key)
-        if launch_manifest is None:
-            self.step_begin_packed(step, packed, unpadded_tokens, unpadded_reqs, padded_reqs, placeholders)
-        else:
-            self.step_begin_launch_packed(
-                step, packed, unpadded_tokens, unpadded_reqs, padded_reqs, placeholders, launch_manifest
-            )
-
-    def step_begin_packed(
-        self, step: int, key: bytes, unpadded_tokens: int, unpadded_reqs: int, padded_reqs: int, placeholders: int
-    ) -> None:
-        """``step_begin`` with the key already packed (``format.pack_key``)."""
-        self._put_step(
-            W_STEP_BEGIN, _K_STEP_BEGIN, step, key, unpadded_tokens, unpadded_reqs, padded_reqs, placeholders, 0
+        self.step_begin_packed(
+            step, pack_key(key), unpadded_tokens, unpadded_reqs, padded_reqs, placeholders, launch_manifest
         )
 
-    def step_begin_launch_packed(
+    def step_begin_packed(
         self,
         step: int,
         key: bytes,
@@ -255,19 +242,19 @@ class Recorder:
         unpadded_reqs: int,
         padded_reqs: int,
         placeholders: int,
-        manifest: int,
+        launch_manifest: int | None = None,
     ) -> None:
-        """A step's begin and its model launch in one record (``STEP_BEGIN_LAUNCH``): the plugin's hot path."""
+        """``step_begin`` with the key already packed (``format.pack_key``): the plugin's hot path."""
         self._put_step(
-            W_STEP_BEGIN_LAUNCH,
-            _K_STEP_BEGIN_LAUNCH,
+            W_STEP_BEGIN,
+            _K_STEP_BEGIN if launch_manifest is None else _K_STEP_BEGIN_LAUNCH,
             step,
             key,
             unpadded_tokens,
             unpadded_reqs,
             padded_reqs,
             placeholders,
-            manifest,
+            launch_manifest or 0,
         )
 
     def launch(self, step: int, role: Role, key: GraphKey, manifest: int = 0) -> None:

@@ -138,7 +138,7 @@ def bench_plugin(*, steps: int = 20000, repeats: int = 7, reqs: int = 15) -> dic
             packed_key, drafter_launch = pack_key(key), pack_launch(Role.DRAFTER, dkey, 0)
 
             def floor_step() -> None:  # the same three records, no hook
-                rec.step_begin_launch_packed(0, packed_key, 2 * reqs, reqs, 1, reqs, 0)
+                rec.step_begin_packed(0, packed_key, 2 * reqs, reqs, 1, reqs, 0)
                 rec.launch_packed(0, drafter_launch)
                 rec.step_end(0, True)
 

@@ -262,7 +262,7 @@ class WorkerState:
             self.begun = True
             padded = k.full_reqs - unpadded_reqs if k.full_reqs > unpadded_reqs else 0
             # The step's begin and the model's launch: one record (STEP_BEGIN_LAUNCH).
-            rec.step_begin_launch_packed(
+            rec.step_begin_packed(
                 self.step, k.begin, unpadded_tokens, unpadded_reqs, padded, self.placeholders, k.hashes[0]
             )
             return
