@@ -11,6 +11,12 @@ A ledger is one fixed-size file per process (each TP worker, and the engine):
 * The meta area holds rare, variable-sized entries (configuration, capture manifests) as
   ``[u32 length][u32 crc32][json]``; it is never overwritten, so manifests survive a ring that
   has wrapped many times.
+* A decode step is one STEP record: the step's begin with the model's launch, written before the
+  model runs, and two parts stored into that same slot later as aligned 8-byte words that are 0
+  until stored: the drafter's launch (its time, then its 64-bit key code) and the step's end (time
+  and ok in one word). That is the whole per-step cost: one record plus three word stores. A slot
+  the ring has already reused, a second drafter launch or a key too large for its code falls back
+  to separate LAUNCH / STEP_END records.
 * Each ring slot is ``[u64 record seq][u16 kind][6 pad][72-byte payload][u64 record seq]``.
   The writer stores head and payload in one pack, then the trailing seq. A reader accepts a
   slot only if both seqs equal the one that slot should hold, so a slot torn by a kill or read
@@ -93,6 +99,7 @@ class Role(enum.IntEnum):
 class RecordKind(enum.IntEnum):
     STEP_BEGIN = 1
     STEP_BEGIN_LAUNCH = 5  # a step's begin with the model's launch folded in: one record, not two
+    STEP = 6  # STEP_BEGIN_LAUNCH with a 64-bit key code; the drafter's launch and the end stored into it
     STEP_END = 2
     LAUNCH = 3
     COLLECTIVE = 4
@@ -107,6 +114,14 @@ class RecordKind(enum.IntEnum):
 P_STEP_BEGIN: Final = struct.Struct("<QH6xqqBBBxIiHxxIIII")
 # STEP_BEGIN_LAUNCH: the STEP_BEGIN fields, then the model launch's manifest hash (0: eager)
 P_STEP_BEGIN_LAUNCH: Final = struct.Struct("<QH6xqqBBBxIiHxxIIIII")
+# STEP: step, mono, key code, unpadded_tokens, unpadded_reqs, padded_reqs, placeholders, the model
+#       launch's manifest hash; then, stored in place later: the drafter launch's key code (0: none
+#       yet) and time, and the end (0: not ended, else mono * 2 + ok)
+P_STEP: Final = struct.Struct("<QH6xqqQIIIII4xQQQ")
+STEP_DRAFTER_WORD: Final = 8  # u64 index in the slot of the drafter launch's key code
+STEP_DRAFTER_MONO_WORD: Final = 9
+STEP_END_WORD: Final = 10
+assert P_STEP.size == TRAILER_OFFSET and struct.calcsize("<QH6xqqQIIIII4x") == 8 * STEP_DRAFTER_WORD
 P_STEP_END: Final = struct.Struct("<QH6xqqB")  # step, mono, ok
 # LAUNCH: step, mono, role, mode, uniform, has_lora, num_tokens, num_reqs, active_loras, manifest hash
 P_LAUNCH: Final = struct.Struct("<QH6xqqBBBBIiHxxI")
@@ -118,8 +133,8 @@ P_ENGINE_STEP: Final = struct.Struct("<QH6xqqIIIIIIII")
 P_ENGINE_RESULT: Final = struct.Struct("<QH6xqqBxxxIII")  # step, mono, ok, running, waiting, finished
 P_ENGINE_QUEUE: Final = struct.Struct("<QH6xqII")  # mono, running, waiting
 
-_LAYOUTS = (P_STEP_BEGIN, P_STEP_BEGIN_LAUNCH, P_STEP_END, P_LAUNCH, P_COLLECTIVE, P_ENGINE_STEP, P_ENGINE_RESULT)
-for _s in (*_LAYOUTS, P_ENGINE_QUEUE):
+_LAYOUTS = (P_STEP_BEGIN, P_STEP_BEGIN_LAUNCH, P_STEP, P_STEP_END, P_LAUNCH, P_COLLECTIVE)
+for _s in (*_LAYOUTS, P_ENGINE_STEP, P_ENGINE_RESULT, P_ENGINE_QUEUE):
     assert _s.size <= TRAILER_OFFSET, _s.format
 
 # What the writer packs: the same bytes, but the fields a graph key fixes come pre-packed (once per
@@ -134,6 +149,9 @@ LAUNCH_FIELDS: Final = struct.Struct("<BBBBIiHxxI")
 W_STEP_BEGIN: Final = struct.Struct(f"<QH6xqq{KEY_FIELDS.size}sIIIII")
 W_LAUNCH: Final = struct.Struct(f"<QH6xqq{LAUNCH_FIELDS.size}sIIIII")  # u32s unused
 W_STEP_END: Final = struct.Struct("<QH6xqq1sIIIII")  # ok as one byte; u32s unused
+# STEP's begin part; the pad bytes zero the in-place words of the slot's previous record.
+W_STEP: Final = struct.Struct(f"<QH6xqqQIIIII{TRAILER_OFFSET - 8 * STEP_DRAFTER_WORD + 4}x")
+assert W_STEP.size == TRAILER_OFFSET
 COLLECTIVE_FIELDS: Final = struct.Struct("<8sBB6x")  # group, op, dtype: what names one kind of collective
 W_COLLECTIVE: Final = struct.Struct(f"<QH6xqq{COLLECTIVE_FIELDS.size}sQQ")
 for _w, _p in ((W_STEP_BEGIN, P_STEP_BEGIN), (W_LAUNCH, P_LAUNCH), (W_STEP_END, P_STEP_END)):
@@ -205,6 +223,40 @@ def _key_fields(key: GraphKey) -> tuple[int, bool, bool, int, int, int]:
     """mode, uniform, has_lora, num_tokens, num_reqs (-1 = None), active_loras: as records hold a key."""
     reqs = -1 if key.num_reqs is None else key.num_reqs
     return MODE_CODES[key.mode], key.uniform, key.has_lora, key.num_tokens, reqs, key.num_active_loras
+
+
+# A key as one u64 (STEP records): bits 0-1 mode, 2 uniform, 3 has_lora, 4-11 active loras,
+# 12-31 num_reqs + 1 (0: None), 32-62 num_tokens, 63 always set (a code is never 0).
+_CODE_SET: Final = 1 << 63
+
+
+def key_code(key: GraphKey) -> int:
+    """``key`` as the 64-bit code a STEP record holds; 0 if a field is too large for it."""
+    reqs = 0 if key.num_reqs is None else key.num_reqs + 1
+    if not (0 <= key.num_active_loras <= 0xFF and 0 <= reqs <= 0xFFFFF and 0 <= key.num_tokens <= 0x7FFFFFFF):
+        return 0
+    return (
+        _CODE_SET
+        | key.num_tokens << 32
+        | reqs << 12
+        | key.num_active_loras << 4
+        | key.has_lora << 3
+        | key.uniform << 2
+        | MODE_CODES[key.mode]
+    )
+
+
+def key_of_code(code: int) -> GraphKey:
+    """The key a non-zero ``key_code`` stands for (KeyError for a mode code no version names)."""
+    reqs = (code >> 12) & 0xFFFFF
+    return GraphKey(
+        mode=MODES_BY_CODE[code & 3],
+        num_tokens=(code >> 32) & 0x7FFFFFFF,
+        num_reqs=None if reqs == 0 else reqs - 1,
+        uniform=bool(code & 4),
+        has_lora=bool(code & 8),
+        num_active_loras=(code >> 4) & 0xFF,
+    )
 
 
 def pack_key(key: GraphKey) -> bytes:
@@ -311,8 +363,9 @@ Record = StepBegin | StepEnd | Launch | Collective | EngineStep | EngineResult |
 
 
 def launches(records: Iterable[Record]) -> list[Launch]:
-    """Every launch in ``records``, in order: the LAUNCH records and the model launches folded into
-    step begins (``STEP_BEGIN_LAUNCH``)."""
+    """Every launch in ``records``, in order: the LAUNCH records (a reader hands out a drafter launch
+    stored into a STEP record as one too) and the model launches folded into step begins (``STEP``,
+    ``STEP_BEGIN_LAUNCH``)."""
     out: list[Launch] = []
     for rec in records:
         if isinstance(rec, Launch):

@@ -32,6 +32,7 @@ from collectors.format import (
     P_ENGINE_RESULT,
     P_ENGINE_STEP,
     P_LAUNCH,
+    P_STEP,
     P_STEP_BEGIN,
     P_STEP_BEGIN_LAUNCH,
     P_STEP_END,
@@ -55,6 +56,7 @@ from collectors.format import (
     Role,
     StepBegin,
     StepEnd,
+    key_of_code,
 )
 from collectors.recorder import META_DROPPED_OFFSET, ledger_name
 
@@ -134,6 +136,10 @@ def decode_slot(slot: bytes, expected_seq: int) -> Record | None:
             )[2:]
             key = _key(mode, uni, lora, tok, reqs, loras)
             return StepBegin(seq, step, mono, key, ut, ur, pad, ph, Launch(seq, step, mono, Role.MODEL, key, h))
+        if kind == RecordKind.STEP:
+            step, mono, code, ut, ur, pad, ph, h = P_STEP.unpack_from(slot, 0)[2:10]
+            key = key_of_code(code)
+            return StepBegin(seq, step, mono, key, ut, ur, pad, ph, Launch(seq, step, mono, Role.MODEL, key, h))
         if kind == RecordKind.STEP_END:
             step, mono, ok = P_STEP_END.unpack_from(slot, 0)[2:]
             return StepEnd(seq, step, mono, bool(ok))
@@ -182,6 +188,9 @@ class Ledger:
         return merged
 
 
+Hashes = dict[tuple[Role, GraphKey], int]  # the last manifest hash per captured graph
+
+
 def _parse_meta(data: bytes | mmap.mmap, header: Header, where: str) -> tuple[list[dict[str, Any]], list[str]]:
     used = min(U64.unpack_from(data, META_USED_OFFSET)[0], header.meta_size)
     entries: list[dict[str, Any]] = []
@@ -209,8 +218,10 @@ def _parse_meta(data: bytes | mmap.mmap, header: Header, where: str) -> tuple[li
     return entries, problems
 
 
-def _manifests(entries: list[dict[str, Any]], where: str, problems: list[str]) -> dict[int, Manifest]:
+def _manifests(entries: list[dict[str, Any]], where: str, problems: list[str]) -> tuple[dict[int, Manifest], Hashes]:
+    """The manifests by hash, and the last hash recorded for each (role, key)."""
     out: dict[int, Manifest] = {}
+    last: Hashes = {}
     for entry in entries:
         if entry.get("t") != "manifest":
             continue
@@ -225,18 +236,62 @@ def _manifests(entries: list[dict[str, Any]], where: str, problems: list[str]) -
             problems.append(f"{where}: unreadable capture manifest ({exc})")
             continue
         out[m.hash] = m
+        last[(m.role, m.key)] = m.hash
+    return out, last
+
+
+def _in_place(slot: bytes, begin: StepBegin, hashes: Hashes) -> list[Record]:
+    """What the writer stored into a STEP record after writing it: the drafter's launch (its manifest
+    hash is the one the ledger holds for that key: 0 when ``hashes`` is empty) and the step's end."""
+    drafter, drafter_mono, end = P_STEP.unpack_from(slot, 0)[10:]
+    out: list[Record] = []
+    if drafter:
+        try:
+            key = key_of_code(drafter)
+        except KeyError:
+            key = None  # a mode this version cannot name: the launch is left out, as a torn record is
+        if key is not None:
+            h = hashes.get((Role.DRAFTER, key), 0)
+            # never before its step's begin (a time word read ahead of its store on a weakly ordered CPU)
+            out.append(Launch(begin.seq, begin.step, max(drafter_mono, begin.mono_ns), Role.DRAFTER, key, h))
+    if end:
+        out.append(StepEnd(begin.seq, begin.step, end >> 1, bool(end & 1)))
+    out.sort(key=lambda r: r.mono_ns)
     return out
 
 
-def _ring(data: bytes | mmap.mmap, header: Header, start: int = 0) -> tuple[list[Record], int, int, int]:
-    """Records with seq >= start still in the ring; also cursor, skipped and lost counts."""
+def _ended(parts: list[Record]) -> bool:
+    return any(isinstance(p, StepEnd) for p in parts)
+
+
+@dataclass
+class _Open:
+    """The newest STEP record whose end was not yet stored: what a tail has handed out of it."""
+
+    seq: int
+    taken: int  # in-place parts already returned
+
+
+def _ring(
+    data: bytes | mmap.mmap,
+    header: Header,
+    start: int = 0,
+    open_step: _Open | None = None,
+    hashes: Hashes | None = None,
+) -> tuple[list[Record], int, int, int, _Open | None]:
+    """Records with seq >= start still in the ring; also cursor, skipped and lost counts, and the STEP
+    record still open. The parts stored into a STEP record later (drafter launch, end) come as their
+    own records, placed by time among the records after it; those of ``open_step`` (handed out by an
+    earlier poll up to its ``taken``) that have appeared since come first."""
     # One 8-byte copy: struct reads byte by byte and could mix two values of a live cursor.
     cursor = int.from_bytes(data[CURSOR_OFFSET : CURSOR_OFFSET + 8], "little")
     n = header.n_slots
     base = header.ring_offset
     first = max(start, cursor - n if cursor > n else 0)
     lost = max(0, first - start)
+    hashes = hashes or {}
     records: list[Record] = []
+    later: list[Record] = []  # in-place parts waiting for their place, by time
     skipped = 0
 
     def slot(seq: int) -> bytes:
@@ -251,23 +306,45 @@ def _ring(data: bytes | mmap.mmap, header: Header, start: int = 0) -> tuple[list
         body = bytes(data[off : off + SLOT_SIZE])
         return body if data[trailer : trailer + 8] == want else b""
 
-    for seq in range(first, cursor):
-        rec = decode_slot(slot(seq), seq)
+    def take(seq: int) -> bool:
+        nonlocal open_step
+        body = slot(seq)
+        rec = decode_slot(body, seq)
         if rec is None:
-            skipped += 1
+            return False
+        while later and later[0].mono_ns <= rec.mono_ns:
+            records.append(later.pop(0))
+        records.append(rec)
+        if isinstance(rec, StepBegin) and SLOT_HEAD.unpack_from(body, 0)[1] == RecordKind.STEP:
+            parts = _in_place(body, rec, hashes)
+            later.extend(parts)
+            later.sort(key=lambda r: r.mono_ns)
+            open_step = None if _ended(parts) else _Open(seq, len(parts))
+        return True
+
+    if open_step is not None and open_step.seq < start:
+        body = slot(open_step.seq)
+        begin = decode_slot(body, open_step.seq)
+        if isinstance(begin, StepBegin):
+            parts = _in_place(body, begin, hashes)
+            later.extend(parts[open_step.taken :])
+            open_step = None if _ended(parts) else _Open(open_step.seq, len(parts))
         else:
-            records.append(rec)
+            open_step = None  # overwritten: its end, if any, is a STEP_END record
+
+    for seq in range(first, cursor):
+        if not take(seq):
+            skipped += 1
     # The cursor can lag: a writer killed between storing a slot and bumping it, or two
     # writer threads finishing out of order. Take valid records past it (from ``start`` if an
     # earlier poll already took some), and never hand back a position before ``start``.
     nxt = max(cursor, first)
     for _ in range(n):
-        tail = decode_slot(slot(nxt), nxt)
-        if tail is None:
+        if not take(nxt):
             break
-        records.append(tail)
         nxt += 1
-    return records, nxt, skipped, lost
+    records.extend(later)
+    return records, nxt, skipped, lost, open_step
 
 
 def parse_ledger(data: bytes, path: str = "ledger") -> Ledger:
@@ -275,8 +352,8 @@ def parse_ledger(data: bytes, path: str = "ledger") -> Ledger:
     if len(data) < header.file_size:
         raise LedgerError(f"{path}: ledger is truncated ({len(data)} of {header.file_size} bytes)")
     entries, problems = _parse_meta(data, header, path)
-    manifests = _manifests(entries, path, problems)
-    records, cursor, skipped, lost = _ring(data, header)
+    manifests, last_hashes = _manifests(entries, path, problems)
+    records, cursor, skipped, lost, _ = _ring(data, header, hashes=last_hashes)
     if skipped:
         problems.append(f"{path}: {skipped} damaged or torn records skipped")
     return Ledger(path, header, tuple(entries), manifests, tuple(records), cursor, skipped, lost, tuple(problems))
@@ -321,6 +398,7 @@ class LedgerTail:
         self.lost = 0
         self.skipped = 0
         self.opens = 0  # how many incarnations of the file were mapped (> 1: a restarted writer)
+        self._open_step: _Open | None = None  # a STEP record whose end may still be stored into it
 
     def _open(self) -> None:
         st = os.stat(self.path)
@@ -339,13 +417,13 @@ class LedgerTail:
         except LedgerError:
             mm.close()
             raise
-        self._mm, self._ino, self.header, self.next_seq = mm, st.st_ino, header, 0
+        self._mm, self._ino, self.header, self.next_seq, self._open_step = mm, st.st_ino, header, 0, None
         self.opens += 1
 
     def poll(self) -> list[Record]:
         self._open()
         assert self._mm is not None and self.header is not None
-        records, cursor, skipped, lost = _ring(self._mm, self.header, self.next_seq)
+        records, cursor, skipped, lost, self._open_step = _ring(self._mm, self.header, self.next_seq, self._open_step)
         self.next_seq = cursor
         self.skipped += skipped
         self.lost += lost

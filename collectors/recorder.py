@@ -36,18 +36,24 @@ from collectors.format import (
     P_ENGINE_RESULT,
     P_ENGINE_STEP,
     SLOT_SIZE,
+    STEP_DRAFTER_MONO_WORD,
+    STEP_DRAFTER_WORD,
+    STEP_END_WORD,
     TRAILER_OFFSET,
     U32,
     U64,
     W_COLLECTIVE,
     W_LAUNCH,
+    W_STEP,
     W_STEP_BEGIN,
     W_STEP_END,
     CollectiveOp,
+    CUDAGraphMode,
     GraphKey,
     ProcessKind,
     RecordKind,
     Role,
+    key_code,
     manifest_hash,
     pack_collective,
     pack_key,
@@ -63,11 +69,15 @@ _CURSOR_WORD = CURSOR_OFFSET // 8
 _SLOT_WORDS = SLOT_SIZE // 8
 _TRAILER_WORD = TRAILER_OFFSET // 8
 _OK, _NOT_OK = b"\x01", b"\x00"
+_mono = time.monotonic_ns
+# The in-place words of a STEP slot, as literals on the hot path (u64 index from the slot's start).
+assert (STEP_DRAFTER_WORD, STEP_DRAFTER_MONO_WORD, STEP_END_WORD) == (8, 9, 10)
 
 
 # Plain ints: packing an IntEnum member costs an __index__ call on the hot path.
 _K_STEP_BEGIN = int(RecordKind.STEP_BEGIN)
 _K_STEP_BEGIN_LAUNCH = int(RecordKind.STEP_BEGIN_LAUNCH)
+_K_STEP = int(RecordKind.STEP)
 _K_STEP_END = int(RecordKind.STEP_END)
 _K_LAUNCH = int(RecordKind.LAUNCH)
 _K_COLLECTIVE = int(RecordKind.COLLECTIVE)
@@ -117,6 +127,12 @@ class Recorder:
         self._meta_used = 0
         self._seqs = itertools.count()
         self._group_seq: dict[str, int] = {}
+        # The open STEP record: its step, its seq and the ring word where its slot starts. Its
+        # drafter launch and end are stored into that slot while the slot still holds it.
+        self._open_step = -1
+        self._open_seq = -1
+        self._open_word = 0
+        self._manifests: dict[tuple[Role, GraphKey], int] = {}  # the last manifest hash per captured graph
         try:
             self._mm = self._create(kind, rank, world_size, instance)
             self._head_words = memoryview(self._mm)[:HEADER_SIZE].cast("Q")
@@ -149,7 +165,7 @@ class Recorder:
                 SLOT_SIZE,
                 self._meta_size,
                 time.time_ns(),
-                time.monotonic_ns(),
+                _mono(),
                 socket.gethostname().encode()[:64],
                 (instance or uuid.uuid4().hex).encode()[:32],
                 _boot_id().encode()[:36],
@@ -210,7 +226,7 @@ class Recorder:
             trailer = i * _SLOT_WORDS + _TRAILER_WORD
             words[trailer] = _BUSY_U64  # as in _put
             layout.pack_into(
-                mm, self._ring_off + i * SLOT_SIZE, seq, kind, step, time.monotonic_ns(), block, a, b, c, d, e
+                mm, self._ring_off + i * SLOT_SIZE, seq, kind, step, _mono(), block, a, b, c, d, e
             )
             words[trailer] = seq
             self._head_words[_CURSOR_WORD] = seq + 1  # type: ignore[index]
@@ -229,7 +245,13 @@ class Recorder:
         launch_manifest: int | None = None,
     ) -> None:
         """A step begins with ``key`` as its graph key. With ``launch_manifest`` (the manifest hash, 0 for
-        an eager run) the model's launch is folded into this record: one record instead of two."""
+        an eager run) the model's launch is folded into this record: a STEP record (STEP_BEGIN_LAUNCH for
+        a key too large for its code) that the step's drafter launch and end are then stored into."""
+        if launch_manifest is not None:
+            code = key_code(key)
+            if code:
+                self.step_open(step, code, unpadded_tokens, unpadded_reqs, padded_reqs, placeholders, launch_manifest)
+                return
         self.step_begin_packed(
             step, pack_key(key), unpadded_tokens, unpadded_reqs, padded_reqs, placeholders, launch_manifest
         )
@@ -244,7 +266,7 @@ class Recorder:
         placeholders: int,
         launch_manifest: int | None = None,
     ) -> None:
-        """``step_begin`` with the key already packed (``format.pack_key``): the plugin's hot path."""
+        """A STEP_BEGIN (or STEP_BEGIN_LAUNCH) record, the key packed (``format.pack_key``)."""
         self._put_step(
             W_STEP_BEGIN,
             _K_STEP_BEGIN if launch_manifest is None else _K_STEP_BEGIN_LAUNCH,
@@ -257,9 +279,77 @@ class Recorder:
             launch_manifest or 0,
         )
 
+    def step_open(
+        self,
+        step: int,
+        code: int,
+        unpadded_tokens: int,
+        unpadded_reqs: int,
+        padded_reqs: int,
+        placeholders: int,
+        manifest: int,
+    ) -> None:
+        """The plugin's hot path: a STEP record (the step's begin and the model's launch, the key as its
+        ``format.key_code``); ``drafter_launch`` and ``step_end`` of this step then store into it."""
+        if not self.enabled:
+            return
+        try:
+            seq = next(self._seqs)
+            i = seq % self._n
+            words, mm = self._ring_words, self._mm
+            assert words is not None and mm is not None
+            base = i * _SLOT_WORDS
+            trailer = base + _TRAILER_WORD
+            words[trailer] = _BUSY_U64  # as in _put
+            W_STEP.pack_into(
+                mm,
+                self._ring_off + i * SLOT_SIZE,
+                seq,
+                _K_STEP,
+                step,
+                _mono(),
+                code,
+                unpadded_tokens,
+                unpadded_reqs,
+                padded_reqs,
+                placeholders,
+                manifest,
+            )
+            words[trailer] = seq
+            self._head_words[_CURSOR_WORD] = seq + 1  # type: ignore[index]
+            self._open_step, self._open_seq, self._open_word = step, seq, base
+        except Exception as exc:
+            self._disable(exc)
+
     def launch(self, step: int, role: Role, key: GraphKey, manifest: int = 0) -> None:
         """A forward pass starts: a graph replay (manifest = its hash) or an eager run (0)."""
-        self.launch_packed(step, pack_launch(role, key, manifest))
+        packed = pack_launch(role, key, manifest)
+        # In place only where the reader finds this hash again: the key's last manifest (eager: none).
+        recorded = self._manifests.get((role, key), 0)
+        if role is Role.DRAFTER and manifest == recorded and (manifest or key.mode is CUDAGraphMode.NONE):
+            self.drafter_launch(step, key_code(key), packed)
+        else:
+            self.launch_packed(step, packed)
+
+    def drafter_launch(self, step: int, code: int, launch: bytes) -> None:
+        """The drafter's launch in ``step``: stored into the step's STEP record (its time, then its key
+        code); a LAUNCH record (``launch``, from ``format.pack_launch``) when the step has no open STEP
+        record, that record already holds a drafter launch or ``code`` is 0. The reader takes the
+        in-place launch's manifest hash from the last manifest the ledger holds for that key (none for an
+        eager run), so the caller passes 0 for a graph whose manifest is not (yet) recorded."""
+        try:
+            words = self._ring_words
+            # In place only while the slot still holds this step's record and no drafter launch yet.
+            if words is not None and step == self._open_step and code and self.enabled:
+                b = self._open_word
+                if words[b] == self._open_seq and not words[b + 8]:
+                    words[b + 9] = _mono()
+                    words[b + 8] = code  # last: a reader that sees the code sees the time
+                    return
+        except Exception as exc:
+            self._disable(exc)
+            return
+        self.launch_packed(step, launch)
 
     def launch_packed(self, step: int, launch: bytes) -> None:
         """``launch`` with role, key and manifest hash already packed (``format.pack_launch``)."""
@@ -275,9 +365,21 @@ class Recorder:
             return
         seq = self._group_seq.get(group, 0)
         self._group_seq[group] = seq + 1
-        self._put(W_COLLECTIVE, _K_COLLECTIVE, step, time.monotonic_ns(), ident, numel, seq)
+        self._put(W_COLLECTIVE, _K_COLLECTIVE, step, _mono(), ident, numel, seq)
 
     def step_end(self, step: int, ok: bool = True) -> None:
+        """``step`` ended: stored into its STEP record while that is still in its slot, else a STEP_END record."""
+        try:
+            words = self._ring_words
+            if words is not None and step == self._open_step and self.enabled:
+                b = self._open_word
+                if words[b] == self._open_seq and not words[b + 10]:
+                    words[b + 10] = _mono() * 2 + (1 if ok else 0)
+                    self._open_step = -1
+                    return
+        except Exception as exc:
+            self._disable(exc)
+            return
         self._put_step(W_STEP_END, _K_STEP_END, step, _OK if ok else _NOT_OK, 0, 0, 0, 0, 0)
 
     def engine_step(
@@ -297,7 +399,7 @@ class Recorder:
             P_ENGINE_STEP,
             _K_ENGINE_STEP,
             step,
-            time.monotonic_ns(),
+            _mono(),
             total_tokens,
             num_reqs,
             num_decode_reqs,
@@ -313,7 +415,7 @@ class Recorder:
             P_ENGINE_RESULT,
             _K_ENGINE_RESULT,
             step,
-            time.monotonic_ns(),
+            _mono(),
             ok,
             running,
             waiting,
@@ -321,7 +423,7 @@ class Recorder:
         )
 
     def engine_queue(self, *, running: int, waiting: int) -> None:
-        self._put(P_ENGINE_QUEUE, _K_ENGINE_QUEUE, time.monotonic_ns(), running, waiting)
+        self._put(P_ENGINE_QUEUE, _K_ENGINE_QUEUE, _mono(), running, waiting)
 
     # ---- meta area -------------------------------------------------------------------
 
@@ -354,6 +456,7 @@ class Recorder:
         """Record the collectives captured into the graph for ``key``; returns the hash."""
         ops = tuple(collectives)
         h = manifest_hash(ops)
+        self._manifests[(role, key)] = h
         self.meta(
             {
                 "t": "manifest",

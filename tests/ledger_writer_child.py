@@ -41,6 +41,15 @@ WORLD = 2
 
 
 def key_of(seq: int) -> GraphKey:
+    if seq % 3 == 0:  # small enough for a 64-bit key code: folded step begins of these are STEP records
+        return GraphKey(
+            mode=CUDAGraphMode.FULL if seq & 1 else CUDAGraphMode.PIECEWISE,
+            num_tokens=(seq * 7) & 0x7FFFFFFF,
+            num_reqs=None if seq % 5 == 0 else (seq * 3) & 0xFFFF,
+            uniform=bool(seq & 1),
+            has_lora=bool(seq & 2),
+            num_active_loras=seq & 0xFF,
+        )
     return GraphKey(
         mode=MODES[seq % 3],
         num_tokens=(seq * 7) & M32,
@@ -55,7 +64,8 @@ def expected(seq: int) -> Record:
     """Record ``seq`` as ``write`` produces it, with mono_ns 0."""
     kind = seq % KINDS
     if kind == 0:
-        # every other step begin carries the model launch folded in (STEP_BEGIN_LAUNCH)
+        # every other step begin carries the model launch folded in (STEP, or STEP_BEGIN_LAUNCH for a
+        # key too large for the STEP record's key code)
         folded = Launch(seq, seq, 0, Role.MODEL, key_of(seq), (seq * 40503) & M32) if seq // KINDS % 2 else None
         return StepBegin(
             seq, seq, 0, key_of(seq), (seq * 5) & M32, (seq * 11) & M32, (seq * 13) & M32, seq & 0xFF, folded

@@ -53,6 +53,8 @@ from collectors.format import (
     Role,
     StepBegin,
     StepEnd,
+    key_code,
+    key_of_code,
     manifest_hash,
 )
 from collectors.reader import Ledger, LedgerError, LedgerTail, ledger_paths, parse_ledger, read_ledger
@@ -240,6 +242,138 @@ def test_round_trip_every_record_kind_meta_and_header(tmp_path: Path) -> None:
     assert hd.start_mono_ns <= monos[0] and hd.start_mono_ns >= before
     assert led.rank == 3 and rec.path.stat().st_size == hd.file_size
     assert hd.to_json()["kind"] == "worker"
+
+
+# ---- 1b. a decode step as one STEP record -------------------------------------------------
+
+FULL32 = GraphKey(CUDAGraphMode.FULL, 32, 16, uniform=True)
+PIECE32 = GraphKey(CUDAGraphMode.PIECEWISE, 32)
+OPS1 = [CollectiveOp("all_reduce", "tp", "bfloat16", 4096)]
+
+
+def test_a_step_is_one_record_that_takes_its_drafter_launch_and_end_in_place(tmp_path: Path) -> None:
+    rec = Recorder(tmp_path, kind=ProcessKind.WORKER, rank=0, world_size=2, n_slots=64)
+    try:
+        h = rec.manifest(Role.MODEL, FULL32, OPS1)
+        hd = rec.manifest(Role.DRAFTER, PIECE32, OPS1 * 2)
+        tail = LedgerTail(rec.path)
+        begin0 = StepBegin(0, 0, 0, FULL32, 30, 15, 1, 15, Launch(0, 0, 0, Role.MODEL, FULL32, h))
+        rec.step_begin(
+            0, FULL32, unpadded_tokens=30, unpadded_reqs=15, padded_reqs=1, placeholders=15, launch_manifest=h
+        )
+        assert [bare(r) for r in tail.poll()] == [begin0]
+        rec.launch(0, Role.DRAFTER, PIECE32, hd)
+        # the tail reads no manifests: its in-place launches carry hash 0 (it only needs steps' ends)
+        assert [bare(r) for r in tail.poll()] == [Launch(0, 0, 0, Role.DRAFTER, PIECE32, 0)]
+        rec.step_end(0)
+        assert [bare(r) for r in tail.poll()] == [StepEnd(0, 0, 0, True)]
+        assert tail.poll() == []
+        assert read_ledger(rec.path).cursor == 1  # the whole step took one slot
+
+        # an eager step: the drafter launch and the end sit among the step's collectives by time
+        eager = GraphKey(CUDAGraphMode.NONE, 300)
+        rec.step_begin(1, eager, unpadded_tokens=300, unpadded_reqs=2, launch_manifest=0)
+        rec.collective(1, "tp", "all_reduce", "bfloat16", 10)
+        rec.launch(1, Role.DRAFTER, eager, 0)
+        rec.collective(1, "tp", "all_reduce", "bfloat16", 20)
+        rec.step_end(1, ok=False)
+        rest = [bare(r) for r in tail.poll()]
+        led = read_ledger(rec.path)
+    finally:
+        rec.close()
+    step1 = [
+        StepBegin(1, 1, 0, eager, 300, 2, 0, 0, Launch(1, 1, 0, Role.MODEL, eager, 0)),
+        Collective(2, 1, 0, "tp", "all_reduce", "bfloat16", 10, 0),
+        Launch(1, 1, 0, Role.DRAFTER, eager, 0),
+        Collective(3, 1, 0, "tp", "all_reduce", "bfloat16", 20, 1),
+        StepEnd(1, 1, 0, False),
+    ]
+    assert rest == step1
+    # a whole read resolves the in-place drafter launch's manifest from the meta area
+    assert [bare(r) for r in led.records] == [
+        begin0,
+        Launch(0, 0, 0, Role.DRAFTER, PIECE32, hd),
+        StepEnd(0, 0, 0, True),
+        *step1,
+    ]
+    monos = [r.mono_ns for r in led.records]
+    assert monos == sorted(monos)
+    assert (led.cursor, led.skipped, led.problems) == (4, 0, ())
+
+
+def test_step_parts_that_cannot_go_in_place_are_records_of_their_own(tmp_path: Path) -> None:
+    rec = Recorder(tmp_path / "a", kind=ProcessKind.WORKER, rank=0, world_size=2, n_slots=64)
+    lapped = Recorder(tmp_path / "b", kind=ProcessKind.WORKER, rank=0, world_size=2, n_slots=4)
+    try:
+        h = rec.manifest(Role.MODEL, FULL32, OPS1)
+        hd = rec.manifest(Role.DRAFTER, PIECE32, OPS1)
+        uncaptured = GraphKey(CUDAGraphMode.PIECEWISE, 64)  # no manifest recorded for it
+        big = GraphKey(CUDAGraphMode.FULL, 64, 32, uniform=True, has_lora=True, num_active_loras=256)
+        assert key_code(big) == 0  # too many LoRAs for the key code
+        # a second drafter launch in one step
+        rec.step_begin(0, FULL32, unpadded_tokens=30, unpadded_reqs=15, launch_manifest=h)
+        rec.launch(0, Role.DRAFTER, PIECE32, hd)
+        rec.launch(0, Role.DRAFTER, PIECE32, hd)
+        rec.step_end(0)
+        # a drafter graph with no recorded manifest: the reader could not resolve its hash
+        rec.step_begin(1, FULL32, unpadded_tokens=30, unpadded_reqs=15, launch_manifest=h)
+        rec.launch(1, Role.DRAFTER, uncaptured, 0)
+        rec.step_end(1)
+        # a key the code cannot hold: a STEP_BEGIN_LAUNCH record and separate parts
+        rec.step_begin(2, big, unpadded_tokens=60, unpadded_reqs=30, launch_manifest=0)
+        rec.launch(2, Role.DRAFTER, PIECE32, hd)
+        rec.step_end(2)
+        # the end of a step that never opened a STEP record (no model launch folded in)
+        rec.step_begin(3, FULL32, unpadded_tokens=30, unpadded_reqs=15)
+        rec.step_end(3)
+        led = read_ledger(rec.path)
+
+        # the ring reused the step's slot before it ended: the end is a record
+        lapped.step_begin(0, FULL32, unpadded_tokens=30, unpadded_reqs=15, launch_manifest=0)
+        for i in range(4):
+            lapped.collective(0, "tp", "all_reduce", "bfloat16", i)
+        lapped.step_end(0)
+        lap = read_ledger(lapped.path)
+    finally:
+        rec.close()
+        lapped.close()
+    assert [bare(r) for r in led.records] == [
+        StepBegin(0, 0, 0, FULL32, 30, 15, 0, 0, Launch(0, 0, 0, Role.MODEL, FULL32, h)),
+        Launch(0, 0, 0, Role.DRAFTER, PIECE32, hd),  # in place
+        Launch(1, 0, 0, Role.DRAFTER, PIECE32, hd),  # the second: its own record
+        StepEnd(0, 0, 0, True),
+        StepBegin(2, 1, 0, FULL32, 30, 15, 0, 0, Launch(2, 1, 0, Role.MODEL, FULL32, h)),
+        Launch(3, 1, 0, Role.DRAFTER, uncaptured, 0),
+        StepEnd(2, 1, 0, True),
+        StepBegin(4, 2, 0, big, 60, 30, 0, 0, Launch(4, 2, 0, Role.MODEL, big, 0)),
+        Launch(5, 2, 0, Role.DRAFTER, PIECE32, hd),
+        StepEnd(6, 2, 0, True),
+        StepBegin(7, 3, 0, FULL32, 30, 15, 0, 0),
+        StepEnd(8, 3, 0, True),
+    ]
+    assert led.cursor == 9
+    assert [type(r).__name__ for r in lap.records] == ["Collective"] * 3 + ["StepEnd"]
+    assert lap.records[-1].seq == 5 and lap.lost == 2
+
+
+@given(
+    mode=st.sampled_from(list(CUDAGraphMode)),
+    tokens=st.integers(0, (1 << 32) - 1),
+    reqs=st.none() | st.integers(0, (1 << 21)),
+    uniform=st.booleans(),
+    lora=st.booleans(),
+    loras=st.integers(0, 300),
+)
+@settings(max_examples=400, deadline=None, database=None)
+def test_key_code_round_trips_every_key_it_accepts(
+    mode: CUDAGraphMode, tokens: int, reqs: int | None, uniform: bool, lora: bool, loras: int
+) -> None:
+    key = GraphKey(mode, tokens, reqs, uniform=uniform, has_lora=lora, num_active_loras=loras)
+    code = key_code(key)
+    fits = tokens < (1 << 31) and (reqs is None or reqs < (1 << 20) - 1) and loras < 256
+    assert bool(code) == fits
+    if fits:
+        assert code >> 63 == 1 and key_of_code(code) == key
 
 
 def test_engine_ledger_name_kind_and_generated_instance(tmp_path: Path) -> None:

@@ -19,7 +19,16 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from collectors.format import CollectiveOp, CUDAGraphMode, GraphKey, ProcessKind, Role, pack_key, pack_launch
+from collectors.format import (
+    CollectiveOp,
+    CUDAGraphMode,
+    GraphKey,
+    ProcessKind,
+    Role,
+    key_code,
+    pack_key,
+    pack_launch,
+)
 from collectors.recorder import Recorder, open_recorder
 
 log = logging.getLogger("watchdog.vllm")
@@ -166,16 +175,17 @@ MAX_KEYS = 4096  # translated keys kept per process (graph keys are a few dozen;
 
 class Keyed:
     """A graph key as the hot path uses it: translated once, with what each record needs precomputed
-    (the key's and each role's launch fields packed, the request count that padding is measured
-    against)."""
+    (the key's 64-bit code, the key's and each role's launch fields packed for the separate records,
+    the request count that padding is measured against)."""
 
-    __slots__ = ("begin", "full_reqs", "graphed", "hashes", "key", "launches", "src")
+    __slots__ = ("begin", "code", "drafter_code", "full_reqs", "graphed", "hashes", "key", "launches", "src")
 
     def __init__(self, key: GraphKey, hashes: tuple[int, int], src: Any = None) -> None:
         self.key = key
         self.src = src  # the vLLM mode object the cache key names by id (kept alive, compared by identity)
         self.graphed = key.mode is not CUDAGraphMode.NONE
         self.full_reqs = key.num_reqs if key.mode is CUDAGraphMode.FULL and key.num_reqs is not None else -1
+        self.code = key_code(key)  # 0: too large for a code, written as separate records
         self.begin = pack_key(key)
         self.set_hashes(hashes)
 
@@ -183,6 +193,9 @@ class Keyed:
         """(model, drafter) manifest hash; 0: not captured, or eager."""
         self.hashes = hashes
         self.launches = tuple(pack_launch(role, self.key, h) for role, h in zip(ROLES, hashes, strict=True))
+        # A drafter launch stored into the STEP record carries no hash: the reader takes the manifest
+        # the ledger holds for the key. A graph not captured (yet) has none to take: its own record.
+        self.drafter_code = self.code if not self.graphed or hashes[1] else 0
 
 
 class WorkerState:
@@ -261,12 +274,18 @@ class WorkerState:
         if role == 0 and not self.begun:
             self.begun = True
             padded = k.full_reqs - unpadded_reqs if k.full_reqs > unpadded_reqs else 0
-            # The step's begin and the model's launch: one record (STEP_BEGIN_LAUNCH).
-            rec.step_begin_packed(
-                self.step, k.begin, unpadded_tokens, unpadded_reqs, padded, self.placeholders, k.hashes[0]
-            )
-            return
-        rec.launch_packed(self.step, k.launches[role])
+            # The step's begin and the model's launch: one STEP record, which the drafter's launch and
+            # the step's end are stored into.
+            if k.code:
+                rec.step_open(self.step, k.code, unpadded_tokens, unpadded_reqs, padded, self.placeholders, k.hashes[0])
+            else:
+                rec.step_begin_packed(
+                    self.step, k.begin, unpadded_tokens, unpadded_reqs, padded, self.placeholders, k.hashes[0]
+                )
+        elif role == 1:
+            rec.drafter_launch(self.step, k.drafter_code, k.launches[1])
+        else:
+            rec.launch_packed(self.step, k.launches[role])
 
     def end_step(self, ok: bool) -> None:
         if not self.ended:

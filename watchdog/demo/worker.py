@@ -152,7 +152,8 @@ class Worker:
         step = batch.step
         self.comm.step = step
         d = dispatch(self.args.dispatch, batch.num_tokens, batch.num_reqs, batch.uniform(self.q))
-        if self.rec is not None:
+        if self.rec is not None:  # as the vLLM plugin writes it: the model's launch folded into the begin
+            graph = self.graphs.get((Role.MODEL, d.key))
             self.rec.step_begin(
                 step,
                 d.key,
@@ -160,6 +161,7 @@ class Worker:
                 unpadded_reqs=batch.num_reqs,
                 padded_reqs=d.padded_reqs,
                 placeholders=batch.placeholders,
+                launch_manifest=0 if graph is None or d.key.mode is CUDAGraphMode.NONE else graph.hash,
             )
         self._update_step_stats(batch)
         self._forward(Role.MODEL, d, batch)
@@ -198,7 +200,7 @@ class Worker:
         else:
             seq_lens = torch.tensor(batch.seq_lens, dtype=torch.int64)
         if key.mode is CUDAGraphMode.NONE:
-            if self.rec is not None:
+            if self.rec is not None and role is Role.DRAFTER:  # the model's is in the step's begin
                 self.rec.launch(batch.step, role, key, 0)
             x = torch.empty(n, self.args.hidden, device=self.stream.device)
             self.stream.launch(lambda: x.fill_(0.01))
@@ -216,7 +218,7 @@ class Worker:
             model.forward(self.stream, self.comm, x, seq_lens, self._clamp)
             return
         g = self.graphs[(role, key)]
-        if self.rec is not None:
+        if self.rec is not None and role is Role.DRAFTER:
             self.rec.launch(batch.step, role, key, g.hash)
         self._load_inputs(g, batch)
         if g.seq_lens is None:  # PIECEWISE: attention runs eagerly, on the real requests only
