@@ -6,6 +6,7 @@ test_vllm_rings.py (they need the vLLM environments that tests/vllm_envs.py buil
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from pathlib import Path
@@ -22,7 +23,7 @@ from collectors.format import launches as format_launches
 from collectors.reader import read_ledger
 from collectors.vllm import register
 from collectors.vllm import state as st
-from collectors.vllm.hooks import COLLECTIVE_OPS, TARGETS, Hook, Target, _wrap
+from collectors.vllm.hooks import COLLECTIVE_OPS, TARGETS, Hook, Target, _wrap, exact
 
 
 def _worker(tmp_path: Path) -> st.WorkerState:
@@ -205,15 +206,10 @@ def test_wrapper_failure_disables_hook_with_one_warning(caplog: Any) -> None:
     def make(hook: Hook, orig: Any) -> Any:
         seen.append(hook)
 
-        def wrapper(self: Any, x: int) -> Any:
-            if hook.on:
-                try:
-                    raise OSError("disk full")
-                except Exception as exc:
-                    hook.fail(exc)
-            return orig(self, x)
+        def before(self: Any, x: int) -> None:
+            raise OSError("disk full")
 
-        return wrapper
+        return exact(hook, orig, ("x",), before=before)
 
     original = _Victim.method
     try:
@@ -229,6 +225,60 @@ def test_wrapper_failure_disables_hook_with_one_warning(caplog: Any) -> None:
             _Victim().method(-1)  # vLLM's own exceptions pass through untouched
     finally:
         _Victim.method = original  # type: ignore[method-assign]
+
+
+def test_exact_wrappers_have_the_originals_parameters_and_forward_every_argument() -> None:
+    default = object()
+
+    def orig(self: Any, a: Any, /, b: Any, c: Any = default, *args: Any, d: Any, e: Any = 5, **kw: Any) -> Any:
+        return a, b, c, args, d, e, kw
+
+    calls: list[tuple[Any, ...]] = []
+    w = exact(
+        Hook(Target("t", "orig", (), "t")),
+        orig,
+        ("b", "d"),
+        before=lambda self, b, d: calls.append(("before", self, b, d)),
+        after=lambda self, b, d, out: calls.append(("after", b, d, out[0])),
+    )
+    # its own signature (annotations aside): no (*args, **kwargs)
+    assert inspect.signature(w) == inspect.signature(orig).replace(
+        parameters=[p.replace(annotation=p.empty) for p in inspect.signature(orig).parameters.values()],
+        return_annotation=inspect.Signature.empty,
+    )
+    assert w("S", 1, 2, d=4) == (1, 2, default, (), 4, 5, {})  # defaults are the original's objects
+    assert w("S", 1, b=2, c=3, d=4, z=9) == (1, 2, 3, (), 4, 5, {"z": 9})
+    assert w("S", 1, 2, 3, 7, 8, d=4, e=6) == (1, 2, 3, (7, 8), 4, 6, {})
+    with pytest.raises(TypeError):
+        w("S", a=1, b=2, d=4)  # positional-only stays positional-only, as vLLM would see it
+    assert calls[:2] == [("before", "S", 2, 4), ("after", 2, 4, 1)] and len(calls) == 6
+
+
+def test_exact_wrappers_pass_exceptions_through_and_switch_off_on_their_own_errors(caplog: Any) -> None:
+    boom = RuntimeError("from vLLM")
+
+    def raising(self: Any, x: int) -> Any:
+        raise boom
+
+    failed: list[int] = []
+    hook = Hook(Target("t", "raising", (), "t"))
+    w = exact(hook, raising, ("x",), failed=lambda self, x: failed.append(x), after=lambda self, x, out: None)
+    with pytest.raises(RuntimeError) as info:
+        w(None, 7)
+    assert info.value is boom and failed == [7] and hook.on
+
+    def bad(self: Any, out: Any) -> None:
+        raise ValueError("bug in a body")
+
+    broken = Hook(Target("t", "answer", (), "t"))
+    w2 = exact(broken, lambda self: 42, after=bad)
+    with caplog.at_level(logging.WARNING, logger="watchdog.vllm"):
+        assert w2(None) == 42 and w2(None) == 42  # vLLM's result either way; the body ran once
+    assert not broken.on and "bug in a body" in broken.error
+    assert sum("disabled" in r.getMessage() for r in caplog.records) == 1
+
+    with pytest.raises(ValueError, match="num_tokens"):  # a parameter the hook reads is gone: not installed
+        exact(Hook(Target("t", "moved", (), "t")), lambda self, n: n, ("num_tokens",))
 
 
 def test_every_collective_method_is_a_target() -> None:
@@ -292,12 +342,17 @@ def test_hook_wrappers_cache_keys_and_pick_up_manifests(tmp_path: Path, monkeypa
         300: SimpleNamespace(num_tokens=300, num_reqs=None, uniform=False, has_lora=False, num_active_loras=0),
     }
     model = hooks._v1_model_dispatch(
-        t("m"), lambda self, n, r, *a, **k: (_FULL if n <= 32 else _NONE, desc[32 if n <= 32 else 300])
+        t("m"),
+        lambda self, num_tokens, num_reqs, *a, **k: (
+            _FULL if num_tokens <= 32 else _NONE,
+            desc[32 if num_tokens <= 32 else 300],
+        ),
     )
     drafter = hooks._v1_drafter_dispatch(
-        t("d"), lambda self, n, *a, **k: (_PIECEWISE, 32, None) if n <= 32 else (_NONE, n, None)
+        t("d"),
+        lambda self, num_tokens, *a, **k: (_PIECEWISE, 32, None) if num_tokens <= 32 else (_NONE, num_tokens, None),
     )
-    ar = hooks._collective("all_reduce")(t("c"), lambda self, x, *a, **k: x)
+    ar = hooks._collective("all_reduce")(t("c"), lambda self, input_, *a, **k: input_)
 
     def forward(self: Any, n: int, r: int) -> None:
         model(self, n, r)
@@ -309,8 +364,8 @@ def test_hook_wrappers_cache_keys_and_pick_up_manifests(tmp_path: Path, monkeypa
         forward(self, 32, 16)
 
     capture = hooks._v1_capture(t("cap"), capture_body)
-    execute = hooks._execute_model(t("e"), lambda self, so: None)
-    sample = hooks._sample_tokens(t("s"), lambda self, g: object())
+    execute = hooks._execute_model(t("e"), lambda self, scheduler_output: None)
+    sample = hooks._sample_tokens(t("s"), lambda self, grammar_output: object())
     w = _Owner()
     so = SimpleNamespace(scheduled_spec_decode_tokens={i: [-1] for i in range(15)})
 
@@ -366,10 +421,13 @@ def test_bench_plugin_runs_and_splits_the_cost() -> None:
     out = bench_plugin(steps=300, repeats=3)
     assert out["schema"] == SCHEMA and out["ledger_enabled_throughout"] is True
     assert out["us_records_floor_median"] > 0 and out["us_per_eager_collective_median"] > 0
+    assert out["records_per_step"] == 1  # the timed step is the in-place one vLLM's captured graphs give
     assert len(out["us_per_step_runs"]) == 3
     total, floor, own = out["us_per_step_median"], out["us_records_floor_median"], out["us_plugin_own_median"]
     assert abs(total - floor - own) < 0.01
     assert out["within_target"] == (total < out["target_us_per_step"])
+    parts = out["us_records_floor_median"] + out["us_wrapper_frames_median"] + out["us_key_lookups_median"]
+    assert abs(out["us_lower_bound"] - parts) < 0.01
 
 
 @pytest.mark.parametrize("with_loras", [False, True], ids=["0.20.x-descriptor", "0.33.x-descriptor"])
@@ -405,11 +463,11 @@ def test_v2_dispatch_hook_both_descriptor_shapes(
 
     def dispatch(out: Any) -> Any:
         made.append(Hook(Target("test", "dispatch", (), "test")))
-        return hooks._v2_dispatch(made[-1], lambda self, r, n, *a, **k: out)
+        return hooks._v2_dispatch(made[-1], lambda self, num_reqs, num_tokens, *a, **k: out)
 
     model, drafter, encoder = dispatch(full), dispatch(pw), dispatch(pw)
 
-    def forward(self: Any, so: Any) -> object:  # the runner's step: its managers dispatch inside it
+    def forward(self: Any, scheduler_output: Any) -> object:  # the runner's step: its managers dispatch inside it
         encoder(EncoderCudaGraphManager(), 15, 30)  # not part of the step: not recorded
         model(ModelCudaGraphManager(), 15, 30)
         drafter(EagleCudaGraphManager(), 15, 30)

@@ -264,6 +264,24 @@ def run_dispatch_v2() -> dict[str, Any]:
     return run_steps(env, sorted(installed.hooks), returned)
 
 
+def captured_graphs() -> None:
+    """Stand in for vLLM's graph capture at start-up (it needs a GPU): the plugin records the manifests
+    of the two graphs a 15 x 2 decode step replays, so its launches take the path they take in service."""
+    from collectors.format import CollectiveOp, CUDAGraphMode, GraphKey, Role
+    from collectors.vllm.hooks import STATE
+
+    ws = STATE.ws
+    assert ws is not None
+    ws.begin_capture()
+    for role, key in (
+        (Role.MODEL, GraphKey(CUDAGraphMode.FULL, 32, 16, uniform=True)),
+        (Role.DRAFTER, GraphKey(CUDAGraphMode.PIECEWISE, 32)),
+    ):
+        ws.dispatched(role, key, 0, 0, 0)
+        ws.collective(CollectiveOp("all_reduce", "tp", "bfloat16", 4096 * key.num_tokens), lambda: True)
+    ws.end_capture()
+
+
 def run_bench(blocks: int = 30, n: int = 1000) -> dict[str, Any]:
     env = setup()
     w = env["worker"]
@@ -282,6 +300,7 @@ def run_bench(blocks: int = 30, n: int = 1000) -> dict[str, Any]:
     for _ in range(2):  # warm-up: ledger open, caches filled
         block(env["hooked"])
         block(env["originals"])
+    captured_graphs()
     runner.returned.clear()
     hooked, bare = [], []
     for i in range(blocks):  # alternating which goes first: no order bias

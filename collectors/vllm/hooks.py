@@ -9,12 +9,18 @@ classes are absent is simply not hooked.
 A wrapper always calls the original exactly once and passes its result or exception through
 untouched. Its own work runs in ``try``; the first failure switches that hook off with one
 warning (``Hook.fail``) and vLLM carries on as if the plugin were not there.
+
+Wrappers take the original's exact parameters (``exact``: generated from its signature) and pass
+them on by position: a ``(*args, **kwargs)`` wrapper pays for building and unpacking a tuple and a
+dict on every call, as much as the records it writes, and the step hooks run four times a step.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
+import inspect
+import keyword
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -161,6 +167,99 @@ def _wrap(target: Target, make: Callable[[Hook, Any], Callable[..., Any]]) -> No
     INSTALLED.hooks[target.name] = hook
 
 
+# ---- exact-signature wrappers ------------------------------------------------------------
+
+Body = Callable[..., None]
+
+
+def exact(
+    hook: Hook,
+    orig: Callable[..., Any],
+    names: tuple[str, ...] = (),
+    *,
+    before: Body | None = None,
+    after: Body | None = None,
+    failed: Body | None = None,
+) -> Callable[..., Any]:
+    """A wrapper with ``orig``'s own parameters that calls ``orig`` once, forwarding every argument.
+
+    Around the call, while ``hook`` is on: ``before(self, *named)``, then ``after(self, *named, result)``
+    or, if ``orig`` raised, ``failed(self, *named)`` before the exception goes on; ``named`` are the
+    arguments of the parameters ``names``. A body that raises switches the hook off (``Hook.fail``).
+    ValueError if ``orig`` has no such parameters (or no readable signature)."""
+    sig = inspect.signature(orig)
+    params = list(sig.parameters.values())
+    have = {p.name for p in params}
+    for name in ("self", *names):
+        if name not in have or keyword.iskeyword(name):
+            raise ValueError(f"{getattr(orig, '__qualname__', orig)!r} has no parameter {name!r}")
+    ns: dict[str, Any] = {"_orig": orig, "_hook": hook, "_before": before, "_after": after, "_failed": failed}
+    head: list[str] = []
+    call: list[str] = []
+    star = False
+    P = inspect.Parameter
+    for i, p in enumerate(params):
+        text = p.name
+        if p.default is not P.empty:
+            ns[f"_d{i}"] = p.default
+            text += f"=_d{i}"
+        if p.kind is P.VAR_POSITIONAL:
+            head.append(f"*{p.name}")
+            call.append(f"*{p.name}")
+            star = True
+        elif p.kind is P.VAR_KEYWORD:
+            head.append(f"**{p.name}")
+            call.append(f"**{p.name}")
+        elif p.kind is P.KEYWORD_ONLY:
+            if not star:
+                head.append("*")
+                star = True
+            head.append(text)
+            call.append(f"{p.name}={p.name}")
+        else:
+            head.append(text)
+            call.append(p.name)
+            if p.kind is P.POSITIONAL_ONLY and (i + 1 == len(params) or params[i + 1].kind is not P.POSITIONAL_ONLY):
+                head.append("/")
+    args = ", ".join(("self", *names))
+    lines = [f"def wrapper({', '.join(head)}):"]
+    if before is not None:
+        lines += [
+            "    if _hook.on:",
+            "        try:",
+            f"            _before({args})",
+            "        except Exception as exc:",
+            "            _hook.fail(exc)",
+        ]
+    if failed is not None:
+        lines += [
+            "    try:",
+            f"        result = _orig({', '.join(call)})",
+            "    except BaseException:",
+            "        if _hook.on:",
+            "            try:",
+            f"                _failed({args})",
+            "            except Exception as exc:",
+            "                _hook.fail(exc)",
+            "        raise",
+        ]
+    else:
+        lines.append(f"    result = _orig({', '.join(call)})")
+    if after is not None:
+        lines += [
+            "    if _hook.on:",
+            "        try:",
+            f"            _after({args}, result)",
+            "        except Exception as exc:",
+            "            _hook.fail(exc)",
+        ]
+    lines.append("    return result")
+    if {"result", "exc", "wrapper"} & have or any(n.startswith("_") and n in ns for n in have):
+        raise ValueError(f"{getattr(orig, '__qualname__', orig)!r}: a parameter name the wrapper uses itself")
+    exec("\n".join(lines), ns)  # the source is built above from the signature's names only
+    return ns["wrapper"]  # type: ignore[no-any-return]
+
+
 # ---- worker-side description (rank, TP size, dispatcher config) -----------------------
 
 
@@ -195,43 +294,31 @@ def _worker_of(obj: Any) -> WorkerState | None:
 
 
 def _v1_model_dispatch(hook: Hook, orig: Any) -> Callable[..., Any]:
-    def wrapper(self: Any, num_tokens: int, num_reqs: int, *args: Any, **kwargs: Any) -> Any:
-        out = orig(self, num_tokens, num_reqs, *args, **kwargs)
-        if hook.on:
-            try:
-                ws = STATE.ws or _worker_of(self)
-                if ws is not None:
-                    mode, d = out[0], out[1]
-                    ck = (id(mode), d.num_tokens, d.num_reqs, d.uniform, d.has_lora, getattr(d, "num_active_loras", 0))
-                    k = ws.keys.get(ck)
-                    if k is None or k.src is not mode:
-                        k = ws.keyed(ck, key_from_descriptor(mode, d), mode)
-                    ws.launch(0, k, num_tokens, num_reqs)
-            except Exception as exc:
-                hook.fail(exc)
-        return out
+    def after(self: Any, num_tokens: int, num_reqs: int, out: Any) -> None:
+        ws = STATE.ws or _worker_of(self)
+        if ws is not None:
+            mode, d = out[0], out[1]
+            ck = (id(mode), d.num_tokens, d.num_reqs, d.uniform, d.has_lora, getattr(d, "num_active_loras", 0))
+            k = ws.keys.get(ck)
+            if k is None or k.src is not mode:
+                k = ws.keyed(ck, key_from_descriptor(mode, d), mode)
+            ws.launch(0, k, num_tokens, num_reqs)
 
-    return wrapper
+    return exact(hook, orig, ("num_tokens", "num_reqs"), after=after)
 
 
 def _v1_drafter_dispatch(hook: Hook, orig: Any) -> Callable[..., Any]:
-    def wrapper(self: Any, num_tokens: int, *args: Any, **kwargs: Any) -> Any:
-        out = orig(self, num_tokens, *args, **kwargs)
-        if hook.on:
-            try:
-                ws = STATE.ws or _worker_of(self)
-                if ws is not None:
-                    mode, padded = out[0], out[1]
-                    ck = (id(mode), padded)
-                    k = ws.keys.get(ck)
-                    if k is None or k.src is not mode:
-                        k = ws.keyed(ck, GraphKey(mode_of(mode), int(padded)), mode)
-                    ws.launch(1, k, num_tokens, 0)
-            except Exception as exc:
-                hook.fail(exc)
-        return out
+    def after(self: Any, num_tokens: int, out: Any) -> None:
+        ws = STATE.ws or _worker_of(self)
+        if ws is not None:
+            mode, padded = out[0], out[1]
+            ck = (id(mode), padded)
+            k = ws.keys.get(ck)
+            if k is None or k.src is not mode:
+                k = ws.keyed(ck, GraphKey(mode_of(mode), int(padded)), mode)
+            ws.launch(1, k, num_tokens, 0)
 
-    return wrapper
+    return exact(hook, orig, ("num_tokens",), after=after)
 
 
 def _v2_role(manager: Any) -> Role | None:
@@ -247,28 +334,22 @@ _V2_ROLES: dict[type, int] = {}  # manager class -> int(Role), -1: not hooked (e
 
 
 def _v2_dispatch(hook: Hook, orig: Any) -> Callable[..., Any]:
-    def wrapper(self: Any, num_reqs: int, num_tokens: int, *args: Any, **kwargs: Any) -> Any:
-        out = orig(self, num_reqs, num_tokens, *args, **kwargs)
-        if hook.on:
-            try:
-                role = _V2_ROLES.get(type(self))
-                if role is None:
-                    r = _v2_role(self)
-                    role = _V2_ROLES[type(self)] = -1 if r is None else int(r)
-                ws = (STATE.ws or _worker_of(self)) if role >= 0 else None
-                if ws is not None:
-                    mode = out.cg_mode
-                    loras = getattr(out, "num_active_loras", 0)  # absent in 0.20.x
-                    ck = (id(mode), out.num_tokens, out.num_reqs, out.uniform_token_count, loras)
-                    k = ws.keys.get(ck)
-                    if k is None or k.src is not mode:
-                        k = ws.keyed(ck, key_from_execution_descriptor(out), mode)
-                    ws.launch(role, k, num_tokens, num_reqs)
-            except Exception as exc:
-                hook.fail(exc)
-        return out
+    def after(self: Any, num_reqs: int, num_tokens: int, out: Any) -> None:
+        role = _V2_ROLES.get(type(self))
+        if role is None:
+            r = _v2_role(self)
+            role = _V2_ROLES[type(self)] = -1 if r is None else int(r)
+        ws = (STATE.ws or _worker_of(self)) if role >= 0 else None
+        if ws is not None:
+            mode = out.cg_mode
+            loras = getattr(out, "num_active_loras", 0)  # absent in 0.20.x
+            ck = (id(mode), out.num_tokens, out.num_reqs, out.uniform_token_count, loras)
+            k = ws.keys.get(ck)
+            if k is None or k.src is not mode:
+                k = ws.keyed(ck, key_from_execution_descriptor(out), mode)
+            ws.launch(role, k, num_tokens, num_reqs)
 
-    return wrapper
+    return exact(hook, orig, ("num_reqs", "num_tokens"), after=after)
 
 
 def _capturing() -> bool:
@@ -329,59 +410,42 @@ def _v2_capture(hook: Hook, orig: Any) -> Callable[..., Any]:
 
 
 def _execute_model(hook: Hook, orig: Any) -> Callable[..., Any]:
-    def wrapper(self: Any, scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
-        ws: WorkerState | None = None
-        if hook.on:
-            try:
-                ws = STATE.ws or _worker_of(self)
-                if ws is not None:
-                    spec = getattr(scheduler_output, "scheduled_spec_decode_tokens", None)
-                    # vLLM schedules a request's drafts only if it has some: with one draft token
-                    # per request each list holds exactly one
-                    ws.begin_step((len(spec) if ws.one_draft else sum(map(len, spec.values()))) if spec else 0)
-            except Exception as exc:
-                hook.fail(exc)
-        try:
-            out = orig(self, scheduler_output, *args, **kwargs)
-        except BaseException:
-            if ws is not None and hook.on:
-                ws.end_step(False)
-            raise
-        if out is not None and ws is not None and hook.on:
-            ws.end_step(True)  # sampled here; with sampling deferred, sample_tokens ends the step
-        return out
+    def before(self: Any, scheduler_output: Any) -> None:
+        ws = STATE.ws or _worker_of(self)
+        if ws is not None:
+            spec = getattr(scheduler_output, "scheduled_spec_decode_tokens", None)
+            # vLLM schedules a request's drafts only if it has some: with one draft token per
+            # request each list holds exactly one
+            ws.begin_step((len(spec) if ws.one_draft else sum(map(len, spec.values()))) if spec else 0)
 
-    return wrapper
+    def after(self: Any, scheduler_output: Any, out: Any) -> None:
+        ws = STATE.ws
+        if out is not None and ws is not None:  # sampled here; with sampling deferred, sample_tokens ends it
+            ws.end_step(True)
+
+    def failed(self: Any, scheduler_output: Any) -> None:
+        _end(False)
+
+    return exact(hook, orig, ("scheduler_output",), before=before, after=after, failed=failed)
 
 
 def _sample_tokens(hook: Hook, orig: Any) -> Callable[..., Any]:
-    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
-        try:
-            out = orig(self, *args, **kwargs)
-        except BaseException:
-            _end(hook, False)
-            raise
-        ws = STATE.ws
-        if ws is not None and not ws.ended and hook.on:
-            try:
-                ws.end_step(True)
-            except Exception as exc:
-                hook.fail(exc)
-        return out
-
-    return wrapper
-
-
-def _end(hook: Hook, ok: bool) -> None:
-    """End the current step (a step only begins in ``execute_model``: no ledger is opened here)."""
-    if not hook.on:
-        return
-    try:
+    def after(self: Any, out: Any) -> None:
         ws = STATE.ws
         if ws is not None:
-            ws.end_step(ok)
-    except Exception as exc:
-        hook.fail(exc)
+            ws.end_step(True)
+
+    def failed(self: Any) -> None:
+        _end(False)
+
+    return exact(hook, orig, after=after, failed=failed)
+
+
+def _end(ok: bool) -> None:
+    """End the current step (a step only begins in ``execute_model``: no ledger is opened here)."""
+    ws = STATE.ws
+    if ws is not None:
+        ws.end_step(ok)
 
 
 # ---- collectives --------------------------------------------------------------------------
@@ -402,31 +466,27 @@ def _collective(op_name: str) -> Callable[[Hook, Any], Callable[..., Any]]:
         # (group's unique_name, torch dtype) -> (group, packed group/op/dtype): one lookup per eager call
         idents: dict[tuple[Any, Any], tuple[str, bytes]] = {}
 
-        def wrapper(self: Any, input_: Any, *args: Any, **kwargs: Any) -> Any:
-            if hook.on:
-                try:
-                    ws = STATE.ws
-                    if ws is not None:
-                        if ws.capture is not None:
-                            ws.collective(tensor_op(op_name, _group(self.unique_name), input_), _capturing)
-                        elif not ws.ended:  # eager, inside a step: straight to the ledger
-                            if isinstance(input_, list | tuple):
-                                op = tensor_op(op_name, "", input_)
-                                ws.rec.collective(ws.step, _group(self.unique_name), op_name, op.dtype, op.numel)
-                            else:
-                                ck = (self.unique_name, input_.dtype)
-                                ident = idents.get(ck)
-                                if ident is None:
-                                    group = _group(self.unique_name)
-                                    ident = (group, pack_collective(group, op_name, dtype_name(input_.dtype)))
-                                    if len(idents) < 256:
-                                        idents[ck] = ident
-                                ws.rec.collective_packed(ws.step, ident[0], ident[1], input_.numel())
-                except Exception as exc:
-                    hook.fail(exc)
-            return orig(self, input_, *args, **kwargs)
+        def before(self: Any, input_: Any) -> None:
+            ws = STATE.ws
+            if ws is None:
+                return
+            if ws.capture is not None:
+                ws.collective(tensor_op(op_name, _group(self.unique_name), input_), _capturing)
+            elif not ws.ended:  # eager, inside a step: straight to the ledger
+                if isinstance(input_, list | tuple):
+                    op = tensor_op(op_name, "", input_)
+                    ws.rec.collective(ws.step, _group(self.unique_name), op_name, op.dtype, op.numel)
+                    return
+                ck = (self.unique_name, input_.dtype)
+                ident = idents.get(ck)
+                if ident is None:
+                    group = _group(self.unique_name)
+                    ident = (group, pack_collective(group, op_name, dtype_name(input_.dtype)))
+                    if len(idents) < 256:
+                        idents[ck] = ident
+                ws.rec.collective_packed(ws.step, ident[0], ident[1], input_.numel())
 
-        return wrapper
+        return exact(hook, orig, ("input_",), before=before)
 
     return make
 
@@ -447,94 +507,68 @@ def _mq_spec(mq: Any) -> dict[str, Any] | None:
 
 
 def _init_executor(hook: Hook, orig: Any) -> Callable[..., Any]:
-    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
-        out = orig(self, *args, **kwargs)
-        if hook.on:
-            try:
-                rec = STATE.engine(lambda: int(self.parallel_config.tensor_parallel_size))
-                bcast = _mq_spec(getattr(self, "rpc_broadcast_mq", None))
-                if rec is not None and bcast is not None:
-                    responses = []
-                    for rank, mq in enumerate(getattr(self, "response_mqs", None) or ()):
-                        spec = _mq_spec(mq)
-                        if spec is not None:
-                            responses.append({**spec, "rank": rank})
-                    rec.meta({"t": "rings", "broadcast": bcast, "responses": responses})
-            except Exception as exc:
-                hook.fail(exc)
-        return out
+    def after(self: Any, out: Any) -> None:
+        rec = STATE.engine(lambda: int(self.parallel_config.tensor_parallel_size))
+        bcast = _mq_spec(getattr(self, "rpc_broadcast_mq", None))
+        if rec is not None and bcast is not None:
+            responses = []
+            for rank, mq in enumerate(getattr(self, "response_mqs", None) or ()):
+                spec = _mq_spec(mq)
+                if spec is not None:
+                    responses.append({**spec, "rank": rank})
+            rec.meta({"t": "rings", "broadcast": bcast, "responses": responses})
 
-    return wrapper
+    return exact(hook, orig, after=after)
 
 
 def _engine_execute(hook: Hook, orig: Any) -> Callable[..., Any]:
-    def wrapper(self: Any, scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
-        if hook.on:
-            try:
-                rec = STATE.eng or STATE.engine(lambda: int(self.parallel_config.tensor_parallel_size))
-                if rec is not None:
-                    STATE.engine_step += 1
-                    step = STATE.engine_step
-                    STATE.engine_steps[id(scheduler_output)] = step
-                    b = engine_batch(scheduler_output)
-                    running, waiting = STATE.engine_counts
-                    rec.engine_step(
-                        step,
-                        total_tokens=b.total_tokens,
-                        num_reqs=b.num_reqs,
-                        num_decode_reqs=b.num_decode_reqs,
-                        placeholders=b.placeholders,
-                        max_query_len=b.max_query_len,
-                        min_query_len=b.min_query_len,
-                        running=running,
-                        waiting=waiting,
-                    )
-            except Exception as exc:
-                hook.fail(exc)
-        return orig(self, scheduler_output, *args, **kwargs)
+    def before(self: Any, scheduler_output: Any) -> None:
+        rec = STATE.eng or STATE.engine(lambda: int(self.parallel_config.tensor_parallel_size))
+        if rec is not None:
+            STATE.engine_step += 1
+            step = STATE.engine_step
+            STATE.engine_steps[id(scheduler_output)] = step
+            b = engine_batch(scheduler_output)
+            running, waiting = STATE.engine_counts
+            rec.engine_step(
+                step,
+                total_tokens=b.total_tokens,
+                num_reqs=b.num_reqs,
+                num_decode_reqs=b.num_decode_reqs,
+                placeholders=b.placeholders,
+                max_query_len=b.max_query_len,
+                min_query_len=b.min_query_len,
+                running=running,
+                waiting=waiting,
+            )
 
-    return wrapper
+    return exact(hook, orig, ("scheduler_output",), before=before)
 
 
 def _schedule(hook: Hook, orig: Any) -> Callable[..., Any]:
-    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
-        out = orig(self, *args, **kwargs)
-        if hook.on:
-            try:
-                STATE.engine_counts = (len(self.running), len(self.waiting))
-            except Exception as exc:
-                hook.fail(exc)
-        return out
+    def after(self: Any, out: Any) -> None:
+        STATE.engine_counts = (len(self.running), len(self.waiting))
 
-    return wrapper
+    return exact(hook, orig, after=after)
 
 
 def _update_from_output(hook: Hook, orig: Any) -> Callable[..., Any]:
-    def wrapper(self: Any, scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
-        try:
-            out = orig(self, scheduler_output, *args, **kwargs)
-        except BaseException:
-            _engine_result(hook, self, scheduler_output, False)
-            raise
-        _engine_result(hook, self, scheduler_output, True)
-        return out
+    def after(self: Any, scheduler_output: Any, out: Any) -> None:
+        _engine_result(self, scheduler_output, True)
 
-    return wrapper
+    def failed(self: Any, scheduler_output: Any) -> None:
+        _engine_result(self, scheduler_output, False)
+
+    return exact(hook, orig, ("scheduler_output",), after=after, failed=failed)
 
 
-def _engine_result(hook: Hook, sched: Any, scheduler_output: Any, ok: bool) -> None:
-    if not hook.on:
-        return
-    try:
-        rec = STATE.current_engine()
-        step = STATE.engine_steps.pop(id(scheduler_output), None)
-        if rec is not None and step is not None:
-            STATE.engine_finished += len(getattr(scheduler_output, "finished_req_ids", ()) or ())
-            rec.engine_result(
-                step, ok=ok, running=len(sched.running), waiting=len(sched.waiting), finished=STATE.engine_finished
-            )
-    except Exception as exc:
-        hook.fail(exc)
+def _engine_result(sched: Any, scheduler_output: Any, ok: bool) -> None:
+    rec = STATE.current_engine()
+    step = STATE.engine_steps.pop(id(scheduler_output), None)
+    if rec is not None and step is not None:
+        STATE.engine_finished += len(getattr(scheduler_output, "finished_req_ids", ()) or ())
+        running, waiting = len(sched.running), len(sched.waiting)
+        rec.engine_result(step, ok=ok, running=running, waiting=waiting, finished=STATE.engine_finished)
 
 
 # ---- installation -------------------------------------------------------------------------
