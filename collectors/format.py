@@ -140,15 +140,12 @@ for _s in (*_LAYOUTS, P_ENGINE_STEP, P_ENGINE_RESULT, P_ENGINE_QUEUE):
 # What the writer packs: the same bytes, but the fields a graph key fixes come pre-packed (once per
 # key) and are copied per record. KEY_FIELDS: mode, uniform, has_lora, num_tokens, num_reqs (-1 =
 # None), active_loras. LAUNCH_FIELDS: role, then the key's fields, then the manifest hash.
-# The records written every step share one shape (step, time, a pre-packed block, five u32) so
-# that the recorder writes them through one fixed-arity path: a record with fewer u32 gets zeros,
-# which land in bytes its reader does not look at.
 KEY_FIELDS: Final = struct.Struct("<BBBxIiHxx")
 LAUNCH_FIELDS: Final = struct.Struct("<BBBBIiHxxI")
 # STEP_BEGIN and STEP_BEGIN_LAUNCH: the 5th u32 is the folded launch's manifest hash (unused in STEP_BEGIN)
 W_STEP_BEGIN: Final = struct.Struct(f"<QH6xqq{KEY_FIELDS.size}sIIIII")
-W_LAUNCH: Final = struct.Struct(f"<QH6xqq{LAUNCH_FIELDS.size}sIIIII")  # u32s unused
-W_STEP_END: Final = struct.Struct("<QH6xqq1sIIIII")  # ok as one byte; u32s unused
+W_LAUNCH: Final = struct.Struct(f"<QH6xqq{LAUNCH_FIELDS.size}s")
+W_STEP_END: Final = struct.Struct("<QH6xqq1s")  # ok as one byte
 # STEP's begin part; the pad bytes zero the in-place words of the slot's previous record.
 W_STEP: Final = struct.Struct(f"<QH6xqqQIIIII{TRAILER_OFFSET - 8 * STEP_DRAFTER_WORD + 4}x")
 assert W_STEP.size == TRAILER_OFFSET

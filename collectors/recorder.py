@@ -211,28 +211,6 @@ class Recorder:
         except Exception as exc:
             self._disable(exc)
 
-    def _put_step(
-        self, layout: Struct, kind: int, step: int, block: bytes, a: int, b: int, c: int, d: int, e: int
-    ) -> None:
-        """``_put`` for the records the vLLM plugin writes every step (``W_STEP_BEGIN``-shaped layouts):
-        fixed arity, so no argument tuple is built and unpacked (~0.5 us of ~1.4 per record)."""
-        if not self.enabled:
-            return
-        try:
-            seq = next(self._seqs)
-            i = seq % self._n
-            words, mm = self._ring_words, self._mm
-            assert words is not None and mm is not None
-            trailer = i * _SLOT_WORDS + _TRAILER_WORD
-            words[trailer] = _BUSY_U64  # as in _put
-            layout.pack_into(
-                mm, self._ring_off + i * SLOT_SIZE, seq, kind, step, _mono(), block, a, b, c, d, e
-            )
-            words[trailer] = seq
-            self._head_words[_CURSOR_WORD] = seq + 1  # type: ignore[index]
-        except Exception as exc:
-            self._disable(exc)
-
     def step_begin(
         self,
         step: int,
@@ -267,10 +245,11 @@ class Recorder:
         launch_manifest: int | None = None,
     ) -> None:
         """A STEP_BEGIN (or STEP_BEGIN_LAUNCH) record, the key packed (``format.pack_key``)."""
-        self._put_step(
+        self._put(
             W_STEP_BEGIN,
             _K_STEP_BEGIN if launch_manifest is None else _K_STEP_BEGIN_LAUNCH,
             step,
+            _mono(),
             key,
             unpadded_tokens,
             unpadded_reqs,
@@ -300,7 +279,7 @@ class Recorder:
             assert words is not None and mm is not None
             base = i * _SLOT_WORDS
             trailer = base + _TRAILER_WORD
-            words[trailer] = _BUSY_U64  # as in _put
+            words[trailer] = _BUSY_U64  # as in _put, which this repeats without its argument tuple
             W_STEP.pack_into(
                 mm,
                 self._ring_off + i * SLOT_SIZE,
@@ -353,7 +332,7 @@ class Recorder:
 
     def launch_packed(self, step: int, launch: bytes) -> None:
         """``launch`` with role, key and manifest hash already packed (``format.pack_launch``)."""
-        self._put_step(W_LAUNCH, _K_LAUNCH, step, launch, 0, 0, 0, 0, 0)
+        self._put(W_LAUNCH, _K_LAUNCH, step, _mono(), launch)
 
     def collective(self, step: int, group: str, op: str, dtype: str, numel: int) -> None:
         """An eager collective issued by the host, numbered per group."""
@@ -380,7 +359,7 @@ class Recorder:
         except Exception as exc:
             self._disable(exc)
             return
-        self._put_step(W_STEP_END, _K_STEP_END, step, _OK if ok else _NOT_OK, 0, 0, 0, 0, 0)
+        self._put(W_STEP_END, _K_STEP_END, step, _mono(), _OK if ok else _NOT_OK)
 
     def engine_step(
         self,
