@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from collectors.format import CUDAGraphMode, GraphKey, ProcessKind, Role
+from collectors.format import CollectiveOp, CUDAGraphMode, GraphKey, ProcessKind, Role
 from collectors.recorder import Recorder
 
 
@@ -39,7 +39,9 @@ def recorder_ns(records: int, repeats: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="watchdog-bench-") as d:
         rec = Recorder(d, kind=ProcessKind.WORKER, rank=0, world_size=1)
         key = GraphKey(CUDAGraphMode.FULL, 32, 16, uniform=True)
-        h = 123456
+        dkey = GraphKey(CUDAGraphMode.PIECEWISE, 32)
+        op = CollectiveOp("all_reduce", "tp", "bfloat16", 4096)
+        h, hd = rec.manifest(Role.MODEL, key, [op]), rec.manifest(Role.DRAFTER, dkey, [op])
 
         def begin() -> None:
             rec.step_begin(7, key, unpadded_tokens=30, unpadded_reqs=15, padded_reqs=1, placeholders=15)
@@ -50,11 +52,12 @@ def recorder_ns(records: int, repeats: int) -> dict[str, float]:
         def end() -> None:
             rec.step_end(7)
 
-        def step() -> None:
-            begin()
-            launch()
-            launch()
-            end()
+        def step() -> None:  # a decode step as the plugin and the demo workers write it: one STEP record
+            rec.step_begin(
+                8, key, unpadded_tokens=30, unpadded_reqs=15, padded_reqs=1, placeholders=15, launch_manifest=h
+            )
+            rec.launch(8, Role.DRAFTER, dkey, hd)  # stored into the STEP record
+            rec.step_end(8)  # so is the end
 
         out = {
             "step_begin_ns_median": _time_ns_per_call(begin, records, repeats),
@@ -63,7 +66,7 @@ def recorder_ns(records: int, repeats: int) -> dict[str, float]:
             "collective_ns_median": _time_ns_per_call(
                 lambda: rec.collective(7, "tp", "all_reduce", "bfloat16", 4096), records, repeats
             ),
-            "step_ns_median": _time_ns_per_call(step, records // 4, repeats),
+            "step_ns_median": _time_ns_per_call(step, records // 3, repeats),
         }
         rec.close()
         return {k: round(v, 1) for k, v in out.items()}
