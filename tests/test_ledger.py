@@ -19,6 +19,7 @@ import tempfile
 import threading
 import time
 import zlib
+from collections import Counter
 from functools import cache
 from pathlib import Path
 
@@ -1104,9 +1105,22 @@ def check_parse_only_raises_ledger_error(data: bytes) -> Ledger | None:
         return None
     assert isinstance(led, Ledger)
     seqs = [r.seq for r in led.records]
-    assert seqs == sorted(set(seqs))
-    assert len(seqs) <= 2 * led.header.n_slots
+    slots = list(dict.fromkeys(seqs))  # each slot's seq where its record appears
+    assert slots == sorted(slots) and len(slots) <= 2 * led.header.n_slots
+    # a seq comes again only for what a STEP record holds besides its begin: the drafter launch, the end
+    again = [r for r, first in zip(led.records, _firsts(seqs), strict=True) if not first]
+    assert all(isinstance(r, StepEnd) or (isinstance(r, Launch) and r.role is Role.DRAFTER) for r in again)
+    assert max(Counter(seqs).values(), default=0) <= 3
     return led
+
+
+def _firsts(seqs: list[int]) -> list[bool]:
+    seen: set[int] = set()
+    out = []
+    for s in seqs:
+        out.append(s not in seen)
+        seen.add(s)
+    return out
 
 
 @FUZZ
