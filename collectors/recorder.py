@@ -303,19 +303,27 @@ class Recorder:
     def launch(self, step: int, role: Role, key: GraphKey, manifest: int = 0) -> None:
         """A forward pass starts: a graph replay (manifest = its hash) or an eager run (0)."""
         packed = pack_launch(role, key, manifest)
-        # In place only where the reader finds this hash again: the key's last manifest (eager: none).
-        recorded = self._manifests.get((role, key), 0)
-        if role is Role.DRAFTER and manifest == recorded and (manifest or key.mode is CUDAGraphMode.NONE):
-            self.drafter_launch(step, key_code(key), packed)
+        if role is Role.DRAFTER:
+            self.drafter_launch(step, self.drafter_code(key, manifest), packed)
         else:
             self.launch_packed(step, packed)
+
+    def recorded_manifest(self, role: Role, key: GraphKey) -> int:
+        """The hash of the last manifest recorded for ``role``'s graph of ``key``; 0: none."""
+        return self._manifests.get((role, key), 0)
+
+    def drafter_code(self, key: GraphKey, manifest: int) -> int:
+        """The code ``drafter_launch`` stores a drafter launch of ``key`` replaying ``manifest`` with, or 0
+        where the launch must be a record of its own: the reader takes an in-place launch's hash from
+        the key's last recorded manifest (an eager run has none), so only that hash can go in place."""
+        if manifest != self.recorded_manifest(Role.DRAFTER, key) or not (manifest or key.mode is CUDAGraphMode.NONE):
+            return 0
+        return key_code(key)
 
     def drafter_launch(self, step: int, code: int, launch: bytes) -> None:
         """The drafter's launch in ``step``: stored into the step's STEP record (its time, then its key
         code); a LAUNCH record (``launch``, from ``format.pack_launch``) when the step has no open STEP
-        record, that record already holds a drafter launch or ``code`` is 0. The reader takes the
-        in-place launch's manifest hash from the last manifest the ledger holds for that key (none for an
-        eager run), so the caller passes 0 for a graph whose manifest is not (yet) recorded."""
+        record, that record already holds a drafter launch or ``code`` (from ``drafter_code``) is 0."""
         try:
             words = self._ring_words
             # In place only while the slot still holds this step's record and no drafter launch yet.

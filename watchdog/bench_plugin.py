@@ -182,7 +182,7 @@ def bench_plugin(*, steps: int = 20000, repeats: int = 7, reqs: int = 15) -> dic
                 ws.dispatched(role, k, 0, 0, 0)
                 ws.collective(CollectiveOp("all_reduce", "tp", "bfloat16", 4096 * k.num_tokens), lambda: True)
             ws.end_capture()
-            h, hd = ws.hashes[(Role.MODEL, key)], ws.hashes[(Role.DRAFTER, dkey)]
+            h, hd = rec.recorded_manifest(Role.MODEL, key), rec.recorded_manifest(Role.DRAFTER, dkey)
             code, dcode, drafter_launch = key_code(key), key_code(dkey), pack_launch(Role.DRAFTER, dkey, hd)
 
             def floor_step() -> None:  # the same writes, no hook

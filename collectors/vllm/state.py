@@ -180,22 +180,21 @@ class Keyed:
 
     __slots__ = ("begin", "code", "drafter_code", "full_reqs", "graphed", "hashes", "key", "launches", "src")
 
-    def __init__(self, key: GraphKey, hashes: tuple[int, int], src: Any = None) -> None:
+    def __init__(self, key: GraphKey, src: Any = None) -> None:
         self.key = key
         self.src = src  # the vLLM mode object the cache key names by id (kept alive, compared by identity)
         self.graphed = key.mode is not CUDAGraphMode.NONE
         self.full_reqs = key.num_reqs if key.mode is CUDAGraphMode.FULL and key.num_reqs is not None else -1
         self.code = key_code(key)  # 0: too large for a code, written as separate records
         self.begin = pack_key(key)
-        self.set_hashes(hashes)
+        self.set_hashes((0, 0), 0)
 
-    def set_hashes(self, hashes: tuple[int, int]) -> None:
-        """(model, drafter) manifest hash; 0: not captured, or eager."""
+    def set_hashes(self, hashes: tuple[int, int], drafter_code: int) -> None:
+        """(model, drafter) manifest hash (0: not captured, or eager) and the code a drafter launch is
+        stored into the STEP record with (0: a record of its own; ``Recorder.drafter_code``)."""
         self.hashes = hashes
         self.launches = tuple(pack_launch(role, self.key, h) for role, h in zip(ROLES, hashes, strict=True))
-        # A drafter launch stored into the STEP record carries no hash: the reader takes the manifest
-        # the ledger holds for the key. A graph not captured (yet) has none to take: its own record.
-        self.drafter_code = self.code if not self.graphed or hashes[1] else 0
+        self.drafter_code = drafter_code
 
 
 class WorkerState:
@@ -216,7 +215,6 @@ class WorkerState:
         self.ended = True
         self.placeholders = 0  # draft placeholders the current step schedules
         self.capture: Capture | None = None
-        self.hashes: dict[tuple[Role, GraphKey], int] = {}
         self.keys: dict[Any, Keyed] = {}  # hook-specific cache key (plain ints/None/ids) -> Keyed
 
     # ---- keys -------------------------------------------------------------------------
@@ -230,9 +228,15 @@ class WorkerState:
         return k
 
     def _keyed(self, key: GraphKey, src: Any = None) -> Keyed:
-        if key.mode is CUDAGraphMode.NONE:
-            return Keyed(key, (0, 0), src)
-        return Keyed(key, (self.hashes.get((Role.MODEL, key), 0), self.hashes.get((Role.DRAFTER, key), 0)), src)
+        k = Keyed(key, src)
+        self._set_hashes(k)
+        return k
+
+    def _set_hashes(self, k: Keyed) -> None:
+        """``k``'s manifest hashes as the recorder has them (eager keys have none)."""
+        rec = self.rec
+        hashes = (rec.recorded_manifest(Role.MODEL, k.key), rec.recorded_manifest(Role.DRAFTER, k.key))
+        k.set_hashes(hashes, rec.drafter_code(k.key, hashes[1]))
 
     # ---- steps ------------------------------------------------------------------------
 
@@ -324,10 +328,10 @@ class WorkerState:
         for (role, key), ops in cap.ops.items():
             if key.mode is CUDAGraphMode.NONE:
                 continue
-            self.hashes[(role, key)] = self.rec.manifest(role, key, ops)
+            self.rec.manifest(role, key, ops)
         for k in self.keys.values():  # keys translated before this capture now have manifests
             if k.graphed:
-                k.set_hashes(self._keyed(k.key).hashes)
+                self._set_hashes(k)
 
 
 class ProcessState:
