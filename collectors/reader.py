@@ -260,10 +260,6 @@ def _in_place(slot: bytes, begin: StepBegin, hashes: Hashes) -> list[Record]:
     return out
 
 
-def _ended(parts: list[Record]) -> bool:
-    return any(isinstance(p, StepEnd) for p in parts)
-
-
 @dataclass
 class _Open:
     """The newest STEP record whose end was not yet stored: what a tail has handed out of it."""
@@ -306,8 +302,16 @@ def _ring(
         body = bytes(data[off : off + SLOT_SIZE])
         return body if data[trailer : trailer + 8] == want else b""
 
-    def take(seq: int) -> bool:
+    def queue_parts(seq: int, body: bytes, begin: StepBegin, taken: int) -> None:
+        """Queue the in-place parts of the STEP record ``seq`` past the ``taken`` already handed out;
+        it stays the open step until its end is among them."""
         nonlocal open_step
+        parts = _in_place(body, begin, hashes)
+        later.extend(parts[taken:])
+        later.sort(key=lambda r: r.mono_ns)
+        open_step = None if any(isinstance(p, StepEnd) for p in parts) else _Open(seq, len(parts))
+
+    def take(seq: int) -> bool:
         body = slot(seq)
         rec = decode_slot(body, seq)
         if rec is None:
@@ -316,19 +320,14 @@ def _ring(
             records.append(later.pop(0))
         records.append(rec)
         if isinstance(rec, StepBegin) and SLOT_HEAD.unpack_from(body, 0)[1] == RecordKind.STEP:
-            parts = _in_place(body, rec, hashes)
-            later.extend(parts)
-            later.sort(key=lambda r: r.mono_ns)
-            open_step = None if _ended(parts) else _Open(seq, len(parts))
+            queue_parts(seq, body, rec, 0)
         return True
 
     if open_step is not None and open_step.seq < start:
         body = slot(open_step.seq)
         begin = decode_slot(body, open_step.seq)
         if isinstance(begin, StepBegin):
-            parts = _in_place(body, begin, hashes)
-            later.extend(parts[open_step.taken :])
-            open_step = None if _ended(parts) else _Open(open_step.seq, len(parts))
+            queue_parts(open_step.seq, body, begin, open_step.taken)
         else:
             open_step = None  # overwritten: its end, if any, is a STEP_END record
 
