@@ -419,9 +419,8 @@ def _execute_model(hook: Hook, orig: Any) -> Callable[..., Any]:
             ws.begin_step((len(spec) if ws.one_draft else sum(map(len, spec.values()))) if spec else 0)
 
     def after(self: Any, scheduler_output: Any, out: Any) -> None:
-        ws = STATE.ws
-        if out is not None and ws is not None:  # sampled here; with sampling deferred, sample_tokens ends it
-            ws.end_step(True)
+        if out is not None:  # sampled here; with sampling deferred, sample_tokens ends the step
+            _end(True)
 
     def failed(self: Any, scheduler_output: Any) -> None:
         _end(False)
@@ -431,7 +430,7 @@ def _execute_model(hook: Hook, orig: Any) -> Callable[..., Any]:
 
 def _sample_tokens(hook: Hook, orig: Any) -> Callable[..., Any]:
     def after(self: Any, out: Any) -> None:
-        ws = STATE.ws
+        ws = STATE.ws  # _end inlined: this runs every step
         if ws is not None:
             ws.end_step(True)
 
