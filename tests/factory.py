@@ -26,6 +26,19 @@ HOST_FRAMES = {
     "ring": [("ShmRing.acquire_read", "shmring.py"), ("ShmRing.dequeue", "shmring.py")],
     "host": [("Worker._update_step_stats", "worker.py"), ("Worker.execute_model", "worker.py")],
     "sched": [("Scheduler._rebalance", "engine.py"), ("Engine.execute_step", "engine.py")],
+    # a torch.compile'd model calling a native op: py-spy's Python frames end in the op call
+    "op": [("OpOverload.__call__", "_ops.py"), ("Runner.call", "graph.py"), ("LlamaModel.forward", "llama.py")],
+}
+# native stacks (py-spy --native) of the host thread: vLLM's CPU shm all-reduce below the op call
+NATIVE_FRAMES = {
+    "shm": [
+        ("get_curr_stamp", "shm.cpp"),
+        ("wait_for_all<bool (&)(char, char, char, char)>", "shm.cpp"),
+        ("shm_allreduce", "shm.cpp"),
+        ("c10::Dispatcher::callBoxed", "libtorch_cpu.so"),
+        ("OpOverload.__call__", "_ops.py"),
+        ("LlamaModel.forward", "llama.py"),
+    ],
 }
 DEVICE_FRAMES = {
     "kernel": [("sparse_indexer_topk", "model.py"), ("Stream._run", "device.py")],
@@ -174,8 +187,12 @@ class Deployment:
         stall: StallInfo | None = None,
         procs: bool = True,
         engine_ledger: bool = True,
+        native: Mapping[int, str] | None = None,
     ) -> Snapshot:
         dead = set(dead)
+
+        def native_dump(pid: int, n: str | None) -> StackDump | None:
+            return None if n is None else StackDump(pid, (thread("MainThread", NATIVE_FRAMES[n]),), native=True)
 
         def dump(pid: int, h: str | None, d: str | None) -> StackDump | None:
             threads = []
@@ -195,7 +212,7 @@ class Deployment:
                 pid,
                 ledger,
                 dump(pid, (host or {}).get(r), (device or {}).get(r)) if alive else None,
-                None,
+                native_dump(pid, (native or {}).get(r)) if alive else None,
                 ProcInfo(pid, alive) if procs else None,
             )
         engine = None

@@ -95,6 +95,17 @@ class StallDetector:
     def forget_rank(self, rank: int) -> None:
         self._open.pop(rank, None)
 
+    def busy(self) -> bool:
+        """Whether the deployment is working: a step open on some rank or the engine, or requests pending."""
+        return bool(self._open) or self._engine_open is not None or self._pending > 0
+
+    def open_step(self, ranks: list[int]) -> int | None:
+        """The step open on any of ``ranks`` (else on the engine), for a process that died in it."""
+        steps = [self._open[r].step for r in ranks if r in self._open]
+        if steps:
+            return min(steps)
+        return self._engine_open[0] if self._engine_open is not None else None
+
     def forget_engine(self) -> None:
         """A restarted engine: what the old one had open or pending is gone with it."""
         self._engine_open, self._pending, self._idle_since_ns = None, 0, None

@@ -165,10 +165,13 @@ class ProcessEvidence:
 class StallInfo:
     """Why the detector fired (None on a post-mortem or a forced diagnosis)."""
 
-    kind: str  # "open_step" or "no_dispatch"
+    kind: str  # "open_step", "no_dispatch" or "process_exit"
     step: int | None
     age_s: float
     deadline_s: float
+    # process_exit: the ranks whose process the watcher saw gone first (the others may follow as the
+    # server tears itself down before the evidence is gathered)
+    ranks: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,8 @@ class Watcher:
     _tails: dict[Path, LedgerTail] = field(default_factory=dict)
     _detector: StallDetector = field(init=False)
     _fired: bool = False
+    _alive: set[int] = field(default_factory=set)  # rank pids seen running (this agent can see them)
+    _exited: set[int] = field(default_factory=set)  # pids already reported gone
     progressed: bool = False  # the last poll saw new records
 
     def __post_init__(self) -> None:
@@ -85,11 +87,38 @@ class Watcher:
         self.progressed = progressed
         if progressed:
             self._fired = False
+        exited = self._exits()
+        if exited is not None:
+            return exited  # at once, and whatever fired before: the server may tear itself down next
         stall = self._detector.check(time.monotonic_ns() if now_ns is None else now_ns)
         if stall is None or self._fired:
             return None
         self._fired = True
         return stall
+
+    def _exits(self) -> StallInfo | None:
+        """A rank's process that is gone (or a zombie) while its deployment was working: an incident now.
+
+        vLLM tears the whole server down within about a second of a worker's death, so the evidence
+        is gathered now, not at a stall deadline; an idle deployment (nothing open, nothing pending)
+        that loses a process is stopping, not failing. Only pids once seen running count."""
+        gone: list[tuple[int, int]] = []
+        for t in self._tails.values():
+            h = t.header
+            if h is None or h.kind is ProcessKind.ENGINE or h.pid in self._exited:
+                continue
+            if _running(self.sources.proc_root, h.pid):
+                self._alive.add(h.pid)
+                continue
+            if h.pid not in self._alive:
+                continue  # never seen running: another pid namespace, or a ledger left by an old server
+            self._exited.add(h.pid)
+            gone.append((h.rank, h.pid))
+        if not gone or not self._detector.busy():
+            return None
+        step = self._detector.open_step([r for r, _ in gone])
+        self._fired = True
+        return StallInfo("process_exit", step, 0.0, 0.0, tuple(sorted(r for r, _ in gone)))
 
     def rank_pids(self) -> dict[int, int]:
         """pid -> TP rank, from the headers of the worker ledgers read so far."""
@@ -143,3 +172,13 @@ class Watcher:
     def close(self) -> None:
         for tail in self._tails.values():
             tail.close()
+
+
+def _running(proc_root: str, pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie is not: it exited and was not reaped yet)."""
+    try:
+        with open(f"{proc_root}/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in (b"Z", b"X")

@@ -30,6 +30,25 @@ class AnalyzerConfig:
         "barrier",
         "chunked_all_reduce",
     )
+    # Native frames (py-spy --native; C++ names, matched as substrings) that mean "inside a collective":
+    # vLLM's CPU shared-memory all-reduce (under torch.compile its Python frame is only
+    # ``OpOverload.__call__``), gloo, NCCL.
+    native_collective_frames: tuple[str, ...] = (
+        "shm_allreduce",
+        "shm_all_gather",
+        "shm_gather",
+        "shm_send_tensor_list",
+        "shm_recv_tensor_list",
+        "shm_cc_ops::",
+        "gloo::",
+        "ProcessGroupGloo::",
+        "ProcessGroupNCCL::",
+        "ncclAllReduce",
+        "ncclAllGather",
+        "ncclReduceScatter",
+        "ncclBroadcast",
+        "ncclGroupEnd",
+    )
     device_idle_frames: tuple[str, ...] = ("Stream._run",)
     host_thread_names: tuple[str, ...] = ("MainThread",)
     device_thread_names: tuple[str, ...] = ("device",)

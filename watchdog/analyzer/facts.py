@@ -147,7 +147,7 @@ def traces(ledger: Ledger | None) -> dict[int, StepTrace]:
 
 
 def rank_facts(ev: ProcessEvidence, cfg: AnalyzerConfig) -> RankFacts:
-    host, host_frame = host_activity(ev.stack, cfg)
+    host, host_frame = host_activity(ev.stack, cfg, ev.native_stack)
     device, device_frame = device_activity(ev.stack, cfg)
     alive = None if ev.proc is None else ev.proc.alive
     return RankFacts(
@@ -192,7 +192,7 @@ def engine_facts(ev: ProcessEvidence | None, cfg: AnalyzerConfig) -> EngineFacts
             results[rec.step] = rec
     last_result = results[max(results)] if results else None
     open_steps = [s for s in dispatched if s not in results]
-    host, frame = host_activity(ev.stack, cfg)
+    host, frame = host_activity(ev.stack, cfg, ev.native_stack)
     return EngineFacts(
         dispatched=dispatched,
         results=results,

@@ -180,16 +180,30 @@ def rule_collective_mismatch(ctx: Context, cfg: AnalyzerConfig) -> list[Finding]
 
 
 def rule_worker_dead(ctx: Context, cfg: AnalyzerConfig) -> list[Finding]:
+    """A rank's process is gone (process state says so). When the watcher saw some ranks go first
+    (a ``process_exit`` stall) and more were gone by the time evidence was gathered (the server
+    tearing itself down), the first ones are the culprits."""
     dead = [f for f in ctx.facts.values() if f.alive is False]
     if not dead:
         return []
+    stall = ctx.snapshot.stall
+    first = set(stall.ranks) if stall is not None and stall.kind == "process_exit" else set()
     evidence = []
     for f in dead:
         t = f.open_step
         last = f"open step {t.step}" if t else f"last step {f.last_begun}"
         evidence.append(f"rank {f.rank} (pid {f.evidence.pid}) is gone; its ledger ends in {last}")
-    step = min((f.open_step.step for f in dead if f.open_step), default=None)
-    ranks = tuple(f.rank for f in dead)
+    culprits = [f for f in dead if f.rank in first] or dead
+    if len(culprits) < len(dead):
+        later = ", ".join(str(f.rank) for f in dead if f not in culprits)
+        evidence.append(
+            f"rank {', '.join(str(f.rank) for f in culprits)} exited first (seen by the watcher); "
+            f"rank {later} went after it, as the server tore itself down"
+        )
+    step = min((f.open_step.step for f in culprits if f.open_step), default=None)
+    if step is None and stall is not None and stall.kind == "process_exit":
+        step = stall.step
+    ranks = tuple(f.rank for f in culprits)
     summary = f"worker rank {', '.join(map(str, ranks))} died" + (f" during step {step}" if step is not None else "")
     return [Finding("worker_dead", Verdict.WORKER_DEAD, step, ranks, summary, tuple(evidence))]
 
@@ -213,21 +227,44 @@ def _host_stuck(f: RankFacts, step: int) -> bool:
     return f.host is ThreadActivity.UNKNOWN and t is not None and t.open and not t.launches
 
 
+def _launched(f: RankFacts, step: int) -> bool:
+    t = f.steps.get(step)
+    return t is not None and t.open and bool(t.launches)
+
+
 def rule_host_hang(ctx: Context, cfg: AnalyzerConfig) -> list[Finding]:
+    """One rank busy or blocked in host code while its peers wait for it.
+
+    Peers wait in a collective or a device sync by their stacks; or, where every live rank's stack
+    reads as host code (an opaque native call such as a compiled graph's ``OpOverload.__call__``
+    with no native stack to see below it), the peers launched the open step by their ledgers while
+    the culprit never launched it: a TP step cannot finish without every rank.
+    """
     opened = [f.open_step.step for f in ctx.facts.values() if f.open_step is not None]
     if not opened:
         return []
     step = max(opened)
     stuck = [f for f in ctx.facts.values() if _host_stuck(f, step)]
     peers = [f for f in ctx.facts.values() if f not in stuck and f.alive is not False]
-    if not stuck or not peers or not all(_waiting(p) for p in peers):
+    by_ledger = False
+    if stuck and not peers:
+        behind = [f for f in stuck if not _launched(f, step)]
+        if behind and len(behind) < len(stuck):
+            by_ledger = True
+            peers = [f for f in stuck if f not in behind]
+            stuck = behind
+    if not stuck or not peers or not (by_ledger or all(_waiting(p) for p in peers)):
         return []
     evidence = []
     for f in stuck:
         where_ = where(f.host_frame) if f.host_frame else "host code (ledger: step begun, nothing launched)"
-        evidence.append(f"rank {f.rank}: host thread in {where_}")
+        ahead = f"; it never launched step {step}" if by_ledger else ""
+        evidence.append(f"rank {f.rank}: host thread in {where_}{ahead}")
     for p in peers:
-        evidence.append(f"rank {p.rank}: {p.describe_activity() or 'launched step ' + str(step) + ', not finished'}")
+        doing = p.describe_activity() or "launched step " + str(step) + ", not finished"
+        if by_ledger:
+            doing = f"launched step {step} (ledger) and is inside it: {doing}"
+        evidence.append(f"rank {p.rank}: {doing}")
     ranks = tuple(f.rank for f in stuck)
     summary = (
         f"rank {', '.join(map(str, ranks))} is stuck in host code at step {step} "

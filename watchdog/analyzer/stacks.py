@@ -11,10 +11,14 @@ def _matches(frame: Frame, patterns: tuple[str, ...]) -> bool:
     return any(name == p or name.endswith("." + p) for p in patterns)
 
 
+def _native_collective(frame: Frame, patterns: tuple[str, ...]) -> bool:
+    return any(p in frame.name for p in patterns)
+
+
 def classify(thread: ThreadStack, cfg: AnalyzerConfig, *, device: bool = False) -> tuple[ThreadActivity, Frame | None]:
     """The activity of one thread and the frame that decided it (innermost match wins)."""
     for frame in thread.frames:
-        if _matches(frame, cfg.collective_frames):
+        if _matches(frame, cfg.collective_frames) or _native_collective(frame, cfg.native_collective_frames):
             return ThreadActivity.COLLECTIVE, frame
         if _matches(frame, cfg.sync_frames):
             return ThreadActivity.DEVICE_SYNC, frame
@@ -39,11 +43,26 @@ def find_thread(dump: StackDump | None, names: tuple[str, ...]) -> ThreadStack |
     return None
 
 
-def host_activity(dump: StackDump | None, cfg: AnalyzerConfig) -> tuple[ThreadActivity, Frame | None]:
+# What a native stack may add to a Python one: the wait below an opaque call (a compiled graph's
+# ``OpOverload.__call__`` is host code to py-spy's Python frames, a collective to its native ones).
+_WAITS = (ThreadActivity.COLLECTIVE, ThreadActivity.DEVICE_SYNC, ThreadActivity.RING_WAIT)
+
+
+def host_activity(
+    dump: StackDump | None, cfg: AnalyzerConfig, native: StackDump | None = None
+) -> tuple[ThreadActivity, Frame | None]:
+    """The host thread's activity: from its Python stack, or from its native stack where that shows a
+    wait the Python frames cannot (both are dumps of the same stuck thread, taken moments apart)."""
     thread = find_thread(dump, cfg.host_thread_names)
-    if thread is None:
-        return ThreadActivity.UNKNOWN, None
-    return classify(thread, cfg)
+    act, frame = classify(thread, cfg) if thread is not None else (ThreadActivity.UNKNOWN, None)
+    if act in _WAITS:
+        return act, frame
+    nthread = find_thread(native, cfg.host_thread_names)
+    if nthread is not None:
+        nact, nframe = classify(nthread, cfg)
+        if nact in _WAITS:
+            return nact, nframe
+    return act, frame
 
 
 def device_activity(dump: StackDump | None, cfg: AnalyzerConfig) -> tuple[ThreadActivity, Frame | None]:

