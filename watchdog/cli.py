@@ -309,6 +309,7 @@ def run(command: list[str], **values: Any) -> int:
         observe=s.observe,
         keep_up_on_give_up=s.on_give_up == "up",
         grace_s=s.stop_grace_s,
+        unexplained_stall_s=s.unexplained_stall_s,
         poll_s=s.poll_interval_s,
         upstream=s.upstream,
     )

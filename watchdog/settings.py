@@ -52,6 +52,7 @@ class Settings:
     observe: bool = False
     on_give_up: str = "stop"
     stop_grace_s: float = 30.0
+    unexplained_stall_s: float = 30.0
     on_deadlock: str = "report"
     kube_events: bool = False
     kube_api: str = "https://kubernetes.default.svc"
@@ -115,6 +116,8 @@ HELP = {
     "observe": "watchdog run: diagnose and report, never restart.",
     "on_give_up": "watchdog run: 'stop' the server or keep it 'up' once the restart bound is hit.",
     "stop_grace_s": "watchdog run: SIGTERM, then SIGKILL after this many seconds.",
+    "unexplained_stall_s": "watchdog run: restart at the same rung when a stall no rule explains (inconclusive) "
+    "persists this long (vLLM itself waits 300 s).",
     "on_deadlock": "agent/coordinator: 'report', or 'evict' this pod through the Kubernetes API after a deadlock.",
     "kube_events": "agent/coordinator: record a Kubernetes Event on the pod for every incident.",
     "kube_api": "The Kubernetes API server (eviction mode and events).",
@@ -224,8 +227,10 @@ def validate(s: Settings) -> None:
     s.owned_ranks()
     if s.on_give_up not in ("stop", "up"):
         raise WatchdogError(f"on_give_up {s.on_give_up!r}: choose 'stop' or 'up'")
-    if s.max_restarts < 0 or s.restart_window_s <= 0 or s.stop_grace_s < 0:
-        raise WatchdogError("max_restarts and stop_grace_s must be >= 0, restart_window_s positive")
+    if s.max_restarts < 0 or s.restart_window_s <= 0 or s.stop_grace_s < 0 or s.unexplained_stall_s <= 0:
+        raise WatchdogError(
+            "max_restarts and stop_grace_s must be >= 0, restart_window_s and unexplained_stall_s positive"
+        )
     if s.on_deadlock not in ("report", "evict"):
         raise WatchdogError(f"on_deadlock {s.on_deadlock!r}: choose 'report' or 'evict'")
     if (s.on_deadlock == "evict" or s.kube_events) and not (s.pod_name and s.pod_namespace):

@@ -10,6 +10,7 @@ merged into its command line. ``observe`` diagnoses and reports but never restar
 
 from __future__ import annotations
 
+import dataclasses
 import http.client
 import os
 import signal
@@ -63,6 +64,7 @@ class SupervisorConfig:
     observe: bool = False
     keep_up_on_give_up: bool = False
     grace_s: float = 30.0
+    unexplained_stall_s: float = 30.0  # an inconclusive stall that lasts this long is restarted anyway
     poll_s: float = 0.1
     upstream: str = ""  # the server's base URL: its /health opens the proxy's gate
 
@@ -89,6 +91,7 @@ class Supervisor:
         self.restarts: list[Restart] = []
         self.generation = 0
         self._downtime_from: float | None = None
+        self._why = ""  # why _watch handed back an incident with no deadlock verdict
         self._stop = threading.Event()
         g, r = metrics.tp_group, metrics.registry
         self.m_restarts = Counter(
@@ -168,7 +171,7 @@ class Supervisor:
                 unlink_rings(self.cfg.ledger_dir)
                 return 0
             self.incidents.append(outcome)
-            event = self._decide(outcome)
+            event = self._decide(outcome, self._why)
             if event.action == "observe" or (event.action == "give_up" and self.cfg.keep_up_on_give_up):
                 rc = self._wait_exit(proc)
                 self._close_gate()
@@ -195,16 +198,39 @@ class Supervisor:
             raise WatchdogError(f"server command: {exc}") from None
 
     def _watch(self, proc: Any) -> Incident | int | None:
+        """Until the generation needs acting on: a deadlock diagnosed (the incident); a stall no rule
+        explained that outlasts ``unexplained_stall_s``, or the server dying after any incident
+        (that incident, ``_why`` saying which); the server ending by itself (its exit status); or
+        ``stop()`` (None). vLLM's own reactions must not decide for us: it answers /health while
+        deadlocked, and exits with status 0 after declaring its engine dead."""
+        self._why = ""
+        seen: Incident | None = None  # this generation's last incident (no deadlock verdict)
+        unexplained: Incident | None = None  # an inconclusive incident whose stall is still open
+        since = 0.0
         while not self._stop.is_set():
             rc = proc.poll()
             if rc is not None:
+                if seen is not None:
+                    self._why = f"the server exited ({rc}) after incident {seen.bundle.name}"
+                    return seen
                 return int(rc)
             self._open_gate_when_ready()
             incident = self.agent.step()
             if self.gate is None and self.agent.loop.progressed:
                 self._end_downtime()  # no health check to go by: the first ledger record
-            if incident is not None and incident.diagnosis.verdict.is_deadlock:
-                return incident
+            if self.agent.loop.progressed:
+                unexplained = None
+            if incident is not None:
+                if incident.diagnosis.verdict.is_deadlock:
+                    return incident
+                seen = incident
+                if incident.stall is not None and unexplained is None:
+                    unexplained, since = incident, time.monotonic()
+            if unexplained is not None and time.monotonic() - since >= self.cfg.unexplained_stall_s:
+                self._why = (
+                    f"a stall no rule explained lasted {self.cfg.unexplained_stall_s:g} s with no progress"
+                )
+                return unexplained
             self._stop.wait(self.cfg.poll_s)
         return None
 
@@ -240,7 +266,7 @@ class Supervisor:
         if self.gate is not None:
             self.gate.gave_up()
 
-    def _decide(self, incident: Incident) -> ladder.Event:
+    def _decide(self, incident: Incident, why: str = "") -> ladder.Event:
         d = incident.diagnosis
         if self.cfg.observe:
             mode = self.state.mode(self.cfg.policy)
@@ -256,6 +282,8 @@ class Supervisor:
                 action=d.recommendation.action,
                 now=time.time(),
             )
+        if why and event.action == "restart":
+            event = dataclasses.replace(event, reason=why)
         ladder.apply(self.state, self.cfg.policy, event)
         ladder.save(self.cfg.state_file, self.state, self.cfg.policy)
         if event.action == "give_up":
