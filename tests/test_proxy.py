@@ -293,6 +293,32 @@ def test_continuation_request_rules() -> None:
         assert isinstance(continuation_request(bad, " a", 1), str), bad
 
 
+def test_continuation_by_token_ids_is_exact_and_ids_stay_hidden() -> None:
+    """With the server's token ids (vLLM's return_token_ids) a stream continues from ids, not text:
+    a token that decodes to no text yet (half a UTF-8 character) is counted, and a token prompt works."""
+    from watchdog.supervisor.proxy import _hide_ids, _Stream
+
+    s = _Stream()
+    chunks = [
+        {"id": "c", "choices": [{"text": "a", "token_ids": [7], "prompt_token_ids": [1, 2]}]},
+        {"id": "c", "choices": [{"text": "", "token_ids": [200]}]},  # half a character: no text yet
+        {"id": "c", "choices": [{"text": "\u00e9", "token_ids": [201]}]},
+    ]
+    for c in chunks:
+        s.observe(c)
+    assert s.total_tokens == 3 and s.token_prompt() == [1, 2, 7, 200, 201]
+    cont = continuation_request(completion_body("p", 10, True), "".join(s.text), s.total_tokens, s.token_prompt())
+    assert isinstance(cont, dict) and cont["prompt"] == [1, 2, 7, 200, 201] and cont["max_tokens"] == 7
+    token_prompt = completion_body("p", 10, True) | {"prompt": [1, 2]}
+    assert isinstance(continuation_request(token_prompt, "a", 1, [1, 2, 7]), dict)
+    # a chunk without ids (another server): back to the text rule, which needs a string prompt
+    s.observe({"id": "c", "choices": [{"text": "b"}]})
+    assert s.token_prompt() is None and s.total_tokens == 4
+    shown = {"choices": [{"text": "a", "token_ids": [7], "prompt_token_ids": [1, 2]}]}
+    _hide_ids(shown)
+    assert shown == {"choices": [{"text": "a", "token_ids": None, "prompt_token_ids": None}]}
+
+
 @pytest.mark.timeout(60)
 def test_unreachable_upstream_is_502_and_resume_timeout_is_503() -> None:
     with socket.socket() as s:

@@ -22,9 +22,13 @@ the proxy waits for ``up()`` (at most ``resume_timeout_s``) and
   connection with the original ``id``/``created`` (and ``usage`` shifted to cover the whole
   completion), so the client sees one uninterrupted stream ending with a single ``[DONE]``.
   If ``max_tokens`` is used up or the choice already has its ``finish_reason``, the stream is just
-  finished. The continuation is exact for an engine whose next token is a function of the whole
-  text before it (greedy decoding; the demo engine follows that rule); with sampling it is a valid
-  continuation of the same text, not the same one;
+  finished. Each completion stream is forwarded with ``return_token_ids`` (vLLM then puts the
+  prompt's token ids in the first chunk and each chunk's token ids in it; the proxy takes them out
+  again unless the client asked for them): where every token's id came back, the continuation's
+  prompt is the prompt's ids plus the streamed ids, exact under greedy decoding whatever the
+  tokenizer (text re-tokenized after a byte-level BPE's partial characters is not the same tokens).
+  Without ids it is the text rule, exact for an engine whose next token is a function of the whole
+  text before it (the demo engine); with sampling either is a valid continuation, not the same one;
 * fails every other stream that is already mid-way (chat completions, ``n``/``best_of`` > 1,
   list or token prompts, ``logprobs``/``echo``/``prompt_logprobs``, beam search, unknown paths)
   with one SSE event ``data: {"error": {..., "type": "watchdog_restart", "code": 503}}`` followed by
@@ -32,8 +36,9 @@ the proxy waits for ``up()`` (at most ``resume_timeout_s``) and
 * answers ``503`` (JSON ``{"error": {...}}``, or the SSE error event when the stream's headers are
   out already) when the gate gave up, or did not come up within ``resume_timeout_s``.
 
-**Token count** of a mid-way completion stream (what ``max_tokens`` is reduced by): each chunk with
-a non-empty ``choices[0].text`` counts one token, except that a chunk carrying ``usage`` with
+**Token count** of a mid-way completion stream (what ``max_tokens`` is reduced by): the token ids a
+chunk carries, else each chunk with a non-empty ``choices[0].text`` counts one token, except that a
+chunk carrying ``usage`` with
 ``completion_tokens`` (``stream_options.continuous_usage_stats``) sets the count to that exact
 value. One chunk per token is what vLLM streams by default; an engine that packs several tokens
 into one chunk without usage makes the continuation's budget slightly too large.
@@ -183,16 +188,21 @@ class UpstreamGate:
 # continuation of a /v1/completions stream
 
 
-def continuation_request(body: Any, streamed_text: str, streamed_tokens: int) -> dict[str, Any] | str:
+def continuation_request(
+    body: Any, streamed_text: str, streamed_tokens: int, token_ids: list[int] | None = None
+) -> dict[str, Any] | str:
     """The ``/v1/completions`` request that continues ``body`` after ``streamed_text``.
 
-    Returns the new JSON body, or the reason why the stream cannot be resumed safely. A body whose
-    ``max_tokens`` is used up comes back with ``max_tokens`` <= 0: the caller just finishes.
+    With ``token_ids`` (the prompt's token ids and every token streamed so far, as vLLM returns them
+    with ``return_token_ids``) the continuation's prompt is those ids: exact whatever the tokenizer
+    (text re-tokenized after a byte-level BPE's partial characters is not the same tokens). Returns the
+    new JSON body, or the reason why the stream cannot be resumed safely. A body whose ``max_tokens``
+    is used up comes back with ``max_tokens`` <= 0: the caller just finishes.
     """
     if not isinstance(body, dict):
         return "the request body is not a JSON object"
     prompt = body.get("prompt")
-    if not isinstance(prompt, str):
+    if token_ids is None and not isinstance(prompt, str):
         return "only a single string prompt can be continued"
     for key in ("n", "best_of"):
         value = body.get(key)
@@ -209,7 +219,11 @@ def continuation_request(body: Any, streamed_text: str, streamed_tokens: int) ->
     if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool)):
         return f"max_tokens={max_tokens!r} is not an integer"
     new = dict(body)
-    new["prompt"] = prompt + streamed_text
+    if token_ids is not None:
+        new["prompt"] = list(token_ids)
+    else:
+        assert isinstance(prompt, str)
+        new["prompt"] = prompt + streamed_text
     if max_tokens is not None:
         new["max_tokens"] = max_tokens - streamed_tokens
     min_tokens = body.get("min_tokens")
@@ -411,7 +425,7 @@ def _carries_token(obj: Any) -> bool:
     for choice in choices:
         if not isinstance(choice, dict) or choice.get("finish_reason") is not None:
             return True
-        if choice.get("text") or choice.get("logprobs"):
+        if choice.get("text") or choice.get("logprobs") or choice.get("token_ids"):
             return True
         delta = choice.get("delta")
         if delta is not None:
@@ -420,6 +434,19 @@ def _carries_token(obj: Any) -> bool:
             if any(v not in (None, "", []) for k, v in delta.items() if k != "role"):
                 return True
     return False
+
+
+def _int_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+
+
+def _hide_ids(obj: dict[str, Any]) -> None:
+    """Take back the token ids the proxy asked for and the client did not (vLLM's own null)."""
+    for choice in obj.get("choices") or ():
+        if isinstance(choice, dict):
+            for key in ("token_ids", "prompt_token_ids"):
+                if choice.get(key) is not None:
+                    choice[key] = None
 
 
 @dataclass
@@ -435,6 +462,9 @@ class _Stream:
     orig_id: Any = None
     orig_created: Any = None
     continuing: bool = False  # the current attempt continues a mid-way stream: rewrite its chunks
+    prompt_ids: list[int] | None = None  # the prompt's token ids, if the server returned them
+    ids: list[int] = field(default_factory=list)  # token ids streamed so far (all attempts)
+    ids_complete: bool = True  # every token-carrying chunk came with its token ids
 
     @property
     def total_tokens(self) -> int:
@@ -450,8 +480,17 @@ class _Stream:
         usage = obj.get("usage")
         if isinstance(choice, dict):
             text = choice.get("text")
+            ids = choice.get("token_ids")
+            prompt_ids = choice.get("prompt_token_ids")
+            if self.prompt_ids is None and isinstance(prompt_ids, list) and _int_list(prompt_ids):
+                self.prompt_ids = list(prompt_ids)
             if isinstance(text, str) and text:
                 self.text.append(text)
+            if isinstance(ids, list) and _int_list(ids):
+                self.ids.extend(ids)
+                self.attempt_tokens += len(ids)  # exact, even for a token that decodes to no text yet
+            elif isinstance(text, str) and text:
+                self.ids_complete = False
                 self.attempt_tokens += 1
             if choice.get("finish_reason") is not None:
                 self.finished = True
@@ -471,6 +510,12 @@ class _Stream:
                 usage["completion_tokens"] += offset
             if isinstance(usage.get("prompt_tokens"), int):  # the prompt grew by the streamed text
                 usage["prompt_tokens"] = max(0, usage["prompt_tokens"] - offset)
+
+    def token_prompt(self) -> list[int] | None:
+        """The prompt that continues this stream token for token, if every token's id is known."""
+        if self.prompt_ids is None or not self.ids_complete:
+            return None
+        return self.prompt_ids + self.ids
 
     def begin_continuation(self) -> None:
         self.tokens += self.attempt_tokens
@@ -508,6 +553,12 @@ class _Exchange:
         self.streaming = isinstance(self.json, dict) and self.json.get("stream") is True
         self.headers = _forward_headers(headers, identity=self.streaming)
         self.stream = _Stream()
+        # A completion stream asks vLLM for its token ids (return_token_ids), so that a continuation
+        # can be sent as token ids; the client gets them only if it asked.
+        self.hide_ids = False
+        if self.streaming and path == "/v1/completions" and not self.json.get("return_token_ids"):
+            self.hide_ids = True
+            self.body = json.dumps({**self.json, "return_token_ids": True}).encode()
 
     # ---- the loop over attempts
 
@@ -533,7 +584,12 @@ class _Exchange:
                     return
                 cont: dict[str, Any] | str
                 if self.path == "/v1/completions":
-                    cont = continuation_request(self.json, "".join(self.stream.text), self.stream.total_tokens)
+                    cont = continuation_request(
+                        {**self.json, "return_token_ids": True} if self.hide_ids else self.json,
+                        "".join(self.stream.text),
+                        self.stream.total_tokens,
+                        self.stream.token_prompt(),
+                    )
                 else:
                     cont = "only a /v1/completions stream can be continued"
                 if isinstance(cont, str):
@@ -715,8 +771,11 @@ class _Exchange:
         if isinstance(obj, dict) and "error" in obj and self._restart_caused(gen):
             return "interrupted"  # e.g. vLLM's EngineDeadError event while the watchdog stops it
         self.stream.observe(obj)
-        if self.stream.continuing and isinstance(obj, dict):
-            self.stream.rewrite(obj)
+        if isinstance(obj, dict) and (self.stream.continuing or self.hide_ids):
+            if self.stream.continuing:
+                self.stream.rewrite(obj)
+            if self.hide_ids:
+                _hide_ids(obj)
             raw = b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
         if not self.stream.committed and not _carries_token(obj):
             self.stream.held.append(raw)
