@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
+from pathlib import Path
 from typing import Any, Protocol
 
 from watchdog.evidence import EvidenceError, json_field
@@ -28,8 +31,8 @@ class StackSource(Protocol):
 class PySpy(StackSource):
     """``py-spy dump --json --pid PID`` with a hard timeout."""
 
-    def __init__(self, executable: str = "py-spy", nonblocking: bool = False) -> None:
-        self.executable = executable
+    def __init__(self, executable: str = "", nonblocking: bool = False) -> None:
+        self.executable = executable or default_executable()
         # By default py-spy pauses the target for the few ms it reads; --nonblocking never
         # pauses it, at the price of a stack that may tear while the target runs.
         self.nonblocking = nonblocking
@@ -62,6 +65,14 @@ class PySpy(StackSource):
         except EvidenceError as exc:
             first = _first_line(stderr)
             raise EvidenceError("py-spy", exc.why + (f" (stderr: {first})" if first else "")) from None
+
+
+def default_executable() -> str:
+    """``py-spy`` on PATH, else the one installed beside this Python (a venv whose bin is not on PATH)."""
+    if shutil.which("py-spy"):
+        return "py-spy"
+    beside = Path(sys.executable).parent / "py-spy"
+    return str(beside) if beside.exists() else "py-spy"
 
 
 def _first_line(text: str, limit: int = 160) -> str:
