@@ -127,6 +127,8 @@ class Agent:
         verdict = incident.diagnosis.verdict
         self.metrics.incidents.labels(g, verdict.value).inc()
         self.metrics.evidence_seconds.labels(g).observe((incident.diagnosed_mono_ns - incident.detected_mono_ns) / 1e9)
+        d = incident.diagnosis
+        self.metrics.incident(incident.bundle.name, verdict.value, d.step, d.culprit_ranks, time.time())
         with self._lock:
             self.incidents.append(incident)
             self.deadlocked = verdict.is_deadlock
