@@ -152,7 +152,7 @@ def test_agent_process_diagnoses_a_separate_deployment_over_http(tmp_path: Path)
         metrics = get(port, "/metrics")[1]
         assert 'watchdog_incidents_total{tp_group="tp0",verdict="host_hang"} 1.0' in metrics
         assert 'watchdog_deadlocked{tp_group="tp0"} 1.0' in metrics
-        assert f'watchdog_incident_info{{tp_group="tp0",incident="{ident}",verdict="host_hang",step="' in metrics
+        assert f'watchdog_incident_info{{culprit_ranks="1",incident="{ident}",step="' in metrics
         assert 'watchdog_stalls_detected_total{tp_group="tp0"} 1.0' in metrics
         for series in ("watchdog_rank_last_step", "watchdog_rank_open_step_age_seconds"):
             assert f'{series}{{rank="1",tp_group="tp0"}}' in metrics

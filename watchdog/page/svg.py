@@ -90,7 +90,7 @@ def _axis(tl: Timeline, sc: Scale, bottom: float) -> list[str]:
     )
     out.append(
         f'<text x="{sc.x0}" y="{bottom + 32}" class="ax">'
-        f"ms relative to the stall (0: step {tl.focus_step} began)</text>"
+        f"ms relative to the stall (0: {_esc(tl.zero_label)})</text>"
     )
     return out
 

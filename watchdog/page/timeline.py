@@ -50,6 +50,7 @@ class Timeline:
     now_label: str
     focus_step: int | None  # the stuck / first divergent step
     keys: tuple[GraphKey, ...] = field(default=())  # every key drawn, in a stable order (the legend)
+    zero_label: str = ""  # what 0 on the axis is
 
     @property
     def first_ns(self) -> int:
@@ -174,6 +175,12 @@ def build(snapshot: Snapshot, diagnosis: Diagnosis, n_steps: int = DEFAULT_STEPS
     else:
         now, now_label = last, "last record"
     zero = min(focus_begins) if focus_begins else last
+    if focus_begins:
+        zero_label = f"step {focus} began"
+    elif focus is not None:
+        zero_label = f"the last record; step {focus} never began"
+    else:
+        zero_label = "the last record"
     seen: dict[GraphKey, None] = {}
     for lane in lanes:
         for b in lane.bars:
@@ -181,4 +188,4 @@ def build(snapshot: Snapshot, diagnosis: Diagnosis, n_steps: int = DEFAULT_STEPS
                 if k is not None:
                     seen.setdefault(k, None)
     keys = tuple(sorted(seen, key=lambda k: (k.mode.value, k.num_tokens, k.num_reqs or 0, k.uniform)))
-    return Timeline(tuple(lanes), tuple(window), zero, now, now_label, focus, keys)
+    return Timeline(tuple(lanes), tuple(window), zero, now, now_label, focus, keys, zero_label)
