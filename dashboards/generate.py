@@ -327,7 +327,7 @@ def _panel_specs() -> list[tuple[str, str, str, list[Query], str]]:
                 Query(
                     f"max by ({BY}, instance, incident, verdict, step, culprit_ranks) "
                     f"(watchdog_incident_info{{{SEL}}}) * 1000",
-                    "",
+                    "{{verdict}} {{incident}}",
                 )
             ],
             "table",

@@ -71,7 +71,10 @@ def dump_dom(url: str) -> str:
 
 
 def screenshot(url: str, png: Path, width: int = 1160, height: int = 900) -> bytes:
-    _run([f"--screenshot={png}", f"--window-size={width},{height}", url])
+    # every compositor stage and a virtual-time budget: layout and paint finish before the capture, even on
+    # a loaded machine (without them, tiles not yet rastered come out white)
+    finish = ["--run-all-compositor-stages-before-draw", "--virtual-time-budget=3000"]
+    _run([f"--screenshot={png}", f"--window-size={width},{height}", *finish, url])
     return png.read_bytes()
 
 

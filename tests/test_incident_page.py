@@ -24,7 +24,7 @@ from tests.factory import Deployment
 from watchdog.analyzer import diagnose
 from watchdog.bundle import load_snapshot, load_supervisor, record_supervisor
 from watchdog.cli import main
-from watchdog.page import colors, render_page
+from watchdog.page import colors, render_index, render_page
 from watchdog.types import StallInfo
 from watchdog.watcher import Incident
 
@@ -86,6 +86,9 @@ def test_golden_incident_page_in_chromium(tmp_path: Path, name: str) -> None:
             assert drawn[r].find("g", class_="open"), r
     if d["first_divergence"] is None:
         assert not dom.find(id="divergence")
+    if d["verdict"] == "engine_stall":  # the step the engine never sent is drawn open on its lane
+        (never,) = drawn["engine"].find("g", class_="open")
+        assert "never dispatched" in never.all_text() and "NOT DISPATCHED" in never.all_text().upper()
     # the full stacks are there, folded
     assert any(det.find("pre") for det in dom.find("details"))
     png = browser.screenshot(page.as_uri(), tmp_path / "shot.png", 1160, 700)
@@ -176,6 +179,31 @@ def test_fresh_demo_incident_page_and_supervisor_record(tmp_path: Path) -> None:
     assert "climb: FULL_AND_PIECEWISE \u2192 FULL_DECODE_ONLY" in text and "[FULL_DECODE_ONLY]" in text
     cp = run_cli(["diagnose", str(bundle), "--html", str(tmp_path / "again.html")], timeout=60)
     assert cp.returncode == 3 and "climb" in (tmp_path / "again.html").read_text()
+
+
+def test_healthy_page_and_the_incident_list(tmp_path: Path) -> None:
+    """A diagnosis asked for on a healthy deployment draws too; the list is newest first, each row a link."""
+    dep = Deployment(tmp_path, tp=2)
+    for step in range(4):
+        dep.decode_step(step, reqs=8)
+    dep.engine_result(3, running=0)  # every request finished
+    snap = dep.snapshot(host={0: "ring", 1: "ring"}, device={0: "idle", 1: "idle"})
+    diagnosis = diagnose(snap)
+    assert diagnosis.verdict.value == "no_deadlock"
+    page = tmp_path / "ok.html"
+    page.write_text(render_page(snap, diagnosis))
+    dom = browser.parse(browser.dump_dom(page.as_uri()))
+    check_page(dom, diagnosis.to_json())
+    assert not dom.find("g", class_="open")
+
+    rows = [
+        {"id": "20261202T100000Z-host_hang-aaaaaa", "verdict": "host_hang", "culprit_ranks": [1], "step": 9},
+        {"id": "20261202T090000Z-worker_dead-bbbbbb", "verdict": "worker_dead", "culprit_ranks": [3], "step": 5},
+    ]
+    index = tmp_path / "index.html"
+    index.write_text(render_index(rows))
+    links = [a.attrs["href"] for a in browser.parse(browser.dump_dom(index.as_uri())).find("a")]
+    assert links == [f"/incidents/{r['id']}" for r in rows]
 
 
 def test_bad_html_path_is_one_line(tmp_path: Path) -> None:

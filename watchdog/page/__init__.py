@@ -79,36 +79,42 @@ def _banner(s: Snapshot, d: Diagnosis, ctx: PageContext) -> str:
 
 
 def _divergence(d: Diagnosis) -> str:
+    """One row per rank, so that eight ranks read as well as two; in a column where ranks differ, the
+    values that are not the most common one are highlighted (and the column marked, not only coloured)."""
     div = d.first_divergence
     if div is None:
         return ""
-    ops = {r: op for r, op in div.per_rank.items()}
-    fields = ("op", "group", "dtype", "numel")
+    fields = ("op", "group", "dtype", "numel", "from")
 
     def value(r: int, f: str) -> str:
-        op = ops.get(r)
+        if f == "from":
+            return div.sources.get(r, "?")
+        op = div.per_rank.get(r)
         return "none (no collective here)" if op is None else str(getattr(op, f))
 
-    ranks = sorted(set(ops) | set(div.sources))
-    head = "".join(
-        f'<th class="{"culprit" if r in d.culprit_ranks else ""}">rank {r}'
-        f"{' (culprit)' if r in d.culprit_ranks else ''}</th>"
-        for r in ranks
-    )
-    rows = []
+    ranks = sorted(set(div.per_rank) | set(div.sources))
+    table = {r: {f: value(r, f) for f in fields} for r in ranks}
+    peers = [r for r in ranks if r not in d.culprit_ranks] or ranks  # a tie (2 ranks) goes to the culprit's peers
+    common: dict[str, str | None] = {}
     for f in fields:
-        vals = [value(r, f) for r in ranks]
-        differs = len(set(vals)) > 1
-        mark = " &#8800;" if differs else ""
-        tds = "".join(f'<td class="{"diff" if differs else ""}">{_e(v)}</td>' for v in vals)
-        rows.append(f"<tr><th>{f}{mark}</th>{tds}</tr>")
-    src = "".join(f"<td>{_e(div.sources.get(r, '?'))}</td>" for r in ranks)
-    rows.append(f"<tr><th>from</th>{src}</tr>")
+        vals = [table[r][f] for r in peers]
+        common[f] = max(vals, key=vals.count) if len({table[r][f] for r in ranks}) > 1 else None
+    head = "".join(f"<th>{f}{' &#8800;' if common[f] is not None else ''}</th>" for f in fields)
+    rows = []
+    for r in ranks:
+        culprit = r in d.culprit_ranks
+        tds = "".join(
+            f'<td class="diff">{_e(v)}</td>' if common[f] is not None and v != common[f] else f"<td>{_e(v)}</td>"
+            for f, v in table[r].items()
+        )
+        cls, mark = (' class="culprit"', " (culprit)") if culprit else ("", "")
+        rows.append(f'<tr{cls} data-rank="{r}"><th>rank {r}{mark}</th>{tds}</tr>')
     return (
         f'<section id="divergence"><h2>First divergent collective: step {div.step}, collective #{div.index}</h2>'
-        f'<table class="div"><tr><th></th>{head}</tr>{"".join(rows)}</table>'
-        '<p class="muted">&#8800; marks the fields in which the ranks differ; "from" names the captured graph '
-        "(mode, tokens, requests, position in its manifest) or the eager call that issued it.</p></section>"
+        f'<div class="scroll"><table class="div"><tr><th>rank</th>{head}</tr>{"".join(rows)}</table></div>'
+        '<p class="muted">&#8800; marks the fields in which the ranks differ (the odd values highlighted); "from" '
+        "names the captured graph (mode, tokens, requests, position in its manifest) or the eager call that "
+        "issued it.</p></section>"
     )
 
 

@@ -89,14 +89,15 @@ def _axis(tl: Timeline, sc: Scale, bottom: float) -> list[str]:
         f"{_esc(_ms(tl.now_ns - tl.zero_ns))}</text>"
     )
     out.append(
-        f'<text x="{sc.x0}" y="{bottom + 32}" class="ax">'
-        f"ms relative to the stall (0: {_esc(tl.zero_label)})</text>"
+        f'<text x="{sc.x0}" y="{bottom + 32}" class="ax">ms relative to the stall (0: {_esc(tl.zero_label)})</text>'
     )
     return out
 
 
 def _tip(lane: Lane, b: Bar, tl: Timeline) -> str:
     who = lane.name
+    if lane.rank is None and not b.dispatched:
+        return f"engine step {b.step}: never dispatched; the engine's last record at {_ms(b.begin_ns - tl.zero_ns)}"
     if lane.rank is None:
         state = "no result yet" if b.end_ns is None else f"{(b.end_ns - b.begin_ns) / 1e6:.1f} ms"
         return f"engine step {b.step}: dispatched at {_ms(b.begin_ns - tl.zero_ns)}, {state}; {b.detail}"
@@ -145,15 +146,19 @@ def _bar(lane: Lane, b: Bar, y: float, tl: Timeline, sc: Scale, colour: Callable
             f'height="{DRAFTER_H}" fill="{colour(b.drafter_key)}" stroke="{c.INK}" stroke-width="0.5"/>'
         )
     key = "engine" if lane.rank is None else (c.short_key(b.key) if b.key else "?")
-    full = key
-    if b.padded_reqs and lane.rank is not None:
-        full += f" +{b.padded_reqs}pad"
-    if b.drafter_key is not None:
-        full += f" d:{c.short_key(b.drafter_key)}"
+    drafter = "" if b.drafter_key is None else f" d:{c.short_key(b.drafter_key)}"
+    pad = f" +{b.padded_reqs}pad" if b.padded_reqs and lane.rank is not None else ""
     # the longest label that fits: the key is never said by colour alone (the tooltip has it all)
-    choices = (
-        [full, key] if not is_open else [f"step {b.step} NEVER ENDED  {full}", f"NEVER ENDED {key}", "NEVER ENDED"]
-    )
+    if lane.rank is None:
+        if not b.dispatched:
+            choices = [f"step {b.step} NEVER DISPATCHED", "NOT DISPATCHED"]
+        else:
+            choices = [f"step {b.step} NO RESULT", "NO RESULT"] if is_open else ["engine"]
+    elif is_open:
+        choices = [f"step {b.step} NEVER ENDED  {key}{pad}{drafter}", f"NEVER ENDED {key}{drafter}"]
+        choices += [f"NEVER ENDED {key}", "NEVER ENDED"]
+    else:
+        choices = [f"{key}{pad}{drafter}", f"{key}{drafter}", key]
     label = next((t for t in choices if w >= 7.3 * len(t) + 6), "")
     if label:
         out.append(f'<text x="{x1 + 4:.1f}" y="{y + 15:.1f}" fill="{c.text_on(fill)}" class="bl">{_esc(label)}</text>')

@@ -29,6 +29,7 @@ class Bar:
     padded_reqs: int = 0
     ticks: tuple[tuple[int, str], ...] = ()  # eager collectives: (time, "all_reduce float32 x1280 #7")
     detail: str = ""  # the engine's batch (engine lane only)
+    dispatched: bool = True  # False: the engine never sent this step (drawn from its last record to now)
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,7 @@ def _rank_bars(trace: dict[int, StepTrace], steps: range, off: int) -> list[Bar]
     return bars
 
 
-def _engine_bars(ledger: Ledger, steps: range) -> list[Bar]:
+def _engine_bars(ledger: Ledger, steps: range, focus: int | None) -> list[Bar]:
     off = _clock(ledger)
     sent: dict[int, EngineStep] = {}
     done: dict[int, EngineResult] = {}
@@ -122,6 +123,9 @@ def _engine_bars(ledger: Ledger, steps: range) -> list[Bar]:
             f"running {e.running}, waiting {e.waiting}"
         )
         bars.append(Bar(s, e.mono_ns + off, None if r is None else r.mono_ns + off, None, detail=batch))
+    if focus is not None and focus in steps and focus not in sent and (last := _last_record_ns(ledger)) is not None:
+        # the stuck step is one the engine never dispatched: that wait is the engine's open "step"
+        bars.append(Bar(focus, last, None, None, dispatched=False))
     return bars
 
 
@@ -159,12 +163,12 @@ def build(snapshot: Snapshot, diagnosis: Diagnosis, n_steps: int = DEFAULT_STEPS
             continue
         lanes.append(Lane(f"rank {r}", r, tuple(_rank_bars(rank_traces[r], window, offs[r])), culprit, "", state))
     if engine is not None:
-        lanes.append(Lane("engine", None, tuple(_engine_bars(engine, window))))
+        lanes.append(Lane("engine", None, tuple(_engine_bars(engine, window, focus))))
     elif snapshot.ranks:
         lanes.append(Lane("engine", None, (), missing="no engine ledger"))
 
     focus_begins = [b.begin_ns for lane in lanes if lane.rank is not None for b in lane.bars if b.step == focus] or [
-        b.begin_ns for lane in lanes for b in lane.bars if b.step == focus
+        b.begin_ns for lane in lanes for b in lane.bars if b.step == focus and b.dispatched
     ]
     ends = [t for t in (_last_record_ns(ev.ledger) for ev in snapshot.ranks.values() if ev.ledger) if t is not None]
     if engine is not None and (t := _last_record_ns(engine)) is not None:
