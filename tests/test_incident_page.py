@@ -151,6 +151,22 @@ def test_tp8_page(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_fresh_tp8_demo_incident_page(tmp_path: Path) -> None:
+    """A real TP=8 deployment (eight worker processes) whose rank 5 hangs in host code."""
+    result, _ = demo(tmp_path, "--tp", "8", "--fault", "host-hang", "--fault-rank", "5", timeout=400)
+    (inc,) = result["incidents"]
+    d = inc["diagnosis"]
+    assert d["verdict"] == "host_hang" and d["culprit_ranks"] == [5]
+    dom = browser.parse(browser.dump_dom((Path(inc["bundle"]) / "incident.html").as_uri()))
+    check_page(dom, d)
+    drawn = lanes(dom)
+    assert sorted(drawn) == [*map(str, range(8)), "engine"]
+    for r in range(8):  # the stuck step never ended on any rank: the culprit holds it, its peers wait in it
+        (stuck,) = drawn[str(r)].find("g", class_="open")
+        assert stuck.attrs["data-step"] == str(d["step"])
+
+
+@pytest.mark.slow
 def test_fresh_demo_incident_page_and_supervisor_record(tmp_path: Path) -> None:
     """A real hang, culprit rank 2 of 3; the page the watcher wrote into the bundle."""
     result, _ = demo(tmp_path, "--tp", "3", "--fault", "graph-key-divergence", "--fault-rank", "2", timeout=240)

@@ -89,7 +89,7 @@ def _axis(tl: Timeline, sc: Scale, bottom: float) -> list[str]:
         f"{_esc(_ms(tl.now_ns - tl.zero_ns))}</text>"
     )
     out.append(
-        f'<text x="{sc.x0}" y="{bottom + 32}" class="ax">ms relative to the stall (0: {_esc(tl.zero_label)})</text>'
+        f'<text x="{sc.x0}" y="{bottom + 32}" class="ax">time relative to the stall (0: {_esc(tl.zero_label)})</text>'
     )
     return out
 
