@@ -26,10 +26,11 @@ import yaml
 from grafana_foundation_sdk.builders import common as cb
 from grafana_foundation_sdk.builders import dashboard as db
 from grafana_foundation_sdk.builders import prometheus as pb
-from grafana_foundation_sdk.builders import stat, statetimeline, timeseries
+from grafana_foundation_sdk.builders import stat, statetimeline, table, timeseries
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models import common as cm
 from grafana_foundation_sdk.models import dashboard as dm
+from grafana_foundation_sdk.models import prometheus as pm
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD_JSON = ROOT / "dashboards" / "watchdog.json"
@@ -317,12 +318,47 @@ def _panel_specs() -> list[tuple[str, str, str, list[Query], str]]:
             [Query(f"sum by (pod) (rate(vllm:generation_tokens_total{{{VSEL}}}[{r}]))", "{{pod}}", "vllm")],
             "timeseries",
         ),
+        (
+            "Incidents",
+            "The newest incidents, newest first; click an incident to open its page on the agent that diagnosed it "
+            "(every rank's last steps, the first divergent collective, stacks, what watchdog run did).",
+            "dateTimeAsIso",
+            [
+                Query(
+                    f"max by ({BY}, instance, incident, verdict, step, culprit_ranks) "
+                    f"(watchdog_incident_info{{{SEL}}}) * 1000",
+                    "{{verdict}} {{incident}}",
+                )
+            ],
+            "table",
+        ),
     ]
 
 
 def queries() -> list[Query]:
     """Every PromQL expression of the dashboard (the tests run each against a real Prometheus)."""
     return [q for _t, _d, _u, qs, _k in _panel_specs() for q in qs]
+
+
+# The agent serves each incident's page at /incidents/<id>; Prometheus' instance label is the address
+# it scraped the agent's /metrics at, so the link reaches the same agent.
+INCIDENT_LINK = "http://${__data.fields.instance}/incidents/${__data.fields.incident}"
+
+
+def _incidents_table(title: str, desc: str, unit: str, qs: list[Query]) -> table.Panel:
+    p = table.Panel().title(title).description(desc).datasource(DS)
+    for j, q in enumerate(qs):
+        p = p.with_target(_target(q, chr(ord("A") + j)).instant().format(pm.PromQueryFormat.TABLE))
+    p = p.with_transformation(
+        dm.DataTransformerConfig(
+            id_val="organize",
+            options={"excludeByName": {"Time": True}, "renameByName": {"Value": "diagnosed at"}},
+        )
+    )
+    p = p.override_by_name("diagnosed at", [dm.DynamicConfigValue(id_val="unit", value=unit)])
+    link = {"title": "open the incident page", "url": INCIDENT_LINK, "targetBlank": True}
+    p = p.override_by_name("incident", [dm.DynamicConfigValue(id_val="links", value=[link])])
+    return p.sort_by([cb.TableSortByFieldState().display_name("diagnosed at").desc(True)])
 
 
 def _query_variable(name: str, label: str, query: str) -> Any:
@@ -374,7 +410,7 @@ def build_dashboard() -> dict[str, Any]:
     )
     for v in _variables():
         d = d.with_variable(v)
-    y, panel_id = 0, 1
+    y, panel_id, open_row = 0, 1, False
     for i, (title, desc, unit, qs, kind) in enumerate(_panel_specs()):
         w, h = (24, 4) if kind == "stat" else (12, 8)
         x = 0 if kind == "stat" else (12 * ((i - 1) % 2))
@@ -382,6 +418,11 @@ def build_dashboard() -> dict[str, Any]:
             p: Any = stat.Panel().title(title).description(desc).unit(unit).datasource(DS)
             for j, q in enumerate(qs):
                 p = p.with_target(_target(q, chr(ord("A") + j)))
+        elif kind == "table":
+            if open_row:  # the half-width panel before it is alone on its row
+                y += 8
+            w, x = 24, 0
+            p = _incidents_table(title, desc, unit, qs)
         elif kind == "statetimeline":
             p = statetimeline.Panel().title(title).description(desc).unit(unit).datasource(DS)
             for j, q in enumerate(qs):
@@ -390,7 +431,8 @@ def build_dashboard() -> dict[str, Any]:
             p = _timeseries(title, desc, unit, qs, stack=kind == "stacked")
         d = d.with_panel(p.id(panel_id).grid_pos(dm.GridPos(h=h, w=w, x=x, y=y)))
         panel_id += 1
-        if kind == "stat" or x == 12:
+        open_row = w == 12 and x == 0
+        if not open_row:
             y += h
     data: dict[str, Any] = json.loads(json.dumps(d.build(), cls=JSONEncoder))
     return data

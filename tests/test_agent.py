@@ -139,10 +139,20 @@ def test_agent_process_diagnoses_a_separate_deployment_over_http(tmp_path: Path)
         status, body = get(port, f"/v1/incidents/{incidents[0]['id']}")
         assert status == 200 and json.loads(body)["schema"] == "watchdog.diagnosis/v1"
         assert get(port, "/v1/incidents/nope")[0] == 404
+        # the incident's page, linked from the summary, and the list of pages
+        ident = incidents[0]["id"]
+        assert incidents[0]["page"] == f"/incidents/{ident}"
+        status, page = get(port, incidents[0]["page"])
+        assert status == 200 and 'data-verdict="host_hang"' in page and 'class="lane culprit" data-rank="1"' in page
+        status, listing = get(port, "/incidents")
+        assert status == 200 and f'href="/incidents/{ident}"' in listing and "host_hang" in listing
+        assert get(port, "/incidents/nope")[0] == 404
+        assert (tmp_path / "inc" / ident / "incident.html").is_file()
         assert json.loads(get(port, "/v1/status")[1])["incidents"] == 1
         metrics = get(port, "/metrics")[1]
         assert 'watchdog_incidents_total{tp_group="tp0",verdict="host_hang"} 1.0' in metrics
         assert 'watchdog_deadlocked{tp_group="tp0"} 1.0' in metrics
+        assert f'watchdog_incident_info{{culprit_ranks="1",incident="{ident}",step="' in metrics
         assert 'watchdog_stalls_detected_total{tp_group="tp0"} 1.0' in metrics
         for series in ("watchdog_rank_last_step", "watchdog_rank_open_step_age_seconds"):
             assert f'{series}{{rank="1",tp_group="tp0"}}' in metrics

@@ -241,6 +241,18 @@ def test_every_expression_returns_data_from_a_real_prometheus(tmp_path: Path) ->
         [deadlock] = results["alert WatchdogDeadlockDiagnosed"]
         assert deadlock["metric"] == {"namespace": NAMESPACE, "pod": POD, "tp_group": "tp0", "verdict": "device_hang"}
         assert results["alert WatchdogNoStepProgress"][0]["metric"] == {"namespace": NAMESPACE, "pod": POD}
+        # the Incidents table: each row's link (Prometheus' instance label: the agent) opens that incident's
+        # page, which shows what the ladder decided (saved with the bundle: climb, then give up)
+        rows = results["panel query {{verdict}} {{incident}}"]
+        assert sorted(r["metric"]["incident"] for r in rows) == sorted(i["id"] for i in incidents)
+        for inc, action in zip(incidents, ("climb", "give_up"), strict=True):
+            decided = json.loads((tmp_path / "inc" / inc["id"] / "supervisor.json").read_text())
+            assert decided["event"]["action"] == action
+            (row,) = [r for r in rows if r["metric"]["incident"] == inc["id"]]
+            url = generate.INCIDENT_LINK.replace("${__data.fields.instance}", row["metric"]["instance"])
+            with urllib.request.urlopen(url.replace("${__data.fields.incident}", inc["id"]), timeout=30) as resp:
+                page = resp.read().decode()
+            assert 'data-verdict="device_hang"' in page and f"{action}: FULL" in page, page[-3000:]
         # agent down: stop the agent, and `up` turns 0 on the next scrape
         stop(agent)
         agent = None

@@ -101,6 +101,10 @@ def test_coordinator_over_two_member_agents_matches_a_single_agent(tmp_path: Pat
         ]
         metrics = get(pc, "/metrics")[1]
         assert 'watchdog_incidents_total{tp_group="tp0",verdict="collective_mismatch"} 1.0' in metrics
+        # the coordinator serves the merged incident's page: four lanes from two nodes, rank 3 the culprit
+        status, page = get(pc, got[0]["page"])
+        assert status == 200 and 'data-verdict="collective_mismatch"' in page
+        assert 'class="lane culprit" data-rank="3"' in page and page.count('class="lane') == 5
     finally:
         for p in reversed(procs):
             stop(p)

@@ -8,10 +8,12 @@ started with ``member`` only detects and serves its evidence, and the coordinato
     GET  /healthz               the agent itself is alive
     GET  /livez                 503 while the watched server is diagnosed as deadlocked
     GET  /v1/status             role, verdict state, open stall, progress counter, incidents so far
-    GET  /v1/incidents          incident summaries, newest last
+    GET  /v1/incidents          incident summaries, newest last (each with its page's URL)
     GET  /v1/incidents/{id}     one incident's Diagnosis JSON
     GET  /v1/snapshot           this node's evidence now: ledgers + stacks, processes, GPUs, rings (token if set)
     POST /v1/diagnose-now       gather and diagnose now, whatever the detector thinks (token required)
+    GET  /incidents             the incident list as an HTML page, newest first
+    GET  /incidents/{id}        one incident's page (HTML, self-contained; the bundle's incident.html, redrawn)
     GET  /metrics               Prometheus text format
     GET  /openapi.json          the API's OpenAPI schema (also committed as docs/openapi.json)
 """
@@ -30,10 +32,13 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from fastapi import FastAPI, HTTPException, Request, Response
+from fastapi.responses import HTMLResponse
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from watchdog.bundle import bundle_time, incident_page
 from watchdog.evidence import EvidenceError
 from watchdog.metrics import AgentMetrics
+from watchdog.page import render_index
 from watchdog.snapshot import LedgerSet, collect, read_ledger_dir
 from watchdog.types import StallInfo
 from watchdog.watcher import Incident, Watcher
@@ -122,6 +127,8 @@ class Agent:
         verdict = incident.diagnosis.verdict
         self.metrics.incidents.labels(g, verdict.value).inc()
         self.metrics.evidence_seconds.labels(g).observe((incident.diagnosed_mono_ns - incident.detected_mono_ns) / 1e9)
+        d = incident.diagnosis
+        self.metrics.incident(incident.bundle.name, verdict.value, d.step, d.culprit_ranks, time.time())
         with self._lock:
             self.incidents.append(incident)
             self.deadlocked = verdict.is_deadlock
@@ -170,6 +177,20 @@ class Agent:
                     return i.diagnosis.to_json()
         return None
 
+    def page(self, ident: str) -> str | None:
+        """One incident's page, drawn from its bundle now (so it shows restarts decided since)."""
+        with self._lock:
+            found = next((i for i in self.incidents if i.bundle.name == ident), None)
+        if found is None:
+            return None
+        sup = (self.extra() if self.extra is not None else {}).get("supervisor") or {}
+        restarts = [r for r in sup.get("restarts") or () if r.get("after_incident") == ident]
+        return incident_page(found, restarts)
+
+    def index_page(self) -> str:
+        rows = [{**s, "time": bundle_time(s["id"])} for s in reversed(self.incident_list())]
+        return render_index(rows)
+
     def snapshot(self) -> dict[str, Any] | None:
         """This node's evidence, for a coordinator; None when this loop has no local evidence."""
         if not isinstance(self.loop, Watcher):
@@ -188,6 +209,7 @@ def summary(i: Incident) -> dict[str, Any]:
         "step": i.diagnosis.step,
         "culprit_ranks": list(i.diagnosis.culprit_ranks),
         "summary": i.diagnosis.summary,
+        "page": f"/incidents/{i.bundle.name}",
     }
 
 
@@ -250,6 +272,17 @@ def make_app(agent: Agent) -> FastAPI:
         if found is None:
             raise HTTPException(status_code=404, detail=f"no incident {ident}")
         return found
+
+    @app.get("/incidents", response_class=HTMLResponse)
+    def incidents_html() -> HTMLResponse:
+        return HTMLResponse(agent.index_page())
+
+    @app.get("/incidents/{ident}", response_class=HTMLResponse)
+    def incident_html(ident: str) -> HTMLResponse:
+        found = agent.page(ident)
+        if found is None:
+            raise HTTPException(status_code=404, detail=f"no incident {ident}")
+        return HTMLResponse(found)
 
     @app.get("/v1/snapshot")
     def snapshot(request: Request) -> dict[str, Any]:

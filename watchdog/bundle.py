@@ -5,6 +5,8 @@
         evidence.json      stacks, process state, GPUs, rings, what was missing, the stall
         diagnosis.json     the Diagnosis (schema watchdog.diagnosis/v1)
         report.txt         the human report
+        incident.html      the incident page (self-contained: opens from a copied bundle, offline)
+        supervisor.json    what `watchdog run` decided about it (added after the fact, when it ran)
 
 The bundle is built in a hidden temporary directory beside its final place and renamed into
 place, so a reader never sees half an incident; files are fsynced first.
@@ -12,17 +14,28 @@ place, so a reader never sees half an incident; files are fsynced first.
 
 from __future__ import annotations
 
+import calendar
 import json
+import logging
 import os
 import secrets
 import shutil
 import time
+from dataclasses import replace
+from html import escape
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from watchdog.errors import InputError
+from watchdog.page import PageContext, render_page
 from watchdog.snapshot import LedgerSet, assemble, read_ledger_dir, read_ledger_files
 from watchdog.types import EVIDENCE_SCHEMA, Diagnosis, Snapshot
+
+if TYPE_CHECKING:
+    from watchdog.watcher import Incident
+
+log = logging.getLogger("watchdog")
+SUPERVISOR_FILE = "supervisor.json"
 
 
 def _write(path: Path, data: bytes) -> None:
@@ -38,6 +51,7 @@ def write_bundle(
     evidence: dict[str, Any],
     diagnosis: Diagnosis,
     report: str,
+    context: PageContext | None = None,
 ) -> Path:
     root = Path(incidents_dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -51,6 +65,7 @@ def write_bundle(
         _write(tmp / "evidence.json", json.dumps(evidence, indent=1, sort_keys=True).encode())
         _write(tmp / "diagnosis.json", json.dumps(diagnosis.to_json(), indent=1).encode() + b"\n")
         _write(tmp / "report.txt", report.encode())
+        _write(tmp / "incident.html", _page(ledgers, evidence, diagnosis, report, context, ident).encode())
         final = root / ident
         os.rename(tmp, final)
         dir_fd = os.open(root, os.O_RDONLY)
@@ -62,6 +77,99 @@ def write_bundle(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def page_context(detected_mono_ns: int, diagnosed_mono_ns: int) -> PageContext:
+    """The page's detection time (on the wall clock) and how long the diagnosis took after it."""
+    wall = time.time_ns() - (time.monotonic_ns() - detected_mono_ns)
+    return PageContext(detected_wall_ns=wall, diagnosed_after_s=(diagnosed_mono_ns - detected_mono_ns) / 1e9)
+
+
+def _page(
+    ledgers: LedgerSet, evidence: dict[str, Any], diagnosis: Diagnosis, report: str, ctx: PageContext | None, ident: str
+) -> str:
+    ctx = ctx or PageContext()
+    try:
+        return render_page(assemble(ledgers, evidence), diagnosis, replace(ctx, incident=ident))
+    except Exception as exc:
+        log.exception("incident page for %s could not be drawn", ident)
+        return (
+            f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{escape(ident)}</title></head><body>"
+            f"<p>the page could not be drawn ({escape(type(exc).__name__)}: {escape(str(exc))}); the report:</p>"
+            f"<pre>{escape(report)}</pre></body></html>\n"
+        )
+
+
+def load_supervisor(path: Path) -> dict[str, Any] | None:
+    """What `watchdog run` recorded about this incident (supervisor.json), or None."""
+    try:
+        raw = json.loads((path / SUPERVISOR_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return raw if isinstance(raw, dict) else None
+
+
+def record_supervisor(incident: Incident, info: dict[str, Any]) -> None:
+    """Add the supervisor's decision to a written bundle and redraw its page with it (each file replaced
+    atomically: a reader sees the old page or the new one)."""
+    bundle = incident.bundle
+    page = render_page(load_snapshot(bundle), incident.diagnosis, replace(_context(incident), supervisor=info))
+    for name, data in (
+        (SUPERVISOR_FILE, json.dumps(info, indent=1, sort_keys=True).encode()),
+        ("incident.html", page.encode()),
+    ):
+        tmp = bundle / f".{name}.tmp"
+        _write(tmp, data)
+        os.replace(tmp, bundle / name)
+
+
+def write_page(out: Path, source: Path, snapshot: Snapshot, diagnosis: Diagnosis) -> None:
+    """``watchdog diagnose SOURCE --html OUT``: the page of a bundle (with what `watchdog run` recorded
+    about it) or of a raw ledger directory."""
+    ctx = PageContext(incident=source.name)
+    if source.is_dir() and is_bundle(source):
+        ctx = replace(ctx, supervisor=load_supervisor(source))
+    try:
+        out.write_text(render_page(snapshot, diagnosis, ctx))
+    except OSError as exc:
+        raise InputError(f"{out}: cannot write the page ({exc.strerror or exc})") from None
+
+
+def bundle_time(ident: str) -> float | None:
+    """When an incident was written (wall seconds), from its bundle's name; None if not one of ours."""
+    try:
+        return calendar.timegm(time.strptime(ident.split("-", 1)[0], "%Y%m%dT%H%M%SZ"))
+    except ValueError:
+        return None
+
+
+def _context(incident: Incident) -> PageContext:
+    return PageContext(
+        incident=incident.bundle.name,
+        detected_wall_ns=int((bundle_time(incident.bundle.name) or 0) * 1e9),
+        diagnosed_after_s=(incident.diagnosed_mono_ns - incident.detected_mono_ns) / 1e9,
+    )
+
+
+def incident_page(incident: Incident, restarts: list[dict[str, Any]]) -> str:
+    """The agent's ``/incidents/{id}``: the page drawn from the bundle now, with what `watchdog run`
+    recorded (and the restart that followed, once known). If the bundle can no longer be read, the
+    page written with it."""
+    ctx = _context(incident)
+    info = load_supervisor(incident.bundle)
+    if restarts:
+        info = {**(info or {}), "restarts": restarts}
+    try:
+        return render_page(load_snapshot(incident.bundle), incident.diagnosis, replace(ctx, supervisor=info))
+    except InputError:
+        try:
+            return (incident.bundle / "incident.html").read_text()
+        except OSError:
+            return render_page(
+                Snapshot(0, 0, "", {}, None, missing=(f"bundle {incident.bundle}: gone",), live=False),
+                incident.diagnosis,
+                ctx,
+            )
 
 
 def is_bundle(path: Path) -> bool:

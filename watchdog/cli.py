@@ -57,13 +57,17 @@ def _verdict_exit(verdict: Verdict) -> int:
 def diagnose(
     path: Annotated[Path, typer.Argument(help="An incident bundle, or a ledger directory of a dead deployment.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the Diagnosis as JSON.")] = False,
+    html: Annotated[Path | None, typer.Option("--html", help="Also write the incident page (HTML) here.")] = None,
 ) -> int:
     """Re-run the analyzer on an incident bundle or a raw ledger directory."""
     from watchdog.analyzer import diagnose as run_analyzer
-    from watchdog.bundle import load_snapshot
+    from watchdog.bundle import load_snapshot, write_page
     from watchdog.report import render
 
-    diagnosis = run_analyzer(load_snapshot(path))
+    snapshot = load_snapshot(path)
+    diagnosis = run_analyzer(snapshot)
+    if html is not None:
+        write_page(html, path, snapshot, diagnosis)
     if as_json:
         print(json.dumps(diagnosis.to_json(), sort_keys=False))
     else:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from watchdog.analyzer import AnalyzerConfig, diagnose
-from watchdog.bundle import write_bundle
+from watchdog.bundle import page_context, write_bundle
 from watchdog.report import render
 from watchdog.snapshot import assemble, read_ledger_files
 from watchdog.types import EVIDENCE_SCHEMA, StallInfo
@@ -91,7 +91,8 @@ class Coordinator:
         ledgers = read_ledger_files(files)
         diagnosis = diagnose(assemble(ledgers, evidence), self.analyzer_cfg)
         report = render(diagnosis)
-        bundle = write_bundle(self.incidents_dir, ledgers, evidence, diagnosis, report)
+        page = page_context(detected, time.monotonic_ns())
+        bundle = write_bundle(self.incidents_dir, ledgers, evidence, diagnosis, report, page)
         return Incident(diagnosis, bundle, report, stall, detected, time.monotonic_ns())
 
     def close(self) -> None:

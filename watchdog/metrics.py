@@ -19,6 +19,7 @@ from watchdog.types import GpuInfo, RingState, Verdict
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 EVIDENCE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 30.0)
 MAX_BUCKET = 1 << 16
+MAX_INCIDENT_SERIES = 50  # watchdog_incident_info keeps the newest incidents only
 
 
 def size_bucket(num_tokens: int) -> str:
@@ -70,6 +71,13 @@ class AgentMetrics:
         self.incidents = Counter(
             "watchdog_incidents_total", "Incidents diagnosed, by verdict.", [*grp, "verdict"], registry=r
         )
+        self.incident_info = Gauge(
+            "watchdog_incident_info",
+            "One series per recent incident (its page: /incidents/<incident> on this agent); value: unix time.",
+            [*grp, "incident", "verdict", "step", "culprit_ranks"],
+            registry=r,
+        )
+        self._incident_labels: list[tuple[str, ...]] = []
         self.deadlocked = Gauge(
             "watchdog_deadlocked", "1 while the watched server is diagnosed as deadlocked.", grp, registry=r
         )
@@ -126,6 +134,15 @@ class AgentMetrics:
                 o = self._open.pop(rank, None)
                 if o is not None:
                     self.step_duration.labels(g, o.mode).observe(max(0.0, (rec.mono_ns - o.since_ns) / 1e9))
+
+    def incident(self, ident: str, verdict: str, step: int | None, culprits: tuple[int, ...], when: float) -> None:
+        """Name one incident (the dashboard's incidents table links each to its page); only the last
+        MAX_INCIDENT_SERIES stay, so that a crash-looping server cannot grow the series without bound."""
+        labels = (self.tp_group, ident, verdict, "" if step is None else str(step), ",".join(map(str, culprits)))
+        self.incident_info.labels(*labels).set(when)
+        self._incident_labels.append(labels)
+        while len(self._incident_labels) > MAX_INCIDENT_SERIES:
+            self.incident_info.remove(*self._incident_labels.pop(0))
 
     def tick(self, now_mono_ns: int) -> None:
         """Refresh the gauges that age by themselves."""

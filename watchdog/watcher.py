@@ -16,7 +16,7 @@ from collectors.format import ProcessKind, Record
 from collectors.reader import LedgerError, LedgerTail, ledger_paths
 from collectors.recorder import ledger_name
 from watchdog.analyzer import AnalyzerConfig, diagnose
-from watchdog.bundle import write_bundle
+from watchdog.bundle import page_context, write_bundle
 from watchdog.detector import DetectorConfig, StallDetector
 from watchdog.report import render
 from watchdog.snapshot import Sources, find_ring_specs, gather, read_ledger_dir, read_rings
@@ -134,7 +134,8 @@ class Watcher:
         snapshot, ledgers, evidence = gather(self.ledger_dir, self.sources, stall, self.ranks)
         diagnosis = diagnose(snapshot, self.analyzer_cfg)
         report = render(diagnosis)
-        bundle = write_bundle(self.incidents_dir, ledgers, evidence, diagnosis, report)
+        page = page_context(detected, time.monotonic_ns())
+        bundle = write_bundle(self.incidents_dir, ledgers, evidence, diagnosis, report, page)
         return Incident(diagnosis, bundle, report, stall, detected, time.monotonic_ns())
 
     def rings(self) -> tuple[RingState | None, dict[int, RingState]]:

@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 from prometheus_client import Counter, Gauge
 
 from watchdog.agent import Agent, make_app
+from watchdog.bundle import record_supervisor
 from watchdog.errors import WatchdogError
 from watchdog.metrics import AgentMetrics
 from watchdog.supervisor import ladder
@@ -286,6 +287,7 @@ class Supervisor:
             event = dataclasses.replace(event, reason=why)
         ladder.apply(self.state, self.cfg.policy, event)
         ladder.save(self.cfg.state_file, self.state, self.cfg.policy)
+        self._record(incident, event)
         if event.action == "give_up":
             self.m_gave_up.labels(self.agent.metrics.tp_group).set(1)
         self.say(
@@ -293,6 +295,18 @@ class Supervisor:
             f"{event.to_mode}: {event.reason}"
         )
         return event
+
+    def _record(self, incident: Incident, event: ladder.Event) -> None:
+        """Keep the decision with the incident (its page shows it); a failure here must not stop the restart."""
+        info = {
+            "event": dataclasses.asdict(event),
+            "ladder": self.state.to_json(self.cfg.policy),
+            "observe": self.cfg.observe,
+        }
+        try:
+            record_supervisor(incident, info)
+        except (OSError, WatchdogError) as exc:
+            self.say(f"watchdog run: could not record the decision in {incident.bundle}: {exc}")
 
     def _set_mode(self, mode: str) -> None:
         g = self.agent.metrics.tp_group
