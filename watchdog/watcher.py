@@ -101,7 +101,8 @@ class Watcher:
 
         vLLM tears the whole server down within about a second of a worker's death, so the evidence
         is gathered now, not at a stall deadline; an idle deployment (nothing open, nothing pending)
-        that loses a process is stopping, not failing. Only pids once seen running count."""
+        that loses a process is stopping, not failing. Only pids once seen running count, and ranks
+        that die after a stall was already reported (and before any progress) belong to it."""
         gone: list[tuple[int, int]] = []
         for t in self._tails.values():
             h = t.header
@@ -112,12 +113,15 @@ class Watcher:
                 continue
             if h.pid not in self._alive:
                 continue  # never seen running: another pid namespace, or a ledger left by an old server
-            self._exited.add(h.pid)
             gone.append((h.rank, h.pid))
         if not gone or not self._detector.busy():
-            return None
+            return None  # checked again next poll: a dead rank stays dead
+        self._exited.update(pid for _, pid in gone)
+        if self._fired:
+            return None  # the stall already diagnosed: these went with it (vLLM's teardown), no new incident
         step = self._detector.open_step([r for r, _ in gone])
         self._fired = True
+        log.info("rank %s exited during step %s", ", ".join(str(r) for r, _ in sorted(gone)), step)
         return StallInfo("process_exit", step, 0.0, 0.0, tuple(sorted(r for r, _ in gone)))
 
     def rank_pids(self) -> dict[int, int]:
