@@ -26,6 +26,12 @@ HOST_FRAMES = {
     "ring": [("ShmRing.acquire_read", "shmring.py"), ("ShmRing.dequeue", "shmring.py")],
     "host": [("Worker._update_step_stats", "worker.py"), ("Worker.execute_model", "worker.py")],
     "sched": [("Scheduler._rebalance", "engine.py"), ("Engine.execute_step", "engine.py")],
+    # vLLM's CPU shm all-gather of the logits (eager, after the compiled model)
+    "gather": [
+        ("_CPUSHMDistributed.all_gather_into_tensor", "cpu_communicator.py"),
+        ("GroupCoordinator.all_gather", "parallel_state.py"),
+        ("LogitsProcessor._gather_logits", "logits_processor.py"),
+    ],
     # a torch.compile'd model calling a native op: py-spy's Python frames end in the op call
     "op": [("OpOverload.__call__", "_ops.py"), ("Runner.call", "graph.py"), ("LlamaModel.forward", "llama.py")],
 }

@@ -67,3 +67,29 @@ def test_the_rank_that_exited_first_is_the_dead_worker(tmp_path: Path) -> None:
     assert any("exited first" in e for e in d.evidence)
     without = diagnose(dep.snapshot(dead=[0, 1]))
     assert without.verdict is Verdict.WORKER_DEAD and without.culprit_ranks == (0, 1)
+
+
+@pytest.mark.parametrize(("tp", "ahead"), [(2, 1), (2, 0), (4, 3)])
+def test_a_rank_waiting_in_a_collective_its_peer_completed_is_out_of_step(tmp_path: Path, tp: int, ahead: int) -> None:
+    """vLLM CPU, rank ``ahead`` skipped an all-reduce inside the compiled model: its later transfers
+    paired with its peers' earlier ones, it finished its part of the step and waits on the ring, while
+    the peers wait in the step's last collective, which the ahead rank's ledger shows it issued too."""
+    dep = Deployment(tmp_path, tp=tp, mode="NONE", num_spec=0)
+    warm(dep)
+    dep.decode_step(5, 16, open_on=range(tp))
+    host = {r: "gather" for r in range(tp)} | {ahead: "ring"}
+    stall = StallInfo("open_step", 5, 3.0, 1.0)
+    d = diagnose(dep.snapshot(host=host, stall=stall))
+    assert d.verdict is Verdict.COLLECTIVE_MISMATCH, d.summary
+    assert d.culprit_ranks == (ahead,) and d.step == 5
+    assert d.ranks[ahead].state is RankState.IDLE
+    # the same picture without a stall is a healthy step caught a moment apart
+    assert diagnose(dep.snapshot(host=host)).verdict is not Verdict.COLLECTIVE_MISMATCH
+
+
+def test_a_peer_that_did_not_reach_the_collective_is_not_ahead(tmp_path: Path) -> None:
+    dep = Deployment(tmp_path, tp=2, mode="NONE", num_spec=0)
+    warm(dep)
+    dep.decode_step(5, 16, open_on=[0], not_launched=[1])  # rank 1 never issued step 5's collectives
+    d = diagnose(dep.snapshot(host={0: "gather", 1: "ring"}, stall=StallInfo("open_step", 5, 3.0, 1.0)))
+    assert d.verdict is not Verdict.COLLECTIVE_MISMATCH or d.culprit_ranks != (1,)

@@ -52,6 +52,8 @@ def _state(f: RankFacts, div: Divergence | None) -> tuple[RankState, str]:
         return RankState.WAITING_DEVICE, activity or f"step {t.step} launched, not finished (ledger)"
     if f.host is ThreadActivity.UNKNOWN:
         return RankState.HOST_BUSY, f"step {t.step} begun, nothing launched (ledger)"
+    if f.host is ThreadActivity.RING_WAIT:  # its part of the step done, waiting for the engine's next call
+        return RankState.IDLE, f"inside step {t.step}, waiting on the ring: {activity}"
     return RankState.UNKNOWN, activity
 
 

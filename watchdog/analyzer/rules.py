@@ -176,6 +176,70 @@ def rule_collective_mismatch(ctx: Context, cfg: AnalyzerConfig) -> list[Finding]
     ]
 
 
+def _eager_counts(f: RankFacts, step: int) -> Counter[str]:
+    t = f.steps.get(step)
+    return Counter(c.group for c in t.collectives) if t is not None else Counter()
+
+
+def rule_out_of_step(ctx: Context, cfg: AnalyzerConfig) -> list[Finding]:
+    """A rank waits in a collective that a peer already completed: their collective sequences
+    disagreed earlier in the step, in code the ledger does not see (on vLLM's CPU platform the
+    layers' all-reduces run inside a torch.compile'd graph that calls the communicator directly).
+
+    Preconditions: a stall (a healthy step caught mid-collective has ranks a moment apart); every
+    rank's process alive; the waiting ranks' stacks show a collective inside
+    the open step; each peer that is not waiting issued at least as many eager collectives of every
+    group in that step (by its ledger) and is idle on the ring or already in a later step. The peers
+    that ran ahead are named, like a rank that finished a step without its peers' collective: with
+    fewer collectives a rank does not block, it runs ahead (NCCL and gloo behave the same).
+    """
+    facts = list(ctx.facts.values())
+    if ctx.snapshot.stall is None or len(facts) < 2 or any(f.alive is False for f in facts):
+        return []
+    waiting = [f for f in facts if f.host is ThreadActivity.COLLECTIVE and f.open_step is not None]
+    if not waiting:
+        return []
+    step = min(f.open_step.step for f in waiting if f.open_step is not None)
+    need = Counter[str]()
+    for f in waiting:
+        need |= _eager_counts(f, step)
+    ahead = []
+    for f in facts:
+        if f in waiting:
+            continue
+        passed = all(_eager_counts(f, step)[g] >= n for g, n in need.items())
+        later = f.last_begun is not None and f.last_begun > step
+        idle_in_step = f.host is ThreadActivity.RING_WAIT and step in f.steps
+        if not (passed and (later or idle_in_step)):
+            return []  # a peer that is neither waiting nor clearly past the collective: not this rule
+        ahead.append(f)
+    if not ahead:
+        return []
+    names = ", ".join(str(f.rank) for f in ahead)
+    stuck = ", ".join(str(f.rank) for f in waiting)
+    evidence = [f"engine batch at step {step}: {ctx.describe_batch(step)}"]
+    for f in waiting:
+        n = sum(_eager_counts(f, step).values())
+        evidence.append(
+            f"rank {f.rank}: waits in {where(f.host_frame)}, eager collective #{n - 1} of step {step} (ledger)"
+        )
+    for f in ahead:
+        n = sum(_eager_counts(f, step).values())
+        doing = "already in a later step" if f.last_begun is not None and f.last_begun > step else "idle on the ring"
+        evidence.append(f"rank {f.rank}: issued {n} eager collectives in step {step} and is {doing}")
+    evidence.append(
+        "the mismatch itself is in collectives the ledger does not record (a compiled graph calling the "
+        "communicator directly); the ranks' stacks and eager counts place it in this step"
+    )
+    summary = (
+        f"ranks out of step at step {step}: rank {stuck} waits in a collective that rank {names} already "
+        f"completed, so their collective sequences disagreed earlier in the step; culprit rank {names}: it ran "
+        "ahead (fewer collectives)"
+    )
+    culprits = tuple(f.rank for f in ahead)
+    return [Finding("out_of_step", Verdict.COLLECTIVE_MISMATCH, step, culprits, summary, tuple(evidence))]
+
+
 # ---- worker_dead --------------------------------------------------------------------
 
 
@@ -380,6 +444,7 @@ def rule_engine_stall(ctx: Context, cfg: AnalyzerConfig) -> list[Finding]:
 
 RULES: tuple[Rule, ...] = (
     Rule("collective_mismatch", ("ledgers",), rule_collective_mismatch),
+    Rule("out_of_step", ("ledgers", "stacks", "procs"), rule_out_of_step),
     Rule("worker_dead", ("procs",), rule_worker_dead),
     Rule("host_hang", ("ledgers",), rule_host_hang),
     Rule("device_hang", ("ledgers",), rule_device_hang),
