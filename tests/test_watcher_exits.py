@@ -96,3 +96,37 @@ def test_a_rank_that_dies_inside_a_step_is_reported_alone(tmp_path: Path) -> Non
     # the ledger's open step makes the deployment busy: the exit is reported
     assert (s := w.poll()) is not None and s.kind == "process_exit" and s.ranks == (0,)
     w.close()
+
+
+def test_a_rank_dead_before_the_first_look_is_reported_when_its_peers_are_visible(tmp_path: Path) -> None:
+    ledgers = tmp_path / "ledgers"
+    ranks = [start_rank(r, 2, ledgers) for r in range(2)]
+    ranks[1].kill()
+    ranks[1].wait()
+    w = watcher(tmp_path)
+    try:
+        stall = w.poll()
+        assert stall is not None and stall.kind == "process_exit" and stall.ranks == (1,)
+    finally:
+        w.close()
+        for p in ranks:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p.pid, signal.SIGKILL)
+            p.wait()
+            assert p.stdout is not None
+            p.stdout.close()
+
+
+def test_pids_of_another_namespace_are_never_reported(tmp_path: Path) -> None:
+    """No rank's pid is visible here (the sidecar does not share the pods' pid namespace)."""
+    ledgers = tmp_path / "ledgers"
+    p = start_rank(0, 1, ledgers)
+    p.kill()
+    p.wait()
+    assert p.stdout is not None
+    p.stdout.close()
+    w = watcher(tmp_path)
+    try:
+        assert w.poll() is None
+    finally:
+        w.close()

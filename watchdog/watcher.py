@@ -101,19 +101,25 @@ class Watcher:
 
         vLLM tears the whole server down within about a second of a worker's death, so the evidence
         is gathered now, not at a stall deadline; an idle deployment (nothing open, nothing pending)
-        that loses a process is stopping, not failing. Only pids once seen running count, and ranks
-        that die after a stall was already reported (and before any progress) belong to it."""
+        that loses a process is stopping, not failing. A pid counts only once some rank's pid was seen
+        running (this agent shares the ranks' pid namespace), and ranks that die after a stall was
+        already reported (and before any progress) belong to it."""
         gone: list[tuple[int, int]] = []
+        unseen: list[tuple[int, int]] = []
         for t in self._tails.values():
             h = t.header
             if h is None or h.kind is ProcessKind.ENGINE or h.pid in self._exited:
                 continue
             if _running(self.sources.proc_root, h.pid):
                 self._alive.add(h.pid)
-                continue
-            if h.pid not in self._alive:
-                continue  # never seen running: another pid namespace, or a ledger left by an old server
-            gone.append((h.rank, h.pid))
+            elif h.pid in self._alive:
+                gone.append((h.rank, h.pid))
+            else:
+                unseen.append((h.rank, h.pid))
+        # A pid never seen running is dead if its peers' pids are visible here (same pid namespace):
+        # it died before this agent's first look (an agent started late, or a rank that died at once).
+        if self._alive:
+            gone += unseen
         if not gone or not self._detector.busy():
             return None  # checked again next poll: a dead rank stays dead
         self._exited.update(pid for _, pid in gone)
