@@ -6,23 +6,21 @@ plain shared mapping, so whatever the writer stored is in the page cache.
 
 from __future__ import annotations
 
-import json
 import mmap
 import os
+import stat
 import zlib
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from collectors.bounds import JsonError, LedgerError, fixed_text, load_json, parse_header
+from collectors.capture import capture, open_regular
 from collectors.format import (
     CURSOR_OFFSET,
     DTYPES,
-    FORMAT_VERSION,
-    HEADER_CRC_OFFSET,
     HEADER_SIZE,
-    HEADER_STATIC,
-    MAGIC,
     META_HEAD,
     META_USED_OFFSET,
     MODES_BY_CODE,
@@ -60,52 +58,7 @@ from collectors.format import (
 )
 from collectors.recorder import META_DROPPED_OFFSET, ledger_name
 
-MAX_SLOTS = 1 << 24
-MAX_META = 64 << 20
-
-
-class LedgerError(Exception):
-    """A file that is not a ledger, or one too damaged to read. The message is one line."""
-
-
-def _text(raw: bytes) -> str:
-    return raw.rstrip(b"\0").decode("utf-8", "replace")
-
-
-def parse_header(data: bytes | mmap.mmap, where: str = "ledger") -> Header:
-    if len(data) < HEADER_SIZE:
-        raise LedgerError(f"{where}: too short for a ledger header ({len(data)} bytes)")
-    if bytes(data[:8]) != MAGIC:
-        raise LedgerError(f"{where}: not a watchdog ledger (bad magic)")
-    static = bytes(data[: HEADER_STATIC.size])
-    if U32.unpack_from(data, HEADER_CRC_OFFSET)[0] != zlib.crc32(static):
-        raise LedgerError(f"{where}: ledger header is damaged (checksum mismatch)")
-    (_, version, kind, rank, world, pid, n_slots, slot_size, meta_size, wall, mono, host, inst, boot) = (
-        HEADER_STATIC.unpack(static)
-    )
-    if version != FORMAT_VERSION:
-        raise LedgerError(f"{where}: ledger format version {version} is not supported (want {FORMAT_VERSION})")
-    if slot_size != SLOT_SIZE or not 0 < n_slots <= MAX_SLOTS or not 0 <= meta_size <= MAX_META:
-        raise LedgerError(f"{where}: ledger header has impossible sizes")
-    try:
-        pkind = ProcessKind(kind)
-    except ValueError:
-        raise LedgerError(f"{where}: unknown process kind {kind}") from None
-    return Header(
-        version=version,
-        kind=pkind,
-        rank=rank,
-        world_size=world,
-        pid=pid,
-        n_slots=n_slots,
-        slot_size=slot_size,
-        meta_size=meta_size,
-        start_wall_ns=wall,
-        start_mono_ns=mono,
-        host=_text(host),
-        instance=_text(inst),
-        boot_id=_text(boot),
-    )
+__all__ = ["Ledger", "LedgerError", "LedgerTail", "ledger_paths", "parse_header", "parse_ledger", "read_ledger"]
 
 
 def _key(mode: int, uniform: int, has_lora: int, tokens: int, reqs: int, loras: int) -> GraphKey:
@@ -148,7 +101,7 @@ def decode_slot(slot: bytes, expected_seq: int) -> Record | None:
             return Launch(seq, step, mono, Role(role), _key(mode, uni, lora, tok, reqs, loras), h)
         if kind == RecordKind.COLLECTIVE:
             step, mono, group, op, dtype, numel, gseq = P_COLLECTIVE.unpack_from(slot, 0)[2:]
-            return Collective(seq, step, mono, _text(group), OPS[op], DTYPES[dtype], numel, gseq)
+            return Collective(seq, step, mono, fixed_text(group), OPS[op], DTYPES[dtype], numel, gseq)
         if kind == RecordKind.ENGINE_STEP:
             return EngineStep(seq, *P_ENGINE_STEP.unpack_from(slot, 0)[2:])
         if kind == RecordKind.ENGINE_RESULT:
@@ -204,13 +157,14 @@ def _parse_meta(data: bytes | mmap.mmap, header: Header, where: str) -> tuple[li
             problems.append(f"{where}: meta area damaged at byte {off}; later entries ignored")
             break
         try:
-            entry = json.loads(body)
-        except ValueError:
-            entry = None
+            entry = load_json(body, header.meta_size)
+        except JsonError as exc:
+            entry = exc
         if isinstance(entry, dict):
             entries.append(entry)
         else:
-            problems.append(f"{where}: meta entry at byte {off} is not a JSON object")
+            why = entry if isinstance(entry, JsonError) else "not a JSON object"
+            problems.append(f"{where}: meta entry at byte {off} is unreadable ({why})")
         off += META_HEAD.size + length
     dropped = U32.unpack_from(data, META_DROPPED_OFFSET)[0]
     if dropped:
@@ -359,12 +313,8 @@ def parse_ledger(data: bytes, path: str = "ledger") -> Ledger:
 
 
 def read_ledger(path: str | os.PathLike[str]) -> Ledger:
-    p = Path(path)
-    try:
-        data = p.read_bytes()
-    except OSError as exc:
-        raise LedgerError(f"{p}: cannot read ledger: {exc.strerror or exc}") from None
-    return parse_ledger(data, str(p))
+    """One ledger file, read safely while its writer runs (``capture``): no torn record is accepted."""
+    return parse_ledger(capture(path), str(path))
 
 
 def ledger_paths(directory: str | os.PathLike[str], ranks: Collection[int] | None = None) -> list[Path]:
@@ -400,15 +350,19 @@ class LedgerTail:
         self._open_step: _Open | None = None  # a STEP record whose end may still be stored into it
 
     def _open(self) -> None:
-        st = os.stat(self.path)
+        st = os.stat(self.path)  # a missing file is the OSError its caller expects (not written yet)
         if self._mm is not None and st.st_ino == self._ino:
             return
         self.close()
-        with open(self.path, "rb") as f:
-            try:
-                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            except ValueError:  # an empty file cannot be mapped
-                raise LedgerError(f"{self.path}: empty file, not a ledger") from None
+        if not stat.S_ISREG(st.st_mode):  # a FIFO would block the open, a device has no end
+            raise LedgerError(f"{self.path}: cannot read ledger: not a regular file")
+        fd = open_regular(self.path)
+        try:
+            mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+        except (ValueError, OSError):  # an empty file cannot be mapped
+            raise LedgerError(f"{self.path}: too short for a ledger header (empty file)") from None
+        finally:
+            os.close(fd)
         try:
             header = parse_header(mm, str(self.path))
             if len(mm) < header.file_size:
