@@ -9,6 +9,7 @@ proportion to its own size, never to a number written inside it.
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import zlib
 from typing import Any, Final
@@ -104,8 +105,21 @@ def json_depth_ok(value: Any, max_depth: int = MAX_JSON_DEPTH) -> bool:
     return True
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def _finite(text: str) -> float:
+    # 1e999 parses as inf, and int(inf) raises OverflowError wherever a count is taken from it
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:20]} out of range")
+    return value
+
+
 def load_json(data: bytes | str, max_bytes: int, max_depth: int = MAX_JSON_DEPTH) -> Any:
-    """``json.loads`` with the input size and nesting bounded; JsonError (one line) otherwise.
+    """``json.loads`` with the input size and nesting bounded and numbers finite; JsonError (one line)
+    otherwise.
 
     Python's decoder recurses per level and raises RecursionError near a thousand; the depth check
     after it keeps the rest of the watchdog (which walks, copies and re-serialises evidence) far
@@ -113,7 +127,7 @@ def load_json(data: bytes | str, max_bytes: int, max_depth: int = MAX_JSON_DEPTH
     if len(data) > max_bytes:
         raise JsonError(f"{len(data)} bytes of JSON, more than the {max_bytes} accepted")
     try:
-        value = json.loads(data)
+        value = json.loads(data, parse_constant=_no_constant, parse_float=_finite)
     except RecursionError:
         raise JsonError("JSON nested too deeply") from None
     except (ValueError, UnicodeDecodeError) as exc:

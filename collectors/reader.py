@@ -300,6 +300,20 @@ def _ring(
     return records, nxt, skipped, lost, open_step
 
 
+def _near_steps(records: list[Record]) -> tuple[list[Record], int]:
+    """``records`` without those whose step number no writer could have stored beside the others.
+
+    Every step writes at least one record, so the steps in a window of n records span at most about n
+    numbers. A slot damaged in place (its seqs intact, its fields not) can hold any step, and readers of
+    steps loop from the lowest to the highest: the span is bounded here, around the median step."""
+    steps = sorted(r.step for r in records if not isinstance(r, EngineQueue))
+    if not steps:
+        return records, 0
+    median, reach = steps[len(steps) // 2], 2 * len(records) + 16
+    kept = [r for r in records if isinstance(r, EngineQueue) or abs(r.step - median) <= reach]
+    return kept, len(records) - len(kept)
+
+
 def parse_ledger(data: bytes, path: str = "ledger") -> Ledger:
     header = parse_header(data, path)
     if len(data) < header.file_size:
@@ -309,6 +323,9 @@ def parse_ledger(data: bytes, path: str = "ledger") -> Ledger:
     records, cursor, skipped, lost, _ = _ring(data, header, hashes=last_hashes)
     if skipped:
         problems.append(f"{path}: {skipped} damaged or torn records skipped")
+    records, far = _near_steps(records)
+    if far:
+        problems.append(f"{path}: {far} records with step numbers far from the rest dropped as damaged")
     return Ledger(path, header, tuple(entries), manifests, tuple(records), cursor, skipped, lost, tuple(problems))
 
 
