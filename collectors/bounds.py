@@ -132,6 +132,9 @@ def load_json(data: bytes | str, max_bytes: int, max_depth: int = MAX_JSON_DEPTH
         raise JsonError("JSON nested too deeply") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise JsonError(f"not JSON ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
-    if not json_depth_ok(value, max_depth):
+    # fewer brackets than the bound cannot nest past it: most entries (capture manifests) skip the walk
+    raw = data.encode() if isinstance(data, str) else data
+    brackets = raw.count(b"[") + raw.count(b"{")
+    if brackets > max_depth and not json_depth_ok(value, max_depth):
         raise JsonError(f"JSON nested deeper than {max_depth} levels")
     return value

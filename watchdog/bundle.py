@@ -89,7 +89,8 @@ def read_json(path: Path, max_bytes: int) -> Any:
 
 
 def is_bundle(path: Path) -> bool:
-    return (path / "evidence.json").is_file()
+    # exists, not is_file: an evidence.json that is not a file is a damaged bundle, said as such
+    return os.path.lexists(path / "evidence.json")
 
 
 def load_snapshot(path: str | Path) -> Snapshot:
