@@ -304,12 +304,14 @@ def _near_steps(records: list[Record]) -> tuple[list[Record], int]:
     """``records`` without those whose step number no writer could have stored beside the others.
 
     Every step writes at least one record, so the steps in a window of n records span at most about n
-    numbers. A slot damaged in place (its seqs intact, its fields not) can hold any step, and readers of
-    steps loop from the lowest to the highest: the span is bounded here, around the median step."""
+    numbers (writers' threads may number theirs apart: hence the floor of the reach). A slot damaged in
+    place (its seqs intact, its fields not) can hold any step, and readers of steps loop from the lowest
+    to the highest: the span is bounded here, around the median step."""
     steps = sorted(r.step for r in records if not isinstance(r, EngineQueue))
     if not steps:
         return records, 0
-    median, reach = steps[len(steps) // 2], 2 * len(records) + 16
+    # generous (2^18 steps either side): a few hundred thousand steps cost a reader well under a second
+    median, reach = steps[len(steps) // 2], max(2 * len(records) + 16, 1 << 18)
     kept = [r for r in records if isinstance(r, EngineQueue) or abs(r.step - median) <= reach]
     return kept, len(records) - len(kept)
 
