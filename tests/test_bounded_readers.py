@@ -36,7 +36,7 @@ from collectors.format import (
 )
 from collectors.reader import LedgerError, LedgerTail, parse_ledger, read_ledger
 from collectors.recorder import Recorder
-from watchdog.bench_fuzz import fuzz_range
+from watchdog.bench_fuzz import fuzz_range, ledger_cases
 from watchdog.bench_torn import interleavings, stress
 from watchdog.bundle import load_snapshot
 from watchdog.cli import main
@@ -292,11 +292,18 @@ def test_records_with_steps_far_from_the_rest_are_dropped(tmp_path: Path) -> Non
 @pytest.mark.timeout(300)
 def test_short_fuzz_over_the_stored_scenarios() -> None:
     """The same cases as ``watchdog bench fuzz`` (which runs 100 000+), fewer of them."""
-    result = fuzz_range(str(SCENARIOS), 0, 600, seed=15)
+    result = fuzz_range(str(SCENARIOS), 0, 400, seed=15)
     assert result["failed"] == 0, result["failures"]
-    assert result["cases"] == 600
+    assert result["cases"] == 400
     # the fuzz reaches the analyzer, not only the rejections
     assert result["outcomes"].get("rejected", 0) > 50 and len(result["outcomes"]) > 3, result["outcomes"]
+
+
+@pytest.mark.timeout(300)
+def test_short_fuzz_of_ledgers_alone() -> None:
+    result = ledger_cases(str(SCENARIOS), 2000, seed=15)
+    assert result["failures"] == []
+    assert 100 < result["parsed"] < 2000, result  # some damage is read around, some rejected
 
 
 # ---- torn records --------------------------------------------------------------------------------

@@ -383,3 +383,40 @@ def bench_fuzz(*, root: str, cases: int, seed: int, jobs: int, first: int = 0) -
         "peak_rss_above_baseline_mb": max(r["peak_rss_above_baseline_mb"] for r in results),
         "wall_s": round(time.perf_counter() - t0, 1),
     }
+
+
+def ledger_cases(root: str, count: int, seed: int) -> dict[str, Any]:
+    """Ledger mutations only, parsed in memory (``parse_ledger``): many cases a second, for the tests.
+    Returns cases, failures (anything but a one-line LedgerError) and how many parsed."""
+    from collectors.reader import parse_ledger
+
+    scenarios = load_scenarios(Path(root))
+    others = [d for _, ledgers, _ in scenarios for d in ledgers.values()]
+    failures: list[str] = []
+    parsed = 0
+    for case in range(count):
+        rng = random.Random(seed * 1_000_003 + case)
+        _, ledgers, _ = rng.choice(scenarios)
+        data = rng.choice(others + list(ledgers.values()))
+        what, op = rng.choice(
+            (
+                ("header field", _header_field),
+                ("bit flips", _bitflips),
+                ("truncate", _truncate),
+                ("slot garbage", _slot_garbage),
+                ("counters", _counters),
+                ("meta entry", _meta_entry),
+            )
+        )
+        try:
+            led = parse_ledger(op(data, rng), "fuzzed.ledger")
+            parsed += 1
+            steps = [r.step for r in led.records if hasattr(r, "step")]  # an engine queue record has none
+            if steps and max(steps) - min(steps) > 4 * (1 << 18):
+                failures.append(f"case {case} ({what}): steps span {max(steps) - min(steps)}")
+        except LedgerError as exc:
+            if "\n" in str(exc) or "fuzzed.ledger" not in str(exc):
+                failures.append(f"case {case} ({what}): error not one line naming the file: {exc!r}")
+        except Exception as exc:
+            failures.append(f"case {case} ({what}): {type(exc).__name__}: {str(exc)[:200]}")
+    return {"cases": count, "parsed": parsed, "failures": failures}
