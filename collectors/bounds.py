@@ -69,7 +69,9 @@ def parse_header(data: bytes | bytearray | mmap.mmap, where: str = "ledger") -> 
     # A checksum proves the header is the one a writer made, not that the writer was sane: world size
     # drives loops over ranks, so it is bounded like any other count (the engine's rank is -1).
     lowest = -1 if pkind is ProcessKind.ENGINE else 0
-    if not 0 < world <= MAX_WORLD or not lowest <= rank < world or pid < 0:
+    if not 0 < world <= MAX_WORLD:
+        raise LedgerError(f"{where}: ledger header has an impossible world size {world} (1 to {MAX_WORLD})")
+    if not lowest <= rank < world or pid < 0:
         raise LedgerError(f"{where}: ledger header has an impossible rank {rank} of world size {world} (pid {pid})")
     return Header(
         version=version,

@@ -91,8 +91,8 @@ def copy_bundle(tmp_path: Path) -> Path:
 @pytest.mark.parametrize(
     ("changes", "words"),
     [
-        ({"world": 2_000_000_000}, "impossible rank"),
-        ({"world": 0}, "impossible rank"),
+        ({"world": 2_000_000_000}, "impossible world size 2000000000"),
+        ({"world": 0}, "impossible world size 0"),
         ({"rank": 5}, "impossible rank"),  # rank 5 of world 2
         ({"rank": -3}, "impossible rank"),
         ({"pid": -1}, "impossible rank"),
