@@ -9,11 +9,13 @@ from __future__ import annotations
 import mmap
 import os
 import stat
+import threading
 import zlib
+from collections import OrderedDict
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from collectors.bounds import JsonError, LedgerError, fixed_text, load_json, parse_header
 from collectors.capture import capture, open_regular
@@ -144,10 +146,15 @@ class Ledger:
 Hashes = dict[tuple[Role, GraphKey], int]  # the last manifest hash per captured graph
 
 
-def _parse_meta(data: bytes | mmap.mmap, header: Header, where: str) -> tuple[list[dict[str, Any]], list[str]]:
+def _parse_meta(
+    data: bytes | mmap.mmap, header: Header, where: str
+) -> tuple[list[dict[str, Any]], list[str], dict[int, Manifest | str]]:
+    """The meta entries, the problems met, and the manifests already built for entries (by id: each
+    entry listed is alive as long as the result)."""
     used = min(U64.unpack_from(data, META_USED_OFFSET)[0], header.meta_size)
     entries: list[dict[str, Any]] = []
     problems: list[str] = []
+    parsed: dict[int, Manifest | str] = {}
     off = HEADER_SIZE
     end = HEADER_SIZE + used
     while off + META_HEAD.size <= end:
@@ -156,10 +163,19 @@ def _parse_meta(data: bytes | mmap.mmap, header: Header, where: str) -> tuple[li
         if length == 0 or len(body) != length or zlib.crc32(body) != crc:
             problems.append(f"{where}: meta area damaged at byte {off}; later entries ignored")
             break
-        try:
-            entry = load_json(body, header.meta_size)
-        except JsonError as exc:
-            entry = exc
+        cached = _ENTRIES.get(body)
+        if cached is None:
+            try:
+                entry: Any = load_json(body, header.meta_size)
+            except JsonError as exc:
+                entry = exc
+            is_manifest = isinstance(entry, dict) and entry.get("t") == "manifest"
+            cached = (entry, _manifest(entry) if is_manifest else None)
+            if length <= _CACHED_BYTES:
+                _ENTRIES.put(body, cached)
+        entry, manifest = cached
+        if manifest is not None:
+            parsed[id(entry)] = manifest
         if isinstance(entry, dict):
             entries.append(entry)
         else:
@@ -169,25 +185,69 @@ def _parse_meta(data: bytes | mmap.mmap, header: Header, where: str) -> tuple[li
     dropped = U32.unpack_from(data, META_DROPPED_OFFSET)[0]
     if dropped:
         problems.append(f"{where}: meta area full, {dropped} entries (e.g. capture manifests) not recorded")
-    return entries, problems
+    return entries, problems, parsed
 
 
-def _manifests(entries: list[dict[str, Any]], where: str, problems: list[str]) -> tuple[dict[int, Manifest], Hashes]:
+def _manifest(entry: dict[str, Any]) -> Manifest | str:
+    try:
+        return Manifest(
+            role=Role[str(entry["role"]).upper()],
+            key=GraphKey.from_json(entry["key"]),
+            collectives=tuple(CollectiveOp.from_json(c) for c in entry["collectives"]),
+            hash=int(entry["hash"]),
+        )
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
+        return str(exc)
+
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class _Recent(Generic[K, V]):
+    """The last few parsed meta entries, by their bytes (at most ``max_items``). Meta entries never change
+    once written, and every read of a ledger (each poll of the agent, each case of a fuzz) meets the same
+    ones again: parsing them is most of what reading a ledger costs. Values are shared: read-only."""
+
+    def __init__(self, max_items: int) -> None:
+        self.max_items = max_items
+        self._items: OrderedDict[K, V] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: K) -> V | None:
+        with self._lock:
+            value = self._items.get(key)
+            if value is not None:
+                self._items.move_to_end(key)
+            return value
+
+    def put(self, key: K, value: V) -> None:
+        with self._lock:
+            self._items[key] = value
+            while len(self._items) > self.max_items:
+                self._items.popitem(last=False)
+
+
+# Bounded in count and, through load_json's size bound per entry and the meta area's, in bytes; only
+# entries up to _CACHED_BYTES are kept (a 4 MiB crafted entry is parsed each time, never cached).
+_CACHED_BYTES = 64 << 10
+_ENTRIES: _Recent[bytes, tuple[Any, Manifest | str | None]] = _Recent(2048)  # entry, its manifest if one
+
+
+def _manifests(
+    entries: list[dict[str, Any]], where: str, problems: list[str], parsed: dict[int, Manifest | str]
+) -> tuple[dict[int, Manifest], Hashes]:
     """The manifests by hash, and the last hash recorded for each (role, key)."""
     out: dict[int, Manifest] = {}
     last: Hashes = {}
     for entry in entries:
         if entry.get("t") != "manifest":
             continue
-        try:
-            m = Manifest(
-                role=Role[str(entry["role"]).upper()],
-                key=GraphKey.from_json(entry["key"]),
-                collectives=tuple(CollectiveOp.from_json(c) for c in entry["collectives"]),
-                hash=int(entry["hash"]),
-            )
-        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
-            problems.append(f"{where}: unreadable capture manifest ({exc})")
+        m = parsed.get(id(entry))
+        if m is None:
+            m = _manifest(entry)
+        if isinstance(m, str):
+            problems.append(f"{where}: unreadable capture manifest ({m})")
             continue
         out[m.hash] = m
         last[(m.role, m.key)] = m.hash
@@ -320,8 +380,8 @@ def parse_ledger(data: bytes, path: str = "ledger") -> Ledger:
     header = parse_header(data, path)
     if len(data) < header.file_size:
         raise LedgerError(f"{path}: ledger is truncated ({len(data)} of {header.file_size} bytes)")
-    entries, problems = _parse_meta(data, header, path)
-    manifests, last_hashes = _manifests(entries, path, problems)
+    entries, problems, parsed = _parse_meta(data, header, path)
+    manifests, last_hashes = _manifests(entries, path, problems, parsed)
     records, cursor, skipped, lost, _ = _ring(data, header, hashes=last_hashes)
     if skipped:
         problems.append(f"{path}: {skipped} damaged or torn records skipped")
