@@ -168,7 +168,7 @@ def _parse_meta(
             try:
                 entry: Any = load_json(body, header.meta_size)
             except JsonError as exc:
-                entry = exc
+                entry = JsonError(str(exc))  # never raised, so no traceback keeping this whole file alive
             is_manifest = isinstance(entry, dict) and entry.get("t") == "manifest"
             cached = (entry, _manifest(entry) if is_manifest else None)
             if length <= _CACHED_BYTES:
