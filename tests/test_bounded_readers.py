@@ -136,9 +136,11 @@ def test_a_huge_but_valid_world_size_gives_one_missing_line(tmp_path: Path) -> N
 
 
 def test_the_recorder_refuses_a_ledger_readers_would_reject(tmp_path: Path) -> None:
-    rec = Recorder(tmp_path, kind=ProcessKind.WORKER, rank=0, world_size=1, n_slots=MAX_SLOTS + 1)
-    assert not rec.enabled and not rec.path.exists()
-    rec.step_end(1)  # still never raises
+    for kwargs in ({"n_slots": MAX_SLOTS + 1}, {"world_size": 2_000_000_000}, {"rank": 3}):
+        args: dict[str, Any] = {"rank": 0, "world_size": 2, **kwargs}
+        rec = Recorder(tmp_path, kind=ProcessKind.WORKER, **args)
+        assert not rec.enabled and not rec.path.exists()
+        rec.step_end(1)  # still never raises
 
 
 # ---- deep and odd JSON ---------------------------------------------------------------------------
