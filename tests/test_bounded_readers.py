@@ -294,9 +294,9 @@ def test_records_with_steps_far_from_the_rest_are_dropped(tmp_path: Path) -> Non
 @pytest.mark.timeout(300)
 def test_short_fuzz_over_the_stored_scenarios() -> None:
     """The same cases as ``watchdog bench fuzz`` (which runs 100 000+), fewer of them."""
-    result = fuzz_range(str(SCENARIOS), 0, 400, seed=15)
+    result = fuzz_range(str(SCENARIOS), 0, 1200, seed=15)
     assert result["failed"] == 0, result["failures"]
-    assert result["cases"] == 400
+    assert result["cases"] == 1200
     # the fuzz reaches the analyzer, not only the rejections
     assert result["outcomes"].get("rejected", 0) > 50 and len(result["outcomes"]) > 3, result["outcomes"]
 
