@@ -43,6 +43,12 @@ PAYLOAD_SIZE: Final = SLOT_SIZE - 24
 TRAILER_OFFSET: Final = SLOT_SIZE - 8
 DEFAULT_SLOTS: Final = 8192
 DEFAULT_META_SIZE: Final = 256 * 1024
+# The largest ledger a reader accepts (and a writer makes): 32 x the default ring, 16 x the default
+# meta area. A header stating more is damaged or crafted; reading it would cost time and memory out
+# of proportion to any real deployment.
+MAX_SLOTS: Final = 1 << 18
+MAX_META: Final = 4 << 20
+MAX_WORLD: Final = 1 << 16
 
 # magic, version, kind, rank, world_size, pid, n_slots, slot_size, meta_size,
 # start_wall_ns, start_mono_ns, host, instance, boot_id

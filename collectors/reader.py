@@ -6,23 +6,23 @@ plain shared mapping, so whatever the writer stored is in the page cache.
 
 from __future__ import annotations
 
-import json
 import mmap
 import os
+import stat
+import threading
 import zlib
+from collections import OrderedDict
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
+from collectors.bounds import JsonError, LedgerError, fixed_text, load_json, parse_header
+from collectors.capture import capture, open_regular
 from collectors.format import (
     CURSOR_OFFSET,
     DTYPES,
-    FORMAT_VERSION,
-    HEADER_CRC_OFFSET,
     HEADER_SIZE,
-    HEADER_STATIC,
-    MAGIC,
     META_HEAD,
     META_USED_OFFSET,
     MODES_BY_CODE,
@@ -60,52 +60,7 @@ from collectors.format import (
 )
 from collectors.recorder import META_DROPPED_OFFSET, ledger_name
 
-MAX_SLOTS = 1 << 24
-MAX_META = 64 << 20
-
-
-class LedgerError(Exception):
-    """A file that is not a ledger, or one too damaged to read. The message is one line."""
-
-
-def _text(raw: bytes) -> str:
-    return raw.rstrip(b"\0").decode("utf-8", "replace")
-
-
-def parse_header(data: bytes | mmap.mmap, where: str = "ledger") -> Header:
-    if len(data) < HEADER_SIZE:
-        raise LedgerError(f"{where}: too short for a ledger header ({len(data)} bytes)")
-    if bytes(data[:8]) != MAGIC:
-        raise LedgerError(f"{where}: not a watchdog ledger (bad magic)")
-    static = bytes(data[: HEADER_STATIC.size])
-    if U32.unpack_from(data, HEADER_CRC_OFFSET)[0] != zlib.crc32(static):
-        raise LedgerError(f"{where}: ledger header is damaged (checksum mismatch)")
-    (_, version, kind, rank, world, pid, n_slots, slot_size, meta_size, wall, mono, host, inst, boot) = (
-        HEADER_STATIC.unpack(static)
-    )
-    if version != FORMAT_VERSION:
-        raise LedgerError(f"{where}: ledger format version {version} is not supported (want {FORMAT_VERSION})")
-    if slot_size != SLOT_SIZE or not 0 < n_slots <= MAX_SLOTS or not 0 <= meta_size <= MAX_META:
-        raise LedgerError(f"{where}: ledger header has impossible sizes")
-    try:
-        pkind = ProcessKind(kind)
-    except ValueError:
-        raise LedgerError(f"{where}: unknown process kind {kind}") from None
-    return Header(
-        version=version,
-        kind=pkind,
-        rank=rank,
-        world_size=world,
-        pid=pid,
-        n_slots=n_slots,
-        slot_size=slot_size,
-        meta_size=meta_size,
-        start_wall_ns=wall,
-        start_mono_ns=mono,
-        host=_text(host),
-        instance=_text(inst),
-        boot_id=_text(boot),
-    )
+__all__ = ["Ledger", "LedgerError", "LedgerTail", "ledger_paths", "parse_header", "parse_ledger", "read_ledger"]
 
 
 def _key(mode: int, uniform: int, has_lora: int, tokens: int, reqs: int, loras: int) -> GraphKey:
@@ -148,7 +103,7 @@ def decode_slot(slot: bytes, expected_seq: int) -> Record | None:
             return Launch(seq, step, mono, Role(role), _key(mode, uni, lora, tok, reqs, loras), h)
         if kind == RecordKind.COLLECTIVE:
             step, mono, group, op, dtype, numel, gseq = P_COLLECTIVE.unpack_from(slot, 0)[2:]
-            return Collective(seq, step, mono, _text(group), OPS[op], DTYPES[dtype], numel, gseq)
+            return Collective(seq, step, mono, fixed_text(group), OPS[op], DTYPES[dtype], numel, gseq)
         if kind == RecordKind.ENGINE_STEP:
             return EngineStep(seq, *P_ENGINE_STEP.unpack_from(slot, 0)[2:])
         if kind == RecordKind.ENGINE_RESULT:
@@ -191,10 +146,15 @@ class Ledger:
 Hashes = dict[tuple[Role, GraphKey], int]  # the last manifest hash per captured graph
 
 
-def _parse_meta(data: bytes | mmap.mmap, header: Header, where: str) -> tuple[list[dict[str, Any]], list[str]]:
+def _parse_meta(
+    data: bytes | mmap.mmap, header: Header, where: str
+) -> tuple[list[dict[str, Any]], list[str], dict[int, Manifest | str]]:
+    """The meta entries, the problems met, and the manifests already built for entries (by id: each
+    entry listed is alive as long as the result)."""
     used = min(U64.unpack_from(data, META_USED_OFFSET)[0], header.meta_size)
     entries: list[dict[str, Any]] = []
     problems: list[str] = []
+    parsed: dict[int, Manifest | str] = {}
     off = HEADER_SIZE
     end = HEADER_SIZE + used
     while off + META_HEAD.size <= end:
@@ -203,37 +163,91 @@ def _parse_meta(data: bytes | mmap.mmap, header: Header, where: str) -> tuple[li
         if length == 0 or len(body) != length or zlib.crc32(body) != crc:
             problems.append(f"{where}: meta area damaged at byte {off}; later entries ignored")
             break
-        try:
-            entry = json.loads(body)
-        except ValueError:
-            entry = None
+        cached = _ENTRIES.get(body)
+        if cached is None:
+            try:
+                entry: Any = load_json(body, header.meta_size)
+            except JsonError as exc:
+                entry = JsonError(str(exc))  # never raised, so no traceback keeping this whole file alive
+            is_manifest = isinstance(entry, dict) and entry.get("t") == "manifest"
+            cached = (entry, _manifest(entry) if is_manifest else None)
+            if length <= _CACHED_BYTES:
+                _ENTRIES.put(body, cached)
+        entry, manifest = cached
+        if manifest is not None:
+            parsed[id(entry)] = manifest
         if isinstance(entry, dict):
             entries.append(entry)
         else:
-            problems.append(f"{where}: meta entry at byte {off} is not a JSON object")
+            why = entry if isinstance(entry, JsonError) else "not a JSON object"
+            problems.append(f"{where}: meta entry at byte {off} is unreadable ({why})")
         off += META_HEAD.size + length
     dropped = U32.unpack_from(data, META_DROPPED_OFFSET)[0]
     if dropped:
         problems.append(f"{where}: meta area full, {dropped} entries (e.g. capture manifests) not recorded")
-    return entries, problems
+    return entries, problems, parsed
 
 
-def _manifests(entries: list[dict[str, Any]], where: str, problems: list[str]) -> tuple[dict[int, Manifest], Hashes]:
+def _manifest(entry: dict[str, Any]) -> Manifest | str:
+    try:
+        return Manifest(
+            role=Role[str(entry["role"]).upper()],
+            key=GraphKey.from_json(entry["key"]),
+            collectives=tuple(CollectiveOp.from_json(c) for c in entry["collectives"]),
+            hash=int(entry["hash"]),
+        )
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
+        return str(exc)
+
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class _Recent(Generic[K, V]):
+    """The last few parsed meta entries, by their bytes (at most ``max_items``). Meta entries never change
+    once written, and every read of a ledger (each poll of the agent, each case of a fuzz) meets the same
+    ones again: parsing them is most of what reading a ledger costs. Values are shared: read-only."""
+
+    def __init__(self, max_items: int) -> None:
+        self.max_items = max_items
+        self._items: OrderedDict[K, V] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: K) -> V | None:
+        with self._lock:
+            value = self._items.get(key)
+            if value is not None:
+                self._items.move_to_end(key)
+            return value
+
+    def put(self, key: K, value: V) -> None:
+        with self._lock:
+            self._items[key] = value
+            while len(self._items) > self.max_items:
+                self._items.popitem(last=False)
+
+
+# Bounded in count and, through load_json's size bound per entry and the meta area's, in bytes; only
+# entries up to _CACHED_BYTES are kept (a 4 MiB crafted entry is parsed each time, never cached).
+_CACHED_BYTES = 64 << 10
+_ENTRIES: _Recent[bytes, tuple[Any, Manifest | str | None]] = _Recent(2048)  # entry, its manifest if one
+
+
+def _manifests(
+    entries: list[dict[str, Any]], where: str, problems: list[str], parsed: dict[int, Manifest | str]
+) -> tuple[dict[int, Manifest], Hashes]:
     """The manifests by hash, and the last hash recorded for each (role, key)."""
     out: dict[int, Manifest] = {}
     last: Hashes = {}
     for entry in entries:
         if entry.get("t") != "manifest":
             continue
-        try:
-            m = Manifest(
-                role=Role[str(entry["role"]).upper()],
-                key=GraphKey.from_json(entry["key"]),
-                collectives=tuple(CollectiveOp.from_json(c) for c in entry["collectives"]),
-                hash=int(entry["hash"]),
-            )
-        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
-            problems.append(f"{where}: unreadable capture manifest ({exc})")
+        m = parsed.get(id(entry))
+        if m is None:
+            m = _manifest(entry)
+        if isinstance(m, str):
+            problems.append(f"{where}: unreadable capture manifest ({m})")
             continue
         out[m.hash] = m
         last[(m.role, m.key)] = m.hash
@@ -346,25 +360,40 @@ def _ring(
     return records, nxt, skipped, lost, open_step
 
 
+def _near_steps(records: list[Record]) -> tuple[list[Record], int]:
+    """``records`` without those whose step number no writer could have stored beside the others.
+
+    Every step writes at least one record, so the steps in a window of n records span at most about n
+    numbers (writers' threads may number theirs apart: hence the floor of the reach). A slot damaged in
+    place (its seqs intact, its fields not) can hold any step, and readers of steps loop from the lowest
+    to the highest: the span is bounded here, around the median step."""
+    steps = sorted(r.step for r in records if not isinstance(r, EngineQueue))
+    if not steps:
+        return records, 0
+    # generous (2^18 steps either side): a few hundred thousand steps cost a reader well under a second
+    median, reach = steps[len(steps) // 2], max(2 * len(records) + 16, 1 << 18)
+    kept = [r for r in records if isinstance(r, EngineQueue) or abs(r.step - median) <= reach]
+    return kept, len(records) - len(kept)
+
+
 def parse_ledger(data: bytes, path: str = "ledger") -> Ledger:
     header = parse_header(data, path)
     if len(data) < header.file_size:
         raise LedgerError(f"{path}: ledger is truncated ({len(data)} of {header.file_size} bytes)")
-    entries, problems = _parse_meta(data, header, path)
-    manifests, last_hashes = _manifests(entries, path, problems)
+    entries, problems, parsed = _parse_meta(data, header, path)
+    manifests, last_hashes = _manifests(entries, path, problems, parsed)
     records, cursor, skipped, lost, _ = _ring(data, header, hashes=last_hashes)
     if skipped:
         problems.append(f"{path}: {skipped} damaged or torn records skipped")
+    records, far = _near_steps(records)
+    if far:
+        problems.append(f"{path}: {far} records with step numbers far from the rest dropped as damaged")
     return Ledger(path, header, tuple(entries), manifests, tuple(records), cursor, skipped, lost, tuple(problems))
 
 
 def read_ledger(path: str | os.PathLike[str]) -> Ledger:
-    p = Path(path)
-    try:
-        data = p.read_bytes()
-    except OSError as exc:
-        raise LedgerError(f"{p}: cannot read ledger: {exc.strerror or exc}") from None
-    return parse_ledger(data, str(p))
+    """One ledger file, read safely while its writer runs (``capture``): no torn record is accepted."""
+    return parse_ledger(capture(path), str(path))
 
 
 def ledger_paths(directory: str | os.PathLike[str], ranks: Collection[int] | None = None) -> list[Path]:
@@ -400,15 +429,19 @@ class LedgerTail:
         self._open_step: _Open | None = None  # a STEP record whose end may still be stored into it
 
     def _open(self) -> None:
-        st = os.stat(self.path)
+        st = os.stat(self.path)  # a missing file is the OSError its caller expects (not written yet)
         if self._mm is not None and st.st_ino == self._ino:
             return
         self.close()
-        with open(self.path, "rb") as f:
-            try:
-                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            except ValueError:  # an empty file cannot be mapped
-                raise LedgerError(f"{self.path}: empty file, not a ledger") from None
+        if not stat.S_ISREG(st.st_mode):  # a FIFO would block the open, a device has no end
+            raise LedgerError(f"{self.path}: cannot read ledger: not a regular file")
+        fd = open_regular(self.path)
+        try:
+            mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+        except (ValueError, OSError):  # an empty file cannot be mapped
+            raise LedgerError(f"{self.path}: too short for a ledger header (empty file)") from None
+        finally:
+            os.close(fd)
         try:
             header = parse_header(mm, str(self.path))
             if len(mm) < header.file_size:

@@ -30,6 +30,9 @@ from collectors.format import (
     HEADER_SIZE,
     HEADER_STATIC,
     MAGIC,
+    MAX_META,
+    MAX_SLOTS,
+    MAX_WORLD,
     META_HEAD,
     META_USED_OFFSET,
     P_ENGINE_QUEUE,
@@ -142,8 +145,11 @@ class Recorder:
             log.warning("watchdog ledger disabled: cannot create %s: %s", self.path, exc)
 
     def _create(self, kind: ProcessKind, rank: int, world_size: int, instance: str) -> mmap.mmap:
-        if self._n <= 0 or self._meta_size < 0:
-            raise ValueError("ledger needs n_slots > 0 and meta_size >= 0")
+        if not 0 < self._n <= MAX_SLOTS or not 0 <= self._meta_size <= MAX_META:
+            # readers reject a larger ledger as implausible: better no ledger than one nobody reads
+            raise ValueError(f"ledger needs 0 < n_slots <= {MAX_SLOTS} and 0 <= meta_size <= {MAX_META}")
+        if not 0 < world_size <= MAX_WORLD or not (-1 if kind is ProcessKind.ENGINE else 0) <= rank < world_size:
+            raise ValueError(f"ledger needs 0 < world_size <= {MAX_WORLD} and a rank inside it")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         size = self._ring_off + self._n * SLOT_SIZE
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")

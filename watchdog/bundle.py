@@ -26,6 +26,9 @@ from html import escape
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from collectors.bounds import JsonError, load_json
+from collectors.capture import capture, open_regular
+from collectors.reader import LedgerError
 from watchdog.errors import InputError
 from watchdog.page import PageContext, render_page
 from watchdog.snapshot import LedgerSet, assemble, read_ledger_dir, read_ledger_files
@@ -79,6 +82,27 @@ def write_bundle(
         raise
 
 
+# evidence.json of a TP=8 deployment with native stacks is a few hundred KB; 16 MB is not evidence
+MAX_EVIDENCE_BYTES = 16 << 20
+
+
+def read_json(path: Path, max_bytes: int) -> Any:
+    """A JSON file a bundle holds, its size and nesting bounded (``collectors.bounds.load_json``);
+    InputError naming the file otherwise."""
+    try:
+        fd = open_regular(path)
+    except LedgerError:
+        raise InputError(f"{path}: cannot read (not a regular file, or missing)") from None
+    try:
+        with os.fdopen(fd, "rb") as f:
+            data = f.read(max_bytes + 1)  # never more than the bound, whatever the file claims
+        return load_json(data, max_bytes)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except JsonError as exc:
+        raise InputError(f"{path}: unreadable ({exc})") from None
+
+
 def page_context(detected_mono_ns: int, diagnosed_mono_ns: int) -> PageContext:
     """The page's detection time (on the wall clock) and how long the diagnosis took after it."""
     wall = time.time_ns() - (time.monotonic_ns() - detected_mono_ns)
@@ -103,8 +127,8 @@ def _page(
 def load_supervisor(path: Path) -> dict[str, Any] | None:
     """What `watchdog run` recorded about this incident (supervisor.json), or None."""
     try:
-        raw = json.loads((path / SUPERVISOR_FILE).read_text())
-    except (OSError, ValueError):
+        raw = read_json(path / SUPERVISOR_FILE, MAX_EVIDENCE_BYTES)
+    except InputError:
         return None
     return raw if isinstance(raw, dict) else None
 
@@ -173,7 +197,8 @@ def incident_page(incident: Incident, restarts: list[dict[str, Any]]) -> str:
 
 
 def is_bundle(path: Path) -> bool:
-    return (path / "evidence.json").is_file()
+    # exists, not is_file: an evidence.json that is not a file is a damaged bundle, said as such
+    return os.path.lexists(path / "evidence.json")
 
 
 def load_snapshot(path: str | Path) -> Snapshot:
@@ -184,25 +209,22 @@ def load_snapshot(path: str | Path) -> Snapshot:
     if p.is_file():
         if p.suffix == ".ledger":
             try:
-                ledgers = read_ledger_files({p.name: p.read_bytes()})
-            except OSError as exc:
-                raise InputError(f"{p}: {exc.strerror or exc}") from None
+                ledgers = read_ledger_files({p.name: capture(p)})
+            except LedgerError as exc:
+                raise InputError(str(exc)) from None
             if not ledgers.ranks and ledgers.engine is None:
                 raise InputError(ledgers.missing[0] if ledgers.missing else f"{p}: no readable ledger")
             return assemble(ledgers, {})
         raise InputError(f"{p}: not an incident bundle or ledger directory (expected a directory)")
     if is_bundle(p):
-        try:
-            evidence = json.loads((p / "evidence.json").read_text())
-        except (OSError, ValueError) as exc:
-            raise InputError(f"{p / 'evidence.json'}: unreadable evidence ({exc})") from None
+        evidence = read_json(p / "evidence.json", MAX_EVIDENCE_BYTES)
         if not isinstance(evidence, dict) or evidence.get("schema") != EVIDENCE_SCHEMA:
             raise InputError(f"{p / 'evidence.json'}: not watchdog evidence (schema {EVIDENCE_SCHEMA} expected)")
         ledgers = read_ledger_dir(p / "ledgers")
         try:
             return assemble(ledgers, evidence)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise InputError(f"{p / 'evidence.json'}: damaged evidence ({type(exc).__name__}: {exc})") from None
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:  # assemble names the bad field
+            raise InputError(f"{p / 'evidence.json'}: damaged evidence ({exc})") from None
     ledgers = read_ledger_dir(p)
     if not ledgers.raw:
         raise InputError(f"{p}: no *.ledger files and no evidence.json: not a bundle or ledger directory")

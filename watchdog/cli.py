@@ -461,6 +461,49 @@ def bench_plugin(
     return EXIT_OK
 
 
+@bench_app.command("fuzz")
+def bench_fuzz(
+    cases: Annotated[int, typer.Option(help="Mutated ledgers and bundles to read.")] = 100_000,
+    seed: Annotated[int, typer.Option(help="Seed of the mutations (a case is reproducible from it).")] = 0,
+    first: Annotated[int, typer.Option(help="Number of the first case (to split a run).")] = 0,
+    jobs: Annotated[int, typer.Option(help="Processes sharing the cases.")] = 1,
+    scenarios: Annotated[Path, typer.Option(help="Directory of scenario bundles to mutate.")] = Path("tests/scenarios"),
+    as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
+) -> int:
+    """Damaged ledgers and bundles through diagnose and the live tail: failures (anything but a one-line
+    error), the slowest case and the peak RSS. Exit 1 if any case failed."""
+    from watchdog.bench_fuzz import bench_fuzz as run
+
+    if not scenarios.is_dir():
+        raise WatchdogError(f"--scenarios {scenarios}: not a directory")
+    try:
+        result = run(root=str(scenarios), cases=cases, seed=seed, jobs=jobs, first=first)
+    except ValueError as exc:
+        raise WatchdogError(str(exc)) from None
+    print(json.dumps(result) if as_json else json.dumps(result, indent=2))
+    return EXIT_ERROR if result["failed"] else EXIT_OK
+
+
+@bench_app.command("torn")
+def bench_torn(
+    seconds: Annotated[float, typer.Option(help="Seconds of live reading per copy mode (0 skips it).")] = 10.0,
+    slots: Annotated[int, typer.Option(help="Ring slots of the hammered ledger.")] = 16,
+    chunk: Annotated[list[int], typer.Option(help="Copy sizes in bytes for the live runs (0: whole file).")] = [0, 8],  # noqa: B006
+    schedules: Annotated[int, typer.Option(help="Replayed interleavings of one write with one read.")] = 20000,
+    seed: Annotated[int, typer.Option(help="Seed of the replayed interleavings.")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
+) -> int:
+    """Torn records accepted by the old reader (checks on a copy) and by read_ledger, under a writer process
+    hammering the ledger, and over seeded interleavings of one write with one read replayed store by store."""
+    from watchdog.bench_torn import interleavings, stress
+
+    result: dict[str, object] = {"interleavings": interleavings(schedules=schedules, seed=seed)}
+    if seconds > 0:
+        result["live"] = [stress(seconds=seconds, n_slots=slots, chunk=c) for c in chunk]
+    print(json.dumps(result) if as_json else json.dumps(result, indent=2))
+    return EXIT_OK
+
+
 @bench_app.command("detect")
 def bench_detect(
     tp: Annotated[list[int], typer.Option(help="TP sizes to measure (repeat the option).")] = [2, 4, 8],  # noqa: B006

@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from collectors.capture import capture
 from collectors.format import ProcessKind
 from collectors.reader import Ledger, LedgerError, ledger_paths, parse_ledger
-from watchdog.evidence import EvidenceError
+from watchdog.evidence import EvidenceError, json_field, json_value
 from watchdog.evidence.discover import deployment_specs, discover_rings
 from watchdog.evidence.gpus import GpuSource, gpu_from_json, gpu_to_json
 from watchdog.evidence.procs import ProcSource, PsutilProcs, proc_from_json, proc_to_json
@@ -80,20 +81,38 @@ def read_ledger_files(files: Mapping[str, bytes]) -> LedgerSet:
         if old is None or ledger.header.start_wall_ns > old.header.start_wall_ns:
             ranks[ledger.rank] = ledger
     world = max([lg.header.world_size for lg in ranks.values()] + [engine.header.world_size if engine else 0])
-    missing.extend(f"rank {r}: no ledger" for r in range(world) if r not in ranks)
+    missing.extend(_absent(world, ranks))
     if engine is None:
         missing.append("engine: no ledger (no referee for expected graph keys, no pending-request count)")
     return LedgerSet(ranks, engine, dict(files), tuple(missing))
 
 
+def _absent(world: int, ranks: Mapping[int, Ledger]) -> list[str]:
+    """One line per rank of ``world`` without a ledger; runs of them as one line (a world size is
+    bounded by the header check, but thousands of lines would drown the report)."""
+    gone = [r for r in range(world) if r not in ranks]
+    if len(gone) <= 8:
+        return [f"rank {r}: no ledger" for r in gone]
+    return [f"ranks {', '.join(map(str, gone[:4]))}, ... {gone[-1]}: no ledger ({len(gone)} of {world} ranks)"]
+
+
+MAX_LEDGER_FILES = 1024  # far above any TP deployment; a directory with more is not one deployment's
+
+
 def read_ledger_dir(directory: str | Path, ranks: frozenset[int] | None = None) -> LedgerSet:
+    """Every ledger in ``directory`` (``ranks``' only, if given), each captured safely from a live writer
+    (``collectors.capture``): the bytes kept for a bundle hold no torn record either."""
     files: dict[str, bytes] = {}
     unreadable: list[str] = []
-    for path in ledger_paths(directory, ranks):
+    paths = ledger_paths(directory, ranks)
+    if len(paths) > MAX_LEDGER_FILES:
+        unreadable.append(f"ledgers: {len(paths) - MAX_LEDGER_FILES} of {len(paths)} files in {directory} ignored")
+        paths = paths[:MAX_LEDGER_FILES]
+    for path in paths:
         try:
-            files[path.name] = path.read_bytes()
-        except OSError as exc:
-            unreadable.append(f"ledger {path}: {exc.strerror or exc}")
+            files[path.name] = capture(path)
+        except LedgerError as exc:
+            unreadable.append(f"ledger {exc}")
     got = read_ledger_files(files)
     return LedgerSet(got.ranks, got.engine, got.raw, (*unreadable, *got.missing))
 
@@ -110,9 +129,24 @@ def ring_to_json(r: RingState) -> dict[str, Any]:
     }
 
 
-def ring_from_json(d: Mapping[str, Any]) -> RingState:
-    chunks = tuple(RingChunk(bool(c[0]), tuple(bool(x) for x in c[1:])) for c in d["chunks"])
-    return RingState(str(d["name"]), str(d["role"]), int(d["n_readers"]), chunks)
+MAX_RING_READERS = 1 << 12
+MAX_RING_CHUNKS = 1 << 16
+
+
+def ring_from_json(d: Any) -> RingState:
+    """Inverse of ``ring_to_json``; ValueError naming the bad field: every chunk must hold its written flag
+    and one read flag per reader, so the analyzer can index any reader of any chunk."""
+    n = json_field(d, "n_readers", int, "ring")
+    chunks = json_field(d, "chunks", list, "ring")
+    if not 0 <= n <= MAX_RING_READERS or len(chunks) > MAX_RING_CHUNKS:
+        raise ValueError(f"ring: {n} readers, {len(chunks)} chunks: out of range")
+    out: list[RingChunk] = []
+    for i, c in enumerate(chunks):
+        flags = json_value(c, list, f"ring.chunks[{i}]")
+        if len(flags) != 1 + n or not all(f in (0, 1) and isinstance(f, int) for f in flags):
+            raise ValueError(f"ring.chunks[{i}]: expected {1 + n} flags of 0 or 1 (written, then one per reader)")
+        out.append(RingChunk(bool(flags[0]), tuple(bool(x) for x in flags[1:])))
+    return RingState(json_field(d, "name", str, "ring"), json_field(d, "role", str, "ring"), n, tuple(out))
 
 
 def ring_specs(engine: Ledger) -> list[tuple[str, Any]] | None:
@@ -120,7 +154,11 @@ def ring_specs(engine: Ledger) -> list[tuple[str, Any]] | None:
     entry = next((m for m in reversed(engine.meta) if m.get("t") == "rings"), None)
     if entry is None:
         return None
-    return [("broadcast", entry.get("broadcast"))] + [("response", r) for r in entry.get("responses", [])]
+    responses = entry.get("responses")
+    # a damaged entry names no response rings (read_rings reports a damaged spec as a missing ring)
+    return [("broadcast", entry.get("broadcast"))] + [
+        ("response", r) for r in responses or () if isinstance(responses, list)
+    ]
 
 
 def known_pids(ledgers: LedgerSet) -> dict[int, str]:
@@ -249,11 +287,37 @@ def _boot_id() -> str:
         return ""
 
 
+def _table(evidence: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    """An optional object of the evidence (absent or null: empty); ValueError for any other type."""
+    value = evidence.get(key)
+    return {} if value is None else json_value(value, dict, key)
+
+
+def _items(evidence: Mapping[str, Any], key: str) -> list[Any]:
+    value = evidence.get(key)
+    return [] if value is None else json_value(value, list, key)
+
+
+def _stall(raw: Any) -> StallInfo | None:
+    if not raw:
+        return None
+    step = json_field(raw, "step", object, "stall")
+    return StallInfo(
+        kind=json_field(raw, "kind", str, "stall"),
+        step=None if step is None else json_value(step, int, "stall.step"),
+        age_s=json_field(raw, "age_s", float, "stall"),
+        deadline_s=json_field(raw, "deadline_s", float, "stall"),
+    )
+
+
 def assemble(ledgers: LedgerSet, evidence: Mapping[str, Any]) -> Snapshot:
-    """Build the Snapshot from ledgers and the JSON evidence (live, or loaded from a bundle)."""
-    stacks: Mapping[str, Any] = evidence.get("stacks") or {}
-    natives: Mapping[str, Any] = evidence.get("native_stacks") or {}
-    procs: Mapping[str, Any] = evidence.get("procs") or {}
+    """Build the Snapshot from ledgers and the JSON evidence (live, or loaded from a bundle).
+
+    Every field of the evidence is type-checked here, at the edge: a damaged one is a ValueError naming
+    it (``watchdog diagnose`` prints it as one line), so the analyzer only ever sees well-typed data."""
+    stacks = _table(evidence, "stacks")
+    natives = _table(evidence, "native_stacks")
+    procs = _table(evidence, "procs")
 
     def stack(pid: int, table: Mapping[str, Any]) -> StackDump | None:
         raw = table.get(str(pid))
@@ -267,21 +331,20 @@ def assemble(ledgers: LedgerSet, evidence: Mapping[str, Any]) -> Snapshot:
         pid = ledger.header.pid
         return ProcessEvidence(rank, pid, ledger, stack(pid, stacks), stack(pid, natives), proc(pid))
 
-    stall_raw = evidence.get("stall")
-    stall = None if not stall_raw else StallInfo(**stall_raw)
-    gpus: tuple[GpuInfo, ...] = tuple(gpu_from_json(g) for g in evidence.get("gpus") or ())
-    missing = list(ledgers.missing) + [str(m) for m in evidence.get("missing") or ()]
-    if not evidence.get("live", False):
+    gpus: tuple[GpuInfo, ...] = tuple(gpu_from_json(g) for g in _items(evidence, "gpus"))
+    missing = list(ledgers.missing) + [json_value(m, str, "missing[]") for m in _items(evidence, "missing")]
+    live = json_value(evidence.get("live", False), bool, "live")
+    if not live:
         missing.append("stacks, process state and rings: none (post-mortem on ledgers alone)")
     return Snapshot(
-        taken_mono_ns=int(evidence.get("taken_mono_ns", 0)),
-        taken_wall_ns=int(evidence.get("taken_wall_ns", 0)),
-        boot_id=str(evidence.get("boot_id", "")),
+        taken_mono_ns=json_value(evidence.get("taken_mono_ns", 0), int, "taken_mono_ns"),
+        taken_wall_ns=json_value(evidence.get("taken_wall_ns", 0), int, "taken_wall_ns"),
+        boot_id=json_value(evidence.get("boot_id", ""), str, "boot_id"),
         ranks={r: ev(r, lg) for r, lg in sorted(ledgers.ranks.items())},
         engine=None if ledgers.engine is None else ev(None, ledgers.engine),
-        rings=tuple(ring_from_json(r) for r in evidence.get("rings") or ()),
+        rings=tuple(ring_from_json(r) for r in _items(evidence, "rings")),
         gpus=gpus,
         missing=tuple(missing),
-        stall=stall,
-        live=bool(evidence.get("live", False)),
+        stall=_stall(evidence.get("stall")),
+        live=live,
     )

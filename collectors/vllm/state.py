@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from collectors.format import (
+    MAX_SLOTS,
     CollectiveOp,
     CUDAGraphMode,
     GraphKey,
@@ -433,7 +434,8 @@ class ProcessState:
 
 def _slots() -> dict[str, int]:
     raw = os.environ.get(ENV_LEDGER_SLOTS, "")
-    return {"n_slots": int(raw)} if raw.isdigit() and int(raw) > 0 else {}
+    # clamped to what readers accept: a larger ring would be a ledger nobody reads
+    return {"n_slots": min(int(raw), MAX_SLOTS)} if raw.isdigit() and int(raw) > 0 else {}
 
 
 STATE = ProcessState()
