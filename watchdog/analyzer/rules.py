@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from collectors.format import CollectiveOp, CUDAGraphMode, GraphKey, Role
+from watchdog.analyzer.completeness import Completeness
 from watchdog.analyzer.config import AnalyzerConfig
 from watchdog.analyzer.facts import EngineFacts, RankFacts, dispatch_config
 from watchdog.analyzer.stacks import where
@@ -25,11 +26,14 @@ class Context:
     engine: EngineFacts | None
     dispatch: DispatchConfig | None
     num_spec: int
+    complete: Completeness
 
     @classmethod
-    def build(cls, snapshot: Snapshot, facts: dict[int, RankFacts], engine: EngineFacts | None) -> Context:
+    def build(
+        cls, snapshot: Snapshot, facts: dict[int, RankFacts], engine: EngineFacts | None, complete: Completeness
+    ) -> Context:
         cfg, num_spec = dispatch_config(facts)
-        return cls(snapshot, facts, engine, cfg, num_spec)
+        return cls(snapshot, facts, engine, cfg, num_spec, complete)
 
     @property
     def has_stacks(self) -> bool:
@@ -71,8 +75,17 @@ RuleFn = Callable[[Context, AnalyzerConfig], list[Finding]]
 
 @dataclass(frozen=True)
 class Rule:
+    """A rule runs only when every evidence kind it ``requires`` is there:
+
+    ``ledgers``    at least one rank's ledger was read;
+    ``all_ranks``  every rank of the world size the ledgers state has a readable, plausible ledger
+                   (a rule that compares ranks or blames one rank for another's wait needs them all:
+                   from a partial set it would be confidently wrong);
+    ``stacks``     py-spy dumps; ``procs``: process state; ``engine``: the engine's ledger (the referee).
+    """
+
     name: str
-    requires: tuple[str, ...]  # evidence kinds: "ledgers", "stacks", "procs", "engine"
+    requires: tuple[str, ...]
     fn: RuleFn
 
 
@@ -134,6 +147,8 @@ def _culprits(ctx: Context, div: Divergence) -> tuple[tuple[int, ...], str]:
 
 
 def rule_collective_mismatch(ctx: Context, cfg: AnalyzerConfig) -> list[Finding]:
+    """Requires every rank's ledger: the ranks' collective sequences for one step differ. Culprit by the
+    engine's referee (the keys its batch calls for) when it singles out some ranks, else the minority."""
     div = find_divergence(ctx)
     if div is None:
         return []
@@ -180,6 +195,8 @@ def rule_collective_mismatch(ctx: Context, cfg: AnalyzerConfig) -> list[Finding]
 
 
 def rule_worker_dead(ctx: Context, cfg: AnalyzerConfig) -> list[Finding]:
+    """Requires process state: a rank's process is gone. It blames only the dead rank itself, from its
+    own evidence, so it holds even when another rank's ledger is missing."""
     dead = [f for f in ctx.facts.values() if f.alive is False]
     if not dead:
         return []
@@ -214,6 +231,8 @@ def _host_stuck(f: RankFacts, step: int) -> bool:
 
 
 def rule_host_hang(ctx: Context, cfg: AnalyzerConfig) -> list[Finding]:
+    """Requires every rank's ledger: some ranks are stuck in host code inside the newest open step while
+    all the others wait for them on the device."""
     opened = [f.open_step.step for f in ctx.facts.values() if f.open_step is not None]
     if not opened:
         return []
@@ -273,6 +292,8 @@ def novelty(ctx: Context, step: int) -> tuple[str, ...]:
 
 
 def rule_device_hang(ctx: Context, cfg: AnalyzerConfig) -> list[Finding]:
+    """Requires every rank's ledger: all ranks are alive, inside the same step with the same key, having
+    launched it, and none is in host code."""
     facts = list(ctx.facts.values())
     if not facts or any(f.alive is False for f in facts):
         return []
@@ -316,6 +337,8 @@ def rule_device_hang(ctx: Context, cfg: AnalyzerConfig) -> list[Finding]:
 
 
 def rule_engine_stall(ctx: Context, cfg: AnalyzerConfig) -> list[Finding]:
+    """Requires every rank's ledger and the engine's: the engine holds requests and dispatches nothing
+    while every rank is idle on the broadcast ring."""
     eng = ctx.engine
     if eng is None or eng.open_step is not None or eng.pending == 0:
         return []
@@ -342,11 +365,11 @@ def rule_engine_stall(ctx: Context, cfg: AnalyzerConfig) -> list[Finding]:
 
 
 RULES: tuple[Rule, ...] = (
-    Rule("collective_mismatch", ("ledgers",), rule_collective_mismatch),
+    Rule("collective_mismatch", ("ledgers", "all_ranks"), rule_collective_mismatch),
     Rule("worker_dead", ("procs",), rule_worker_dead),
-    Rule("host_hang", ("ledgers",), rule_host_hang),
-    Rule("device_hang", ("ledgers",), rule_device_hang),
-    Rule("engine_stall", ("ledgers", "engine"), rule_engine_stall),
+    Rule("host_hang", ("ledgers", "all_ranks"), rule_host_hang),
+    Rule("device_hang", ("ledgers", "all_ranks"), rule_device_hang),
+    Rule("engine_stall", ("ledgers", "engine", "all_ranks"), rule_engine_stall),
 )
 
 PRIORITY = (
