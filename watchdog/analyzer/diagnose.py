@@ -135,6 +135,8 @@ def diagnose(snapshot: Snapshot, cfg: AnalyzerConfig | None = None) -> Diagnosis
             summary = "no rank is inside an unfinished step and the engine has nothing pending"
         else:
             summary = "a stall, but no rule could explain it"
+            if snapshot.stall is not None and snapshot.stall.kind == "divergence":
+                summary = "the ranks' steps disagree, but no rule could say how"
             if not complete.complete:
                 summary = "evidence incomplete, so no rule may blame a rank"
             summary += f": {stuck}" if stuck else ""
@@ -142,6 +144,9 @@ def diagnose(snapshot: Snapshot, cfg: AnalyzerConfig | None = None) -> Diagnosis
                 summary += f"; rings: {rings.summary}"
             if missing:
                 summary += f" (missing: {'; '.join(missing)})"
+    no_stall = snapshot.stall is not None and snapshot.stall.kind == "divergence"
+    if no_stall:
+        summary += "; no stall yet: caught as the ranks completed steps out of step, before any hang"
     # A healthy server mid-step also has a request taken and no reply yet: the rings are evidence
     # only about a stall.
     ring_line = (f"rings: {rings.summary}",) if rings is not None and verdict is not Verdict.NO_DEADLOCK else ()
@@ -158,6 +163,7 @@ def diagnose(snapshot: Snapshot, cfg: AnalyzerConfig | None = None) -> Diagnosis
         evidence=(top.evidence if top is not None else ()) + ring_line,
         findings=tuple(findings),
         rings=rings,
+        no_stall_yet=no_stall,
     )
 
 

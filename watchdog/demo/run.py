@@ -193,7 +193,11 @@ def run_demo(
         while not client_result.done.is_set():
             stall = watcher.poll() if opts.watch else None
             if stall is not None:
-                say(f"stall: step {stall.step} open {stall.age_s:.2f} s > deadline {stall.deadline_s:.2f} s; gathering")
+                if stall.kind == "divergence":
+                    say(f"ranks out of step at step {stall.step} (no stall yet); gathering")
+                else:
+                    age_txt, limit = f"{stall.age_s:.2f}", f"{stall.deadline_s:.2f}"
+                    say(f"stall: step {stall.step} open {age_txt} s > deadline {limit} s; gathering")
                 incident = watcher.handle(stall)
                 incidents.append(incident)
                 say(f"diagnosed {incident.diagnosis.verdict.value}; bundle {incident.bundle}")
