@@ -280,8 +280,8 @@ def receive_plan(path: str) -> tuple[FaultPlan, socket.socket]:
 def _forward_bites(bites: Any, sock: socket.socket) -> None:
     while True:
         try:
-            _rank, ns = bites.get()
-            sock.sendall(json.dumps({"bite_ns": ns}).encode() + b"\n")
+            rank, ns = bites.get()
+            sock.sendall(json.dumps({"bite_ns": ns, "rank": rank}).encode() + b"\n")
         except (OSError, EOFError, ValueError):
             return
 
