@@ -103,6 +103,8 @@ class RankFacts:
         trace = self.steps.get(step)
         if trace is None or trace.begin is None or trace.gap:
             return None
+        if trace.end is not None and not trace.end.ok:
+            return None  # a failed step may stop anywhere: its sequence proves nothing
         items: list[SeqItem] = []
         unknown = False
         manifests = self.manifests()
