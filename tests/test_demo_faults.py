@@ -176,7 +176,7 @@ def test_engine_stall(tmp_path: Path) -> None:
 def test_ranks_out_of_step_cannot_produce_correct_text(tmp_path: Path) -> None:
     """Unwatched, the rank that skips an all-reduce runs ahead (it is the output rank here): the
     deployment keeps serving, but every answer sampled from the mixed reductions is wrong text."""
-    result, cp = demo(
+    result, _ = demo(
         tmp_path, "--tp", "2", "--fault", "rank-skips-collective", "--fault-rank", "0", "--no-watch",
         "--requests", "48", "--timeout", "120",
     )  # fmt: skip
