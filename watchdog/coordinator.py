@@ -81,6 +81,8 @@ class Coordinator:
             self._progress[url] = count
             self._merge_digests(url, st.get("digests"))
             raw = st.get("stall")
+            if raw and raw.get("kind") == "divergence" and self.monitor.reported:
+                continue  # the same ranks out of step, already an incident here
             if raw and (stall is None or raw["age_s"] > stall.age_s):
                 stall = StallInfo(**raw)
         self.progressed = progressed
@@ -93,6 +95,8 @@ class Coordinator:
         if stall is None or self._fired:
             return None
         self._fired = True
+        if stall.kind == "divergence":
+            self.monitor.mark_reported()
         return stall
 
     def _fan_out_status(self) -> dict[str, Any]:

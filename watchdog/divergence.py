@@ -157,6 +157,14 @@ class DivergenceMonitor:
             for s in sorted(st.steps)[: len(st.steps) - KEEP_STEPS]:
                 del st.steps[s]
 
+    @property
+    def reported(self) -> bool:
+        return self._fired
+
+    def mark_reported(self) -> None:
+        """Someone else (a member agent) already reported these ranks out of step."""
+        self._fired = True
+
     def check(self, now_ns: int) -> Disagreement | None:
         """The first disagreement, once; None while the ranks agree (or after it was reported)."""
         if self._fired or len(self._ranks) < 2:
