@@ -212,3 +212,25 @@ def test_the_coordinator_compares_ranks_that_live_on_different_nodes(tmp_path: P
     ranks.close()
     for m in members.values():
         m.loop.close()
+
+
+@pytest.mark.parametrize("culprit", [0, 1, 2])
+def test_a_different_key_with_same_shaped_collectives_is_a_divergence_to_the_analyzer(
+    tmp_path: Path, culprit: int
+) -> None:
+    """Both drafter graphs hold the same collectives here: only the keys tell the ranks apart."""
+    from watchdog.analyzer import diagnose
+    from watchdog.bundle import load_snapshot
+
+    ranks = Ranks(tmp_path, 3)
+    for s in range(5):
+        ranks.all(s)
+    for r in range(3):
+        ranks.step(r, 5, drafter=PW24 if r == culprit else PW40)
+    ranks.all(6)
+    d = diagnose(load_snapshot(tmp_path))
+    assert d.verdict.value == "collective_mismatch", d.summary
+    assert d.step == 5 and d.culprit_ranks == (culprit,)
+    assert d.first_divergence is not None and d.first_divergence.index == len(OPS)  # after the model graph's
+    assert d.first_divergence.sources[culprit] == "drafter launch PIECEWISE(tokens=24)"
+    ranks.close()

@@ -10,10 +10,11 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from collectors.format import CollectiveOp, CUDAGraphMode, GraphKey, Role
+from collectors.format import CUDAGraphMode, GraphKey, Role
 from watchdog.analyzer.completeness import Completeness
 from watchdog.analyzer.config import AnalyzerConfig
 from watchdog.analyzer.facts import EngineFacts, RankFacts, dispatch_config
+from watchdog.analyzer.sequences import find_divergence
 from watchdog.analyzer.stacks import where
 from watchdog.keys import DispatchConfig, dispatch, drafter_dispatch
 from watchdog.types import Divergence, Finding, Snapshot, ThreadActivity, Verdict
@@ -92,34 +93,6 @@ class Rule:
 # ---- collective_mismatch ------------------------------------------------------------
 
 
-def find_divergence(ctx: Context) -> Divergence | None:
-    """The first step and index at which ranks' collective sequences cannot all match."""
-    ranks = [f for f in ctx.facts.values() if f.ledger is not None and f.first_complete is not None]
-    if len(ranks) < 2:
-        return None
-    start = max(f.first_complete for f in ranks if f.first_complete is not None)
-    end = max(f.last_begun for f in ranks if f.last_begun is not None)
-    for step in range(start, end + 1):
-        seqs = {f.rank: f.sequence(step) for f in ranks}
-        present = {r: s for r, s in seqs.items() if s is not None and not s.unknown_manifest}
-        if len(present) < 2:
-            continue
-        longest = max(len(s.items) for s in present.values())
-        for i in range(longest):
-            ops: dict[int, CollectiveOp | None] = {}
-            sources: dict[int, str] = {}
-            for r, s in present.items():
-                if i < len(s.items):
-                    ops[r] = s.items[i].op
-                    sources[r] = s.items[i].source
-                elif s.complete:
-                    ops[r] = None  # finished the step: it will never issue this one
-                    sources[r] = "nothing: the step ended"
-            if len(set(ops.values())) > 1:
-                return Divergence(step, i, ops, sources)
-    return None
-
-
 def _culprits(ctx: Context, div: Divergence) -> tuple[tuple[int, ...], str]:
     ranks = sorted(div.per_rank)
     expected = ctx.expected_keys(div.step)
@@ -136,10 +109,12 @@ def _culprits(ctx: Context, div: Divergence) -> tuple[tuple[int, ...], str]:
                 wrong.append(r)
         if wrong and len(wrong) < len(ranks):
             return tuple(wrong), "its graph key differs from the one the engine's batch calls for"
-    counts = Counter(div.per_rank[r] for r in ranks)
+    # Same collectives everywhere: the ranks differ only in the graph they launched (its label is the source).
+    by: dict[int, object] = dict(div.per_rank) if len(set(div.per_rank.values())) > 1 else dict(div.sources)
+    counts = Counter(by[r] for r in ranks)
     (top, n), *rest = counts.most_common()
     if rest and n > rest[0][1]:
-        return tuple(r for r in ranks if div.per_rank[r] != top), "it is in the minority"
+        return tuple(r for r in ranks if by[r] != top), "it is in the minority"
     finished = [r for r in ranks if div.per_rank[r] is None]
     if finished and len(finished) < len(ranks):
         return tuple(finished), "it finished the step without the collective its peers wait in"
@@ -149,7 +124,7 @@ def _culprits(ctx: Context, div: Divergence) -> tuple[tuple[int, ...], str]:
 def rule_collective_mismatch(ctx: Context, cfg: AnalyzerConfig) -> list[Finding]:
     """Requires every rank's ledger: the ranks' collective sequences for one step differ. Culprit by the
     engine's referee (the keys its batch calls for) when it singles out some ranks, else the minority."""
-    div = find_divergence(ctx)
+    div = find_divergence(ctx.facts)
     if div is None:
         return []
     culprits, why = _culprits(ctx, div)
