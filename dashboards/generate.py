@@ -241,11 +241,16 @@ def _panel_specs() -> list[tuple[str, str, str, list[Query], str]]:
             "stacked",
         ),
         (
-            "Stalls and incidents by verdict",
-            "Stalls the detector declared and incidents the analyzer diagnosed, by verdict.",
+            "Stalls, divergences and incidents by verdict",
+            "Stalls the detector declared, ranks caught out of step as their steps completed (before any "
+            "stall: no other tool sees this), and incidents the analyzer diagnosed, by verdict.",
             "short",
             [
                 Query(f"sum by (tp_group) (increase(watchdog_stalls_detected_total{{{SEL}}}[{r}]))", "stalls"),
+                Query(
+                    f"sum by (tp_group) (increase(watchdog_divergences_detected_total{{{SEL}}}[{r}]))",
+                    "divergences (no stall yet)",
+                ),
                 Query(f"sum by (verdict) (increase(watchdog_incidents_total{{{SEL}}}[{r}]))", "{{verdict}}"),
                 Query(f"sum by (verdict) (watchdog_incidents_total{{{SEL}}})", "{{verdict}} (total)"),
             ],

@@ -108,6 +108,7 @@ def test_the_dashboard_has_the_panels_the_issue_asks_for() -> None:
         "watchdog_step_duration_seconds_bucket",
         "watchdog_graph_dispatches_total",
         "watchdog_stalls_detected_total",
+        "watchdog_divergences_detected_total",
         "watchdog_incidents_total",
         "watchdog_supervisor_cudagraph_mode",
         "watchdog_evidence_collection_seconds_bucket",

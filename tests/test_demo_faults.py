@@ -42,28 +42,41 @@ def test_healthy_run_has_no_incident(tmp_path: Path) -> None:
     assert result["schema"] == "watchdog.demo/v1"
     assert result["incidents"] == []
     assert result["requests"] == {"total": 48, "succeeded": 48, "failed": 0}
+    assert result["fault_bites"] == []
 
 
-@pytest.mark.parametrize("tp", [2, 3, 4])
-def test_graph_key_divergence(tmp_path: Path, tp: int) -> None:
-    culprit = tp - 1
+# Every fault that lives on one rank runs with the culprit first, in between and last: (TP, rank).
+CULPRITS = [(2, 0), (3, 1), (4, 3)]
+
+
+def bit(result: dict[str, Any], culprit: int | None = None) -> None:
+    """The demo knows its fault bit (and on which rank); the analyzer never saw that."""
+    assert result["fault_bites"], result
+    if culprit is not None:
+        assert culprit in {b["rank"] for b in result["fault_bites"]}, result["fault_bites"]
+
+
+@pytest.mark.parametrize(("tp", "culprit"), CULPRITS)
+def test_graph_key_divergence(tmp_path: Path, tp: int, culprit: int) -> None:
     result, _ = demo(tmp_path, "--tp", str(tp), "--fault", "graph-key-divergence", "--fault-rank", str(culprit))
+    bit(result, culprit)
     inc = one_incident(result)
     d = inc["diagnosis"]
-    assert d["verdict"] == "collective_mismatch"
+    assert d["verdict"] == "collective_mismatch", d["summary"]
     assert d["culprit_ranks"] == [culprit]
     ranks = d["ranks"]
-    # Every rank replays the same FULL decode graph; only the culprit's drafter graph differs.
-    model_keys = {json.dumps(r["graph_key"], sort_keys=True) for r in ranks.values()}
-    assert len(model_keys) == 1
-    assert ranks["0"]["graph_key"]["mode"] == "FULL" and ranks["0"]["graph_key"]["uniform"] is True
-    peers = [r for r in ranks if r != str(culprit)]
-    assert all(ranks[r]["drafter_key"]["num_tokens"] > ranks[str(culprit)]["drafter_key"]["num_tokens"] for r in peers)
-    assert all(ranks[r]["state"] == "waiting_collective" for r in peers)
-    assert ranks[str(culprit)]["state"] == "idle"
     div = d["first_divergence"]
     assert div["step"] == d["step"]
-    assert div["per_rank"][str(culprit)]["numel"] < div["per_rank"]["0"]["numel"]
+    peers = [r for r in ranks if r != str(culprit)]
+    # The culprit's drafter graph is the smaller one: its first divergent all-reduce is smaller.
+    assert all(div["per_rank"][str(culprit)]["numel"] < div["per_rank"][p]["numel"] for p in peers)
+    assert "drafter graph" in div["sources"][str(culprit)]
+    if d["no_stall_yet"]:
+        # Caught as the steps completed: within a second of the bite, before any rank hung.
+        assert inc["detected_after_s"] < 5, inc["detected_after_s"]  # (1 s on an unloaded machine: README)
+        assert "no stall yet" in d["summary"]
+    else:
+        assert all(ranks[r]["state"] == "waiting_collective" for r in peers)
     assert d["recommendation"] == {
         "action": "restart_safer_mode",
         "cudagraph_mode": "FULL_DECODE_ONLY",
@@ -90,41 +103,62 @@ def test_padded_slot_kernel_hang(tmp_path: Path, tp: int) -> None:
     assert_reproduced(inc)
 
 
-def test_rank_skips_collective(tmp_path: Path) -> None:
-    result, _ = demo(tmp_path, "--tp", "2", "--fault", "rank-skips-collective", "--fault-rank", "1")
+@pytest.mark.parametrize(("tp", "culprit"), CULPRITS)
+def test_rank_skips_collective(tmp_path: Path, tp: int, culprit: int) -> None:
+    result, _ = demo(tmp_path, "--tp", str(tp), "--fault", "rank-skips-collective", "--fault-rank", str(culprit))
+    bit(result, culprit)
     inc = one_incident(result)
     d = inc["diagnosis"]
-    assert d["verdict"] == "collective_mismatch"
-    assert d["culprit_ranks"] == [1]
-    assert d["ranks"]["0"]["graph_key"]["mode"] == "NONE"  # the eager path
-    assert d["first_divergence"]["per_rank"]["1"] is None
-    assert d["ranks"]["0"]["state"] == "waiting_collective"
+    assert d["verdict"] == "collective_mismatch", d["summary"]
+    assert d["culprit_ranks"] == [culprit]
+    assert d["ranks"][str(culprit)]["graph_key"]["mode"] == "NONE"  # the eager path
+    div = d["first_divergence"]
+    assert div["per_rank"][str(culprit)] is None  # the all-reduce it left out
+    assert all(op is not None for r, op in div["per_rank"].items() if r != str(culprit))
     assert_reproduced(inc)
 
 
-def test_host_hang(tmp_path: Path) -> None:
-    result, _ = demo(tmp_path, "--tp", "2", "--fault", "host-hang", "--fault-rank", "1")
+@pytest.mark.parametrize(("tp", "culprit"), CULPRITS)
+def test_host_hang(tmp_path: Path, tp: int, culprit: int) -> None:
+    result, _ = demo(tmp_path, "--tp", str(tp), "--fault", "host-hang", "--fault-rank", str(culprit))
+    bit(result, culprit)
     inc = one_incident(result)
     d = inc["diagnosis"]
-    assert d["verdict"] == "host_hang"
-    assert d["culprit_ranks"] == [1]
-    assert d["ranks"]["1"]["state"] == "host_busy"
-    assert d["ranks"]["0"]["state"] == "waiting_collective"
-    assert d["ranks"]["0"]["graph_key"] == d["ranks"]["1"]["graph_key"]
+    assert d["verdict"] == "host_hang", d["summary"]
+    assert d["culprit_ranks"] == [culprit]
+    assert d["ranks"][str(culprit)]["state"] == "host_busy"
+    peers = [r for r in d["ranks"] if r != str(culprit)]
+    assert all(d["ranks"][r]["state"] == "waiting_collective" for r in peers)
+    assert len({json.dumps(v["graph_key"], sort_keys=True) for v in d["ranks"].values()}) == 1
     assert "_update_step_stats" in " ".join(d["evidence"])
     assert_reproduced(inc)
 
 
-def test_worker_killed(tmp_path: Path) -> None:
-    result, _ = demo(tmp_path, "--tp", "2", "--fault", "worker-killed", "--fault-rank", "1")
+@pytest.mark.parametrize(("tp", "culprit"), CULPRITS)
+def test_worker_killed(tmp_path: Path, tp: int, culprit: int) -> None:
+    result, _ = demo(tmp_path, "--tp", str(tp), "--fault", "worker-killed", "--fault-rank", str(culprit))
+    bit(result, culprit)
     inc = one_incident(result)
     d = inc["diagnosis"]
-    assert d["verdict"] == "worker_dead"
-    assert d["culprit_ranks"] == [1]
-    assert d["ranks"]["1"]["state"] == "dead"
-    assert d["ranks"]["1"]["graph_key"]["mode"] == "FULL"
+    assert d["verdict"] == "worker_dead", d["summary"]
+    assert d["culprit_ranks"] == [culprit]
+    assert d["ranks"][str(culprit)]["state"] == "dead"
+    assert d["ranks"][str(culprit)]["graph_key"]["mode"] == "FULL"
     assert d["recommendation"]["action"] == "restart"
     assert_reproduced(inc)
+
+
+def test_a_bite_with_no_incident_fails_the_demo(tmp_path: Path) -> None:
+    """A watchdog that misses a fault that bit must never read as "succeeded": here the detector's
+    deadline is out of reach and a host hang is no divergence, so nothing fires."""
+    result, cp = demo(
+        tmp_path, "--tp", "2", "--fault", "host-hang", "--fault-rank", "0", "--stall-floor-s", "100000",
+        "--timeout", "15", check=False,
+    )  # fmt: skip
+    assert cp.returncode == 1, cp.stderr
+    assert result["incidents"] == [] and result["fault_bites"]
+    last = cp.stderr.strip().splitlines()[-1]
+    assert last.startswith("watchdog: the host-hang fault bit (rank 0") and "no incident followed" in last
 
 
 def test_engine_stall(tmp_path: Path) -> None:
@@ -137,3 +171,14 @@ def test_engine_stall(tmp_path: Path) -> None:
     assert "_rebalance" in " ".join(d["evidence"])
     assert result["requests"]["failed"] > 0
     assert_reproduced(inc)
+
+
+def test_ranks_out_of_step_cannot_produce_correct_text(tmp_path: Path) -> None:
+    """Unwatched, the rank that skips an all-reduce runs ahead (it is the output rank here): the
+    deployment keeps serving, but every answer sampled from the mixed reductions is wrong text."""
+    result, _ = demo(
+        tmp_path, "--tp", "2", "--fault", "rank-skips-collective", "--fault-rank", "0", "--no-watch",
+        "--requests", "48", "--timeout", "120",
+    )  # fmt: skip
+    assert result["fault_bites"] and result["incidents"] == []
+    assert result["requests"]["failed"] > 0, result["requests"]

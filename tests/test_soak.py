@@ -177,6 +177,7 @@ def test_healthy_soak_has_no_incident(tmp_path: Path) -> None:
         assert json.loads(get(port, "/v1/incidents")[1]) == []
         metrics = get(port, "/metrics")[1]
         assert metric(metrics, "watchdog_stalls_detected_total") == 0, metrics
+        assert metric(metrics, "watchdog_divergences_detected_total") == 0, metrics  # ranks stayed in step
         assert json.loads(get(port, "/v1/status")[1])["incidents"] == 0
         assert agent.poll() is None, tail(agent_log)
         print(

@@ -101,7 +101,10 @@ class Agent:
             self._sample_gpus(self.loop)
         if stall is None:
             return None
-        self.metrics.stalls.labels(self.metrics.tp_group).inc()
+        if stall.kind == "divergence":
+            self.metrics.divergences.labels(self.metrics.tp_group).inc()
+        else:
+            self.metrics.stalls.labels(self.metrics.tp_group).inc()
         if self.role == "member":
             with self._lock:
                 self.open_stall = stall
@@ -148,7 +151,12 @@ class Agent:
     def stop(self) -> None:
         self._stop.set()
 
-    def status(self) -> dict[str, Any]:
+    def status(self, digests_since: int | None = None) -> dict[str, Any]:
+        """``digests_since``: also the digests of the local ranks' steps from that step on (a coordinator
+        compares ranks of several nodes with them: ``watchdog.divergence``)."""
+        extra: dict[str, Any] = {}
+        if digests_since is not None and isinstance(self.loop, Watcher):
+            extra["digests"] = {str(r): d for r, d in self.loop.monitor.digests(digests_since).items()}
         with self._lock:
             last = self.incidents[-1].diagnosis.verdict.value if self.incidents else None
             ranks = getattr(self.loop, "ranks", None)
@@ -164,6 +172,7 @@ class Agent:
                 "ranks": None if ranks is None else sorted(ranks),
                 "uptime_s": round(time.time() - self.started_wall, 3),
                 **(self.extra() if self.extra is not None else {}),
+                **extra,
             }
 
     def incident_list(self) -> list[dict[str, Any]]:
@@ -259,8 +268,8 @@ def make_app(agent: Agent) -> FastAPI:
         return {"deadlocked": st["deadlocked"], "last_verdict": st["last_verdict"]}
 
     @app.get("/v1/status")
-    def status() -> dict[str, Any]:
-        return agent.status()
+    def status(digests_since: int | None = None) -> dict[str, Any]:
+        return agent.status(digests_since)
 
     @app.get("/v1/incidents")
     def incidents() -> list[dict[str, Any]]:

@@ -166,6 +166,8 @@ DETECT_TARGETS: dict[str, Any] = {
     "recomputed from the bundle's ledgers (stall_within_target; absent when the kind had < 3 finished steps "
     "or no step was open, e.g. engine-stall)",
     "stall_floor_s": 1.0,
+    # ranks out of step are reported as their steps complete, before any stall: from the bite
+    "divergence_within_s_of_bite": 1.0,
     "stall_multiplier": 10.0,
     # the watcher polls every 50 ms and then reads the ledgers: a declaration this late past the
     # deadline still counts as on time
@@ -230,11 +232,11 @@ def _kind_target(bundle: str, stall_step: int | None) -> dict[str, Any]:
     }
 
 
-def _detect_run(tp: int, fault: str, seed: int, requests: int, native: bool) -> dict[str, Any]:
+def _detect_run(tp: int, fault: str, seed: int, requests: int, native: bool, fault_rank: int = 1) -> dict[str, Any]:
     """One injection; never raises: an error becomes a string in the record."""
     from watchdog.demo.run import DemoOptions, run_demo
 
-    rec: dict[str, Any] = {"seed": seed}
+    rec: dict[str, Any] = {"seed": seed, "fault_rank": fault_rank}
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="watchdog-bench-detect-", ignore_cleanup_errors=True) as d:
         try:
@@ -242,6 +244,7 @@ def _detect_run(tp: int, fault: str, seed: int, requests: int, native: bool) -> 
                 tp=tp,
                 requests=requests,
                 fault=fault,
+                fault_rank=fault_rank,
                 seed=seed,
                 workdir=d,
                 timeout_s=DEMO_RUN_TIMEOUT_S,
@@ -270,6 +273,7 @@ def _detect_run(tp: int, fault: str, seed: int, requests: int, native: bool) -> 
             verdict=diag["verdict"],
             matched=diag["verdict"] == expected,
             culprit_ranks=diag["culprit_ranks"],
+            no_stall_yet=bool(diag.get("no_stall_yet")),
             fault_to_stall_s=detected,
             stall_to_diagnosis_s=round(diagnosed - detected, 3),
             fault_to_diagnosis_s=diagnosed,
@@ -318,6 +322,12 @@ def _summarise(tp: int, fault: str, runs: list[dict[str, Any]]) -> dict[str, Any
         "stall_within_target": sum(1 for r in hits if r.get("stall_within_target")),
         "stall_target_not_applicable": sum(1 for r in hits if "stall_within_target" not in r),
         "diagnosis_within_target": sum(1 for s in stall_to_diag if s <= DETECT_TARGETS["diagnosis_within_s_of_stall"]),
+        "divergences_no_stall_yet": sum(1 for r in hits if r.get("no_stall_yet")),
+        "divergences_within_target": sum(
+            1
+            for r in hits
+            if r.get("no_stall_yet") and r["fault_to_stall_s"] <= DETECT_TARGETS["divergence_within_s_of_bite"]
+        ),
         "runs": runs,
     }
     return out
@@ -483,7 +493,9 @@ def bench_detect(
     requests: int,
     cpu_seconds: float,
     say: Callable[[str], None],
+    fault_rank: int | None = None,
 ) -> dict[str, Any]:
+    """``fault_rank``: the culprit of rank faults (None: rank 1, the demo's default; capped at the last rank)."""
     import os
 
     from watchdog.demo.faults import FAULTS
@@ -511,8 +523,9 @@ def bench_detect(
         for fault in chosen:
             runs = []
             for seed in range(repeats):
-                say(f"detect: TP={tp} fault={fault} seed={seed} ...")
-                rec = _detect_run(tp, fault, seed, requests, native)
+                culprit = min(1 if fault_rank is None else fault_rank, tp - 1)
+                say(f"detect: TP={tp} fault={fault} rank={culprit} seed={seed} ...")
+                rec = _detect_run(tp, fault, seed, requests, native, culprit)
                 runs.append(rec)
                 if "error" in rec:
                     say(f"detect: TP={tp} {fault} seed={seed}: error {rec['error']}")

@@ -103,6 +103,9 @@ def demo(
         typer.Option(help="Serve over HTTP under `watchdog run`'s supervisor and proxy; restart safer on a deadlock."),
     ] = True,
     max_restarts: Annotated[int, typer.Option(help="The fallback's restart bound (per hour).")] = 3,
+    stall_floor_s: Annotated[
+        float, typer.Option("--stall-floor-s", help="No stall is declared before a step is this old.")
+    ] = 1.0,
     device: Annotated[
         str, typer.Option(help="cpu (emulated device, gloo) or cuda (one GPU per rank, NCCL, CUDA graphs).")
     ] = "cpu",
@@ -111,7 +114,7 @@ def demo(
 ) -> int:
     """Run a real TP deployment (engine + workers, gloo collectives), inject a fault, watch it get diagnosed."""
     from watchdog.demo.faults import DESCRIPTIONS, FAULTS
-    from watchdog.demo.run import DemoOptions, run_demo
+    from watchdog.demo.run import DemoOptions, missed, run_demo
 
     if list_faults:
         for name in FAULTS:
@@ -141,10 +144,12 @@ def demo(
         watch=watch,
         fallback=fallback,
         max_restarts=max_restarts,
+        stall_floor_s=stall_floor_s,
         device=device,
     )
     result = run_demo(opts, say=_err)
     _print_demo(result)
+    miss = missed(result)
     if as_json:
         slim = {k: v for k, v in result.items()}
         slim["incidents"] = [{k: v for k, v in i.items() if k != "report"} for i in result["incidents"]]
@@ -153,14 +158,18 @@ def demo(
         from watchdog.supervisor.run import EXIT_GAVE_UP
 
         return EXIT_GAVE_UP
+    if miss is not None:
+        _err(f"watchdog: {miss}")
+        return EXIT_ERROR
     return EXIT_DEADLOCK if result["incidents"] else EXIT_OK
 
 
 def _print_demo(result: dict[str, Any]) -> None:
     req = result["requests"]
+    bit = f", the fault bit {len(result['fault_bites'])} time(s)" if result.get("fault_bites") else ""
     print(
         f"demo TP={result['tp']} {result['cudagraph_mode']} fault={result['fault']}: "
-        f"{req['succeeded']}/{req['total']} requests succeeded, {len(result['incidents'])} incident(s)"
+        f"{req['succeeded']}/{req['total']} requests succeeded, {len(result['incidents'])} incident(s){bit}"
     )
     for inc in result["incidents"]:
         print(
@@ -511,12 +520,23 @@ def bench_detect(
     repeats: Annotated[int, typer.Option(help="Injections per fault class and TP size.")] = 3,
     requests: Annotated[int, typer.Option(help="Requests per demo run.")] = 64,
     cpu_seconds: Annotated[float, typer.Option(help="Seconds the agent's CPU share is sampled (0 skips it).")] = 30.0,
+    fault_rank: Annotated[
+        int | None, typer.Option(help="Culprit rank of rank faults (default 1; capped at each TP size's last rank).")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
 ) -> int:
     """Detection latency per fault class and TP size (median, max), and the agent's CPU share while healthy."""
     from watchdog.bench import bench_detect as run
 
-    result = run(tps=tp, faults=fault, repeats=repeats, requests=requests, cpu_seconds=cpu_seconds, say=_err)
+    result = run(
+        tps=tp,
+        faults=fault,
+        repeats=repeats,
+        requests=requests,
+        cpu_seconds=cpu_seconds,
+        say=_err,
+        fault_rank=fault_rank,
+    )
     print(json.dumps(result) if as_json else json.dumps(result, indent=2))
     return EXIT_OK
 

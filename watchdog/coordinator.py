@@ -23,6 +23,7 @@ from typing import Any
 
 from watchdog.analyzer import AnalyzerConfig, diagnose
 from watchdog.bundle import page_context, write_bundle
+from watchdog.divergence import DivergenceMonitor
 from watchdog.report import render
 from watchdog.snapshot import assemble, read_ledger_files
 from watchdog.types import EVIDENCE_SCHEMA, StallInfo
@@ -61,9 +62,14 @@ class Coordinator:
     progressed: bool = False
     _progress: dict[str, int] = field(default_factory=dict)
     _fired: bool = False
+    # The ranks' step digests from every member, compared across nodes. Only by content: the ranks'
+    # monotonic clocks are per node, so the "left inside a finished step" check stays with each
+    # member (and the stall detector).
+    monitor: DivergenceMonitor = field(default_factory=lambda: DivergenceMonitor(grace_s=float("inf")))
+    _since: dict[str, int] = field(default_factory=dict)  # per agent: the step to ask digests from
 
     def poll(self) -> StallInfo | None:
-        statuses = self._fan_out("/v1/status", self.status_timeout_s)
+        statuses = self._fan_out_status()
         progressed = False
         stall: StallInfo | None = None
         for url, st in statuses.items():
@@ -73,16 +79,51 @@ class Coordinator:
             count = int(st.get("progress", 0))
             progressed = progressed or count != self._progress.get(url, count)
             self._progress[url] = count
+            self._merge_digests(url, st.get("digests"))
             raw = st.get("stall")
+            if raw and raw.get("kind") == "divergence" and self.monitor.reported:
+                continue  # the same ranks out of step, already an incident here
             if raw and (stall is None or raw["age_s"] > stall.age_s):
                 stall = StallInfo(**raw)
         self.progressed = progressed
+        odd = self.monitor.check(time.monotonic_ns())
+        if odd is not None:
+            log.info("ranks out of step at step %s: %s", odd.step, odd.reason)
+            return StallInfo("divergence", odd.step, 0.0, 0.0)
         if progressed:
             self._fired = False
         if stall is None or self._fired:
             return None
         self._fired = True
+        if stall.kind == "divergence":
+            self.monitor.mark_reported()
         return stall
+
+    def _fan_out_status(self) -> dict[str, Any]:
+        with ThreadPoolExecutor(max_workers=max(1, len(self.agents))) as pool:
+            futs = {
+                url: pool.submit(
+                    self._get, f"{url}/v1/status?digests_since={self._since.get(url, 0)}", self.status_timeout_s
+                )
+                for url in self.agents
+            }
+            return {url: fut.result() for url, fut in futs.items()}
+
+    def _merge_digests(self, url: str, raw: Any) -> None:
+        if not isinstance(raw, dict):
+            return
+        try:
+            lasts = []
+            for rank, digests in raw.items():
+                if digests:
+                    self.monitor.merge(int(rank), digests)
+                    lasts.append(int(digests[-1]["step"]))
+            # Next time from a few steps before the slowest rank's last: a step still open now comes
+            # again, finished, and a lagging rank's steps are not skipped.
+            if lasts:
+                self._since[url] = max(self._since.get(url, 0), min(lasts) - 8)
+        except (KeyError, TypeError, ValueError) as exc:
+            log.debug("agent %s: unreadable step digests: %s", url, exc)
 
     def handle(self, stall: StallInfo | None) -> Incident:
         detected = time.monotonic_ns()

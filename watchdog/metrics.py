@@ -68,6 +68,13 @@ class AgentMetrics:
             registry=r,
         )
         self.stalls = Counter("watchdog_stalls_detected_total", "Stalls the detector declared.", grp, registry=r)
+        self.divergences = Counter(
+            "watchdog_divergences_detected_total",
+            "Ranks found out of step as their steps completed (different keys, manifests or eager collective "
+            "counts, or a rank left inside a step its peers finished), before any stall.",
+            grp,
+            registry=r,
+        )
         self.incidents = Counter(
             "watchdog_incidents_total", "Incidents diagnosed, by verdict.", [*grp, "verdict"], registry=r
         )
@@ -111,6 +118,7 @@ class AgentMetrics:
         )
         self.deadlocked.labels(g).set(0)
         self.stalls.labels(g)
+        self.divergences.labels(g)
         for source in ("ledger", "ring", "agent", "gpu"):
             self.scrape_errors.labels(g, source)
         for verdict in Verdict:  # every series exists from the start: increase() sees the first incident

@@ -165,7 +165,7 @@ class ProcessEvidence:
 class StallInfo:
     """Why the detector fired (None on a post-mortem or a forced diagnosis)."""
 
-    kind: str  # "open_step", "no_dispatch" or "process_exit"
+    kind: str  # "open_step", "no_dispatch", "process_exit" or "divergence" (ranks out of step: no stall yet)
     step: int | None
     age_s: float
     deadline_s: float
@@ -278,6 +278,7 @@ class Diagnosis:
     evidence: tuple[str, ...] = ()
     findings: tuple[Finding, ...] = ()
     rings: RingVerdict | None = None  # what vLLM's shm rings say (None: no ring was read)
+    no_stall_yet: bool = False  # caught as the ranks' steps completed out of step, before any hang
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -294,4 +295,5 @@ class Diagnosis:
             "recommendation": self.recommendation.to_json(),
             "rules_fired": [f.rule for f in self.findings],
             "rings": None if self.rings is None else self.rings.to_json(),
+            "no_stall_yet": self.no_stall_yet,
         }

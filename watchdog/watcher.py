@@ -18,6 +18,7 @@ from collectors.recorder import ledger_name
 from watchdog.analyzer import AnalyzerConfig, diagnose
 from watchdog.bundle import page_context, write_bundle
 from watchdog.detector import DetectorConfig, StallDetector
+from watchdog.divergence import DivergenceMonitor
 from watchdog.report import render
 from watchdog.snapshot import Sources, find_ring_specs, gather, read_ledger_dir, read_rings
 from watchdog.types import Diagnosis, RingState, StallInfo
@@ -48,7 +49,9 @@ class Watcher:
     _ring_specs: tuple[int, list[tuple[str, Any]]] | None = None  # (engine ledger inode, specs)
     _ring_retry_at: float = 0.0
     _tails: dict[Path, LedgerTail] = field(default_factory=dict)
+    divergence_grace_s: float = 2.0  # a rank may finish a step this long after its peers
     _detector: StallDetector = field(init=False)
+    monitor: DivergenceMonitor = field(init=False)
     _fired: bool = False
     _alive: set[int] = field(default_factory=set)  # rank pids seen running (this agent can see them)
     _exited: set[int] = field(default_factory=set)  # pids already reported gone
@@ -56,9 +59,11 @@ class Watcher:
 
     def __post_init__(self) -> None:
         self._detector = StallDetector(self.detector_cfg)
+        self.monitor = DivergenceMonitor(self.divergence_grace_s)
 
     def poll(self, now_ns: int | None = None) -> StallInfo | None:
-        """Read new records and return a stall if one is open now (once per stall)."""
+        """Read new records and return a stall if one is open now (once per stall), or ranks out of step
+        (kind "divergence", once: ``watchdog.divergence``)."""
         for path in ledger_paths(self.ledger_dir, self.ranks):
             self._tails.setdefault(path, LedgerTail(path))
         progressed = False
@@ -79,9 +84,11 @@ class Watcher:
                     self._detector.forget_engine()
                 else:
                     self._detector.forget_rank(rank)
+                    self.monitor.forget_rank(rank)
                 progressed = True
             progressed = progressed or bool(records)
             self._detector.observe(rank, records)
+            self.monitor.observe(rank, records)
             if self.on_records is not None:
                 self.on_records(rank, records)
         self.progressed = progressed
@@ -90,7 +97,13 @@ class Watcher:
         exited = self._exits()
         if exited is not None:
             return exited  # at once, and whatever fired before: the server may tear itself down next
-        stall = self._detector.check(time.monotonic_ns() if now_ns is None else now_ns)
+        now = time.monotonic_ns() if now_ns is None else now_ns
+        # Ranks out of step are an incident at once, stall or not (the monitor reports each once).
+        odd = self.monitor.check(now)
+        if odd is not None:
+            log.info("ranks out of step at step %s: %s", odd.step, odd.reason)
+            return StallInfo("divergence", odd.step, odd.lag_s, self.monitor.grace_s)
+        stall = self._detector.check(now)
         if stall is None or self._fired:
             return None
         self._fired = True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collectors.format import CUDAGraphMode, Role
+from watchdog.analyzer.completeness import completeness
 from watchdog.analyzer.config import AnalyzerConfig
 from watchdog.analyzer.facts import RankFacts, engine_facts, facts_of
 from watchdog.analyzer.rings import ring_verdict
@@ -28,6 +29,7 @@ def _available(ctx: Context) -> dict[str, bool]:
         "stacks": ctx.has_stacks,
         "procs": ctx.has_procs,
         "engine": ctx.engine is not None,
+        "all_ranks": ctx.complete.complete,
     }
 
 
@@ -98,14 +100,22 @@ def _recommend(ctx: Context, top: Finding | None, cfg: AnalyzerConfig) -> Recomm
 def diagnose(snapshot: Snapshot, cfg: AnalyzerConfig | None = None) -> Diagnosis:
     cfg = cfg or AnalyzerConfig()
     facts = facts_of(snapshot, cfg)
-    ctx = Context.build(snapshot, facts, engine_facts(snapshot.engine, cfg))
-    have = _available(ctx)
+    engine = engine_facts(snapshot.engine, cfg)
     missing = list(snapshot.missing)
+    if engine is not None and engine.damaged:
+        missing.append(f"engine: {engine.damaged}")
+        engine = None
+    complete = completeness(snapshot, {r: f.damaged for r, f in facts.items()})
+    # The snapshot may already say a rank has no ledger: say it once.
+    missing.extend(m for m in complete.missing if f"{m.split(':')[0]}: no ledger" not in missing)
+    ctx = Context.build(snapshot, facts, engine, complete)
+    have = _available(ctx)
     findings: list[Finding] = []
     for rule in RULES:
         lacking = [r for r in rule.requires if not have[r]]
         if lacking:
-            missing.append(f"rule {rule.name} skipped: no {', '.join(lacking)}")
+            what = ", ".join("readable evidence from every rank" if r == "all_ranks" else r for r in lacking)
+            missing.append(f"rule {rule.name} skipped: no {what}")
             continue
         findings.extend(rule.fn(ctx, cfg))
     findings.sort(key=lambda f: PRIORITY.index(f.verdict))
@@ -118,18 +128,27 @@ def diagnose(snapshot: Snapshot, cfg: AnalyzerConfig | None = None) -> Diagnosis
         verdict, step, culprits, summary = top.verdict, top.step, top.culprit_ranks, top.summary
     else:
         stuck = _stuck(ctx)
-        verdict = (
-            Verdict.INCONCLUSIVE if stuck or snapshot.stall is not None or not have["ledgers"] else Verdict.NO_DEADLOCK
-        )
+        # Missing evidence never reads as healthy: an incomplete set is inconclusive even when the
+        # ranks that could be read look idle.
+        unsure = stuck or snapshot.stall is not None or not have["ledgers"] or not complete.complete
+        verdict = Verdict.INCONCLUSIVE if unsure else Verdict.NO_DEADLOCK
         step, culprits = None, ()
         if verdict is Verdict.NO_DEADLOCK:
             summary = "no rank is inside an unfinished step and the engine has nothing pending"
         else:
-            summary = "a stall, but no rule could explain it" + (f": {stuck}" if stuck else "")
+            summary = "a stall, but no rule could explain it"
+            if snapshot.stall is not None and snapshot.stall.kind == "divergence":
+                summary = "the ranks' steps disagree, but no rule could say how"
+            if not complete.complete:
+                summary = "evidence incomplete, so no rule may blame a rank"
+            summary += f": {stuck}" if stuck else ""
             if rings is not None and rings.kind not in ("idle", "no_broadcast"):
                 summary += f"; rings: {rings.summary}"
             if missing:
                 summary += f" (missing: {'; '.join(missing)})"
+    no_stall = snapshot.stall is not None and snapshot.stall.kind == "divergence"
+    if no_stall:
+        summary += "; no stall yet: caught as the ranks completed steps out of step, before any hang"
     # A healthy server mid-step also has a request taken and no reply yet: the rings are evidence
     # only about a stall.
     ring_line = (f"rings: {rings.summary}",) if rings is not None and verdict is not Verdict.NO_DEADLOCK else ()
@@ -146,6 +165,7 @@ def diagnose(snapshot: Snapshot, cfg: AnalyzerConfig | None = None) -> Diagnosis
         evidence=(top.evidence if top is not None else ()) + ring_line,
         findings=tuple(findings),
         rings=rings,
+        no_stall_yet=no_stall,
     )
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from collectors.format import (
@@ -14,11 +14,13 @@ from collectors.format import (
     GraphKey,
     Launch,
     Manifest,
+    Record,
     Role,
     StepBegin,
     StepEnd,
 )
 from collectors.reader import Ledger
+from watchdog.analyzer.completeness import damage, implausible
 from watchdog.analyzer.config import AnalyzerConfig
 from watchdog.analyzer.stacks import device_activity, host_activity, where
 from watchdog.keys import DispatchConfig
@@ -34,6 +36,7 @@ class StepTrace:
     collectives: list[Collective] = field(default_factory=list)
     # Launch and Collective records in the order the host issued them.
     events: list[Launch | Collective] = field(default_factory=list)
+    gap: bool = False  # a slot of this step could not be read: its sequence is not known whole
 
     @property
     def open(self) -> bool:
@@ -71,6 +74,7 @@ class RankFacts:
     host_frame: Frame | None
     device: ThreadActivity
     device_frame: Frame | None
+    damaged: str | None = None  # why the ledger is not trusted as a whole
 
     @property
     def ledger(self) -> Ledger | None:
@@ -97,8 +101,10 @@ class RankFacts:
 
     def sequence(self, step: int) -> Sequence | None:
         trace = self.steps.get(step)
-        if trace is None or trace.begin is None:
+        if trace is None or trace.begin is None or trace.gap:
             return None
+        if trace.end is not None and not trace.end.ok:
+            return None  # a failed step may stop anywhere: its sequence proves nothing
         items: list[SeqItem] = []
         unknown = False
         manifests = self.manifests()
@@ -123,13 +129,29 @@ class RankFacts:
         return "; ".join(parts)
 
 
-def traces(ledger: Ledger | None) -> dict[int, StepTrace]:
-    out: dict[int, StepTrace] = {}
+def plausible(ledger: Ledger | None) -> tuple[list[Record], str | None]:
+    """The ledger's records without those whose step number is impossible, and why the ledger is
+    damaged (None: it looks sound)."""
     if ledger is None:
-        return out
-    for rec in ledger.records:
+        return [], None
+    bad = set(implausible(ledger.records))
+    return [r for i, r in enumerate(ledger.records) if i not in bad], damage(ledger, len(bad))
+
+
+def traces(records: Iterable[Record]) -> dict[int, StepTrace]:
+    out: dict[int, StepTrace] = {}
+    last: tuple[int, int] | None = None  # (highest seq so far, its step)
+    for rec in records:
         if isinstance(rec, StepBegin | StepEnd | Launch | Collective):
             trace = out.setdefault(rec.step, StepTrace(rec.step))
+            # Every record takes one slot: a seq that jumps means slots in between were torn or
+            # damaged, and the steps they belonged to are missing records. Those steps' collective
+            # sequences are unknown, not shorter.
+            if last is not None and rec.seq > last[0] + 1:
+                for s in range(last[1], rec.step + 1):
+                    out.setdefault(s, StepTrace(s)).gap = True
+            if last is None or rec.seq > last[0]:
+                last = (rec.seq, rec.step)
             if isinstance(rec, StepBegin):
                 trace.begin = rec
                 if rec.launch is not None:  # the model launch folded into the begin record
@@ -150,15 +172,17 @@ def rank_facts(ev: ProcessEvidence, cfg: AnalyzerConfig) -> RankFacts:
     host, host_frame = host_activity(ev.stack, cfg, ev.native_stack)
     device, device_frame = device_activity(ev.stack, cfg)
     alive = None if ev.proc is None else ev.proc.alive
+    records, damaged = plausible(ev.ledger)
     return RankFacts(
         rank=ev.rank if ev.rank is not None else -1,
         evidence=ev,
-        steps=traces(ev.ledger),
+        steps=traces(records),
         alive=alive,
         host=host,
         host_frame=host_frame,
         device=device,
         device_frame=device_frame,
+        damaged=damaged,
     )
 
 
@@ -171,6 +195,7 @@ class EngineFacts:
     host: ThreadActivity
     host_frame: Frame | None
     alive: bool | None
+    damaged: str | None = None
 
     @property
     def pending(self) -> int:
@@ -185,7 +210,8 @@ def engine_facts(ev: ProcessEvidence | None, cfg: AnalyzerConfig) -> EngineFacts
         return None
     dispatched: dict[int, EngineStep] = {}
     results: dict[int, EngineResult] = {}
-    for rec in ev.ledger.records:
+    records, damaged = plausible(ev.ledger)
+    for rec in records:
         if isinstance(rec, EngineStep):
             dispatched[rec.step] = rec
         elif isinstance(rec, EngineResult):
@@ -201,6 +227,7 @@ def engine_facts(ev: ProcessEvidence | None, cfg: AnalyzerConfig) -> EngineFacts
         host=host,
         host_frame=frame,
         alive=None if ev.proc is None else ev.proc.alive,
+        damaged=damaged,
     )
 
 

@@ -10,9 +10,11 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from collectors.format import CollectiveOp, CUDAGraphMode, GraphKey, Role
+from collectors.format import CUDAGraphMode, GraphKey, Role
+from watchdog.analyzer.completeness import Completeness
 from watchdog.analyzer.config import AnalyzerConfig
 from watchdog.analyzer.facts import EngineFacts, RankFacts, dispatch_config
+from watchdog.analyzer.sequences import find_divergence
 from watchdog.analyzer.stacks import where
 from watchdog.keys import DispatchConfig, dispatch, drafter_dispatch
 from watchdog.types import Divergence, Finding, Snapshot, ThreadActivity, Verdict
@@ -25,11 +27,14 @@ class Context:
     engine: EngineFacts | None
     dispatch: DispatchConfig | None
     num_spec: int
+    complete: Completeness
 
     @classmethod
-    def build(cls, snapshot: Snapshot, facts: dict[int, RankFacts], engine: EngineFacts | None) -> Context:
+    def build(
+        cls, snapshot: Snapshot, facts: dict[int, RankFacts], engine: EngineFacts | None, complete: Completeness
+    ) -> Context:
         cfg, num_spec = dispatch_config(facts)
-        return cls(snapshot, facts, engine, cfg, num_spec)
+        return cls(snapshot, facts, engine, cfg, num_spec, complete)
 
     @property
     def has_stacks(self) -> bool:
@@ -71,40 +76,21 @@ RuleFn = Callable[[Context, AnalyzerConfig], list[Finding]]
 
 @dataclass(frozen=True)
 class Rule:
+    """A rule runs only when every evidence kind it ``requires`` is there:
+
+    ``ledgers``    at least one rank's ledger was read;
+    ``all_ranks``  every rank of the world size the ledgers state has a readable, plausible ledger
+                   (a rule that compares ranks or blames one rank for another's wait needs them all:
+                   from a partial set it would be confidently wrong);
+    ``stacks``     py-spy dumps; ``procs``: process state; ``engine``: the engine's ledger (the referee).
+    """
+
     name: str
-    requires: tuple[str, ...]  # evidence kinds: "ledgers", "stacks", "procs", "engine"
+    requires: tuple[str, ...]
     fn: RuleFn
 
 
 # ---- collective_mismatch ------------------------------------------------------------
-
-
-def find_divergence(ctx: Context) -> Divergence | None:
-    """The first step and index at which ranks' collective sequences cannot all match."""
-    ranks = [f for f in ctx.facts.values() if f.ledger is not None and f.first_complete is not None]
-    if len(ranks) < 2:
-        return None
-    start = max(f.first_complete for f in ranks if f.first_complete is not None)
-    end = max(f.last_begun for f in ranks if f.last_begun is not None)
-    for step in range(start, end + 1):
-        seqs = {f.rank: f.sequence(step) for f in ranks}
-        present = {r: s for r, s in seqs.items() if s is not None and not s.unknown_manifest}
-        if len(present) < 2:
-            continue
-        longest = max(len(s.items) for s in present.values())
-        for i in range(longest):
-            ops: dict[int, CollectiveOp | None] = {}
-            sources: dict[int, str] = {}
-            for r, s in present.items():
-                if i < len(s.items):
-                    ops[r] = s.items[i].op
-                    sources[r] = s.items[i].source
-                elif s.complete:
-                    ops[r] = None  # finished the step: it will never issue this one
-                    sources[r] = "nothing: the step ended"
-            if len(set(ops.values())) > 1:
-                return Divergence(step, i, ops, sources)
-    return None
 
 
 def _culprits(ctx: Context, div: Divergence) -> tuple[tuple[int, ...], str]:
@@ -123,10 +109,12 @@ def _culprits(ctx: Context, div: Divergence) -> tuple[tuple[int, ...], str]:
                 wrong.append(r)
         if wrong and len(wrong) < len(ranks):
             return tuple(wrong), "its graph key differs from the one the engine's batch calls for"
-    counts = Counter(div.per_rank[r] for r in ranks)
+    # Same collectives everywhere: the ranks differ only in the graph they launched (its label is the source).
+    by: dict[int, object] = dict(div.per_rank) if len(set(div.per_rank.values())) > 1 else dict(div.sources)
+    counts = Counter(by[r] for r in ranks)
     (top, n), *rest = counts.most_common()
     if rest and n > rest[0][1]:
-        return tuple(r for r in ranks if div.per_rank[r] != top), "it is in the minority"
+        return tuple(r for r in ranks if by[r] != top), "it is in the minority"
     finished = [r for r in ranks if div.per_rank[r] is None]
     if finished and len(finished) < len(ranks):
         return tuple(finished), "it finished the step without the collective its peers wait in"
@@ -134,7 +122,9 @@ def _culprits(ctx: Context, div: Divergence) -> tuple[tuple[int, ...], str]:
 
 
 def rule_collective_mismatch(ctx: Context, cfg: AnalyzerConfig) -> list[Finding]:
-    div = find_divergence(ctx)
+    """Requires every rank's ledger: the ranks' collective sequences for one step differ. Culprit by the
+    engine's referee (the keys its batch calls for) when it singles out some ranks, else the minority."""
+    div = find_divergence(ctx.facts)
     if div is None:
         return []
     culprits, why = _culprits(ctx, div)
@@ -182,7 +172,8 @@ def _eager_counts(f: RankFacts, step: int) -> Counter[str]:
 
 
 def rule_out_of_step(ctx: Context, cfg: AnalyzerConfig) -> list[Finding]:
-    """A rank waits in a collective that a peer already completed: their collective sequences
+    """Requires every rank's ledger, stacks and process state. A rank waits in a collective that a peer
+    already completed: their collective sequences
     disagreed earlier in the step, in code the ledger does not see (on vLLM's CPU platform the
     layers' all-reduces run inside a torch.compile'd graph that calls the communicator directly).
 
@@ -244,9 +235,10 @@ def rule_out_of_step(ctx: Context, cfg: AnalyzerConfig) -> list[Finding]:
 
 
 def rule_worker_dead(ctx: Context, cfg: AnalyzerConfig) -> list[Finding]:
-    """A rank's process is gone (process state says so). When the watcher saw some ranks go first
-    (a ``process_exit`` stall) and more were gone by the time evidence was gathered (the server
-    tearing itself down), the first ones are the culprits."""
+    """Requires process state: a rank's process is gone. It blames only the dead ranks themselves, from
+    their own evidence, so it holds even when another rank's ledger is missing. When the watcher saw some
+    ranks go first (a ``process_exit`` stall) and more were gone by the time evidence was gathered (the
+    server tearing itself down), the first ones are the culprits."""
     dead = [f for f in ctx.facts.values() if f.alive is False]
     if not dead:
         return []
@@ -297,7 +289,7 @@ def _launched(f: RankFacts, step: int) -> bool:
 
 
 def rule_host_hang(ctx: Context, cfg: AnalyzerConfig) -> list[Finding]:
-    """One rank busy or blocked in host code while its peers wait for it.
+    """Requires every rank's ledger: one rank busy or blocked in host code while its peers wait for it.
 
     Peers wait in a collective or a device sync by their stacks; or, where every live rank's stack
     reads as host code (an opaque native call such as a compiled graph's ``OpOverload.__call__``
@@ -374,6 +366,8 @@ def novelty(ctx: Context, step: int) -> tuple[str, ...]:
 
 
 def rule_device_hang(ctx: Context, cfg: AnalyzerConfig) -> list[Finding]:
+    """Requires every rank's ledger: all ranks are alive, inside the same step with the same key, having
+    launched it, and none is in host code."""
     facts = list(ctx.facts.values())
     if not facts or any(f.alive is False for f in facts):
         return []
@@ -417,6 +411,8 @@ def rule_device_hang(ctx: Context, cfg: AnalyzerConfig) -> list[Finding]:
 
 
 def rule_engine_stall(ctx: Context, cfg: AnalyzerConfig) -> list[Finding]:
+    """Requires every rank's ledger and the engine's: the engine holds requests and dispatches nothing
+    while every rank is idle on the broadcast ring."""
     eng = ctx.engine
     if eng is None or eng.open_step is not None or eng.pending == 0:
         return []
@@ -443,12 +439,12 @@ def rule_engine_stall(ctx: Context, cfg: AnalyzerConfig) -> list[Finding]:
 
 
 RULES: tuple[Rule, ...] = (
-    Rule("collective_mismatch", ("ledgers",), rule_collective_mismatch),
-    Rule("out_of_step", ("ledgers", "stacks", "procs"), rule_out_of_step),
+    Rule("collective_mismatch", ("ledgers", "all_ranks"), rule_collective_mismatch),
+    Rule("out_of_step", ("ledgers", "stacks", "procs", "all_ranks"), rule_out_of_step),
     Rule("worker_dead", ("procs",), rule_worker_dead),
-    Rule("host_hang", ("ledgers",), rule_host_hang),
-    Rule("device_hang", ("ledgers",), rule_device_hang),
-    Rule("engine_stall", ("ledgers", "engine"), rule_engine_stall),
+    Rule("host_hang", ("ledgers", "all_ranks"), rule_host_hang),
+    Rule("device_hang", ("ledgers", "all_ranks"), rule_device_hang),
+    Rule("engine_stall", ("ledgers", "engine", "all_ranks"), rule_engine_stall),
 )
 
 PRIORITY = (

@@ -177,6 +177,9 @@ class Engine:
         self._plan = plan
         self.step = 0
         self.finished = 0
+        # Per request, the first token position sampled from activations a mismatched reduction produced:
+        # from there on its text is not the model's.
+        self.corrupt_from: dict[int, int] = {}
 
     def _bite(self) -> None:
         if self.bites is not None:
@@ -274,12 +277,19 @@ class Engine:
         self.bcast.enqueue(msg, timeout=self.args.execute_timeout_s)
         reply = self.resps[0].dequeue(timeout=self.args.execute_timeout_s)
         ok = isinstance(reply, dict) and reply.get("step") == step
+        exact = not isinstance(reply, dict) or bool(reply.get("exact", True))
+        before = {r.rid: r.generated for r, _ in plan}
         finished = self.sched.update(plan, self.args.seed)
+        if not exact:
+            for r, _ in plan:
+                if r.generated > before[r.rid]:
+                    self.corrupt_from.setdefault(r.rid, before[r.rid])
         if self.args.progress:
-            tokens = [(r.rid, r.generated) for r, _ in plan if r.generated]
+            tokens = [(r.rid, r.generated, self.corrupt_from.get(r.rid, -1)) for r, _ in plan if r.generated]
             results.put(("progress", len(self.sched.running), len(self.sched.waiting), tokens))
         for req in finished:
-            results.put((req.rid, True, req.generated))
+            bad = self.corrupt_from.pop(req.rid, -1)
+            results.put((req.rid, bad < 0, req.generated, bad))
             self.finished += 1
         if self.rec is not None:
             self.rec.engine_result(

@@ -42,6 +42,7 @@ class FaultBroker:
         self.path = path
         self.plan = plan
         self.bites: list[int] = []
+        self.ranks: list[int | None] = []  # whose bite each was (None: the engine)
         self._lock = threading.Lock()
         path.unlink(missing_ok=True)
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -62,8 +63,16 @@ class FaultBroker:
         with contextlib.suppress(OSError, ValueError), conn, conn.makefile("rb") as lines:
             conn.sendall(json.dumps(plan).encode() + b"\n")
             for line in lines:
+                bite = json.loads(line)
                 with self._lock:
-                    self.bites.append(int(json.loads(line)["bite_ns"]))
+                    self.bites.append(int(bite["bite_ns"]))
+                    self.ranks.append(None if bite.get("rank") is None else int(bite["rank"]))
+
+    def all_bites(self) -> list[tuple[int, int]]:
+        """(rank, ns) of every bite so far, oldest first (rank -1: the engine)."""
+        with self._lock:
+            pairs = [(-1 if r is None else r, ns) for r, ns in zip(self.ranks, self.bites, strict=True)]
+        return sorted(pairs, key=lambda b: b[1])
 
     def first_bite_between(self, lo_ns: int, hi_ns: int) -> int | None:
         with self._lock:
@@ -106,7 +115,7 @@ def server_argv(opts: Any, port: int, workdir: Path, fault_socket: Path) -> list
 
 def run_fallback(opts: Any, workdir: Path, say: Callable[[str], None]) -> dict[str, Any]:
     """Run the demo under the supervisor and proxy; returns the parts of the demo JSON it owns."""
-    from watchdog.demo.run import incident_json
+    from watchdog.demo.run import bites_json, incident_json
 
     ledger_dir, incidents_dir = workdir / "ledgers", workdir / "incidents"
     state_file = workdir / "ladder.json"
@@ -170,6 +179,7 @@ def run_fallback(opts: Any, workdir: Path, say: Callable[[str], None]) -> dict[s
             "errors": dict(client.errors),
         },
         "incidents": incidents,
+        "fault_bites": bites_json(broker.all_bites(), started),
         "restarts": [r.to_json() for r in sup.restarts],
         "ladder": sup.state.to_json(cfg.policy),
         "gave_up": sup.state.gave_up,

@@ -138,6 +138,7 @@ class CapturedGraph:
     seq_lens: torch.Tensor | None  # static per-slot lengths (FULL graphs only)
     manifest: tuple[CollectiveOp, ...]
     hash: int = 0
+    out: torch.Tensor | None = None  # static output [num_tokens, hidden]
 
 
 def capture(
@@ -153,5 +154,20 @@ def capture(
     seq_lens = None if num_slots is None else torch.zeros(num_slots, dtype=torch.int64, device=device)
     comm.capture_log = []
     with stream.capture() as graph:
-        model.forward(stream, comm, x, seq_lens, clamp)
-    return CapturedGraph(graph, x, seq_lens, tuple(comm.capture_log))
+        out = model.forward(stream, comm, x, seq_lens, clamp)
+    return CapturedGraph(graph, x, seq_lens, tuple(comm.capture_log), out=out)
+
+
+def step_input(step: int) -> float:
+    """The value every input row holds in ``step``: it changes from step to step, so a reduction that
+    pairs one rank's step with another rank's different step sums partials of different inputs."""
+    return 0.01 * (1 + step % 5)
+
+
+def reference_row(model: TinyModel, value: float, world: int) -> torch.Tensor:
+    """One output row computed without any collective: what the all-reduced forward must give when every
+    rank contributed the same step (each rank's partial is the same, so the sum is ``world`` times it)."""
+    h = torch.full((1, model.hidden), value, device=model.weights[0].device)
+    for w in model.weights:
+        h = torch.tanh(world * (h @ w))
+    return h

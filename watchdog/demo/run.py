@@ -85,6 +85,8 @@ class DemoOptions:
             raise DemoError(f"--bursts must be at least 1, got {self.bursts}")
         if not 0.0 <= self.idle_gap_s < float("inf"):
             raise DemoError(f"--idle-gap must be a finite number of seconds >= 0, got {self.idle_gap_s}")
+        if not 0.0 < self.stall_floor_s < float("inf"):
+            raise DemoError(f"--stall-floor-s must be a positive number of seconds, got {self.stall_floor_s}")
         if self.max_restarts < 0:
             raise DemoError(f"--max-restarts must be at least 0, got {self.max_restarts}")
         if self.device not in ("cpu", "cuda"):
@@ -161,7 +163,7 @@ def run_demo(
         f"starting TP={opts.tp} demo engine ({opts.cudagraph_mode}, MTP={opts.num_speculative_tokens}"
         f"{', CUDA + NCCL' if cuda else ''}) in {workdir}"
     )
-    started = time.monotonic()
+    started, started_ns = time.monotonic(), time.monotonic_ns()
     engine.start()
     incidents: list[Incident] = []
     probes: list[dict[str, Any]] = []
@@ -193,7 +195,11 @@ def run_demo(
         while not client_result.done.is_set():
             stall = watcher.poll() if opts.watch else None
             if stall is not None:
-                say(f"stall: step {stall.step} open {stall.age_s:.2f} s > deadline {stall.deadline_s:.2f} s; gathering")
+                if stall.kind == "divergence":
+                    say(f"ranks out of step at step {stall.step} (no stall yet); gathering")
+                else:
+                    age_txt, limit = f"{stall.age_s:.2f}", f"{stall.deadline_s:.2f}"
+                    say(f"stall: step {stall.step} open {age_txt} s > deadline {limit} s; gathering")
                 incident = watcher.handle(stall)
                 incidents.append(incident)
                 say(f"diagnosed {incident.diagnosis.verdict.value}; bundle {incident.bundle}")
@@ -220,7 +226,8 @@ def run_demo(
         unlink_rings(ledger_dir)
         for store in workdir.glob("pg-store-*"):
             store.unlink(missing_ok=True)
-    bite_ns = _first_bite(bites_q)
+    bites = _bites(bites_q)
+    bite_ns = min((ns for _r, ns in bites), default=None)
     return {
         "schema": DEMO_SCHEMA,
         "tp": opts.tp,
@@ -232,6 +239,8 @@ def run_demo(
             "failed": opts.requests - (client_result.succeeded if client_result else 0),
         },
         "incidents": [incident_json(i, bite_ns) for i in incidents],
+        "fault_bites": bites_json(bites, started_ns),
+        "watched": opts.watch,
         "restarts": [],
         "workdir": str(workdir),
         "elapsed_s": round(time.monotonic() - started, 3),
@@ -257,14 +266,32 @@ def _fallback_demo(opts: DemoOptions, workdir: Path, say: Callable[[str], None])
     }
 
 
-def _first_bite(bites: mp.Queue[Any]) -> int | None:
-    first: int | None = None
+def _bites(bites: mp.Queue[Any]) -> list[tuple[int, int]]:
+    """(rank, monotonic ns) of each process's first bite (-1: the engine)."""
+    out: list[tuple[int, int]] = []
     while True:
         try:
-            _rank, ns = bites.get(timeout=0.2)
+            rank, ns = bites.get(timeout=0.2)
         except queue.Empty:
-            return first
-        first = ns if first is None else min(first, ns)
+            return sorted(out, key=lambda b: b[1])
+        out.append((-1 if rank is None else int(rank), int(ns)))
+
+
+def bites_json(bites: list[tuple[int, int]], started_ns: int) -> list[dict[str, Any]]:
+    """When the injected defect bit, per process: the demo's own knowledge, never the analyzer's."""
+    return [{"rank": None if r < 0 else r, "after_s": round((ns - started_ns) / 1e9, 3)} for r, ns in bites]
+
+
+def missed(result: dict[str, Any]) -> str | None:
+    """A fault that bit with no incident after it is a failure of the demo: say so in one line."""
+    bites = result.get("fault_bites") or []
+    if not bites or result.get("incidents") or not result.get("watched", True):
+        return None  # (--no-watch: an external agent watches, and its incidents are not ours to see)
+    ranks = sorted({"engine" if b["rank"] is None else f"rank {b['rank']}" for b in bites})
+    return (
+        f"the {result['fault']} fault bit ({', '.join(ranks)}, first {bites[0]['after_s']:.2f} s in) "
+        "and no incident followed: the watchdog missed it"
+    )
 
 
 def incident_json(i: Incident, bite_ns: int | None) -> dict[str, Any]:

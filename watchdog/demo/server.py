@@ -44,7 +44,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from watchdog.demo.engine import EngineArgs, engine_main
 from watchdog.demo.faults import FaultPlan
 from watchdog.demo.proc import die_with_parent
-from watchdog.demo.tokens import continue_text, prompt_tokens
+from watchdog.demo.tokens import model_text, prompt_tokens
 from watchdog.keys import LADDER, DispatchConfig, default_capture_sizes
 
 MODEL = "watchdog-demo"
@@ -81,6 +81,7 @@ class Front:
         for m in (self.m_running, self.m_waiting, self.m_gen, self.m_prompt):
             m.labels(model)
         self._counts: dict[int, int] = {}
+        self.corrupt_from: dict[int, int] = {}  # rid -> first token sampled from mismatched reductions
 
     def submit(self, prompt: str, max_tokens: int) -> tuple[int, asyncio.Queue[Event]]:
         with self._rid_lock:
@@ -96,6 +97,7 @@ class Front:
     def release(self, rid: int, finished: bool) -> None:
         self.pending.pop(rid, None)
         self._counts.pop(rid, None)
+        self.corrupt_from.pop(rid, None)
         if not finished and not self.dead:
             self.requests.put(("abort", rid))
 
@@ -118,12 +120,16 @@ class Front:
                 _, running, waiting, tokens = item
                 self.m_running.labels(self.model).set(running)
                 self.m_waiting.labels(self.model).set(waiting)
-                for rid, n in tokens:
+                for rid, n, bad in tokens:
                     self.m_gen.labels(self.model).inc(max(0, n - self._counts.get(rid, 0)))
                     self._counts[rid] = n
+                    if bad >= 0:
+                        self.corrupt_from.setdefault(rid, bad)
                     self._post(rid, ("tok", n))
             elif item[0] != "control":
-                rid, _ok, n = item
+                rid, _ok, n, bad = item
+                if bad >= 0:
+                    self.corrupt_from.setdefault(rid, bad)
                 self._post(rid, ("done", n))
 
     def _engine_died(self) -> None:
@@ -201,7 +207,7 @@ def make_app(front: Front) -> FastAPI:
             return StreamingResponse(
                 _stream(front, rid, q, prompt, cid, created, n_prompt, usage_wanted), media_type="text/event-stream"
             )
-        finished = False
+        finished, bad = False, -1
         try:
             while True:
                 kind, value = await q.get()
@@ -212,8 +218,9 @@ def make_app(front: Front) -> FastAPI:
                     n = int(value)
                     break
         finally:
+            bad = front.corrupt_from.get(rid, -1)
             front.release(rid, finished)
-        text = "".join(continue_text(prompt, n))
+        text = "".join(model_text(prompt, n, 0, bad))
         return JSONResponse(
             {
                 "id": cid,
@@ -246,7 +253,7 @@ async def _stream(
                 err = {"error": {"message": str(value), "type": "engine_dead", "code": 500}}
                 yield f"data: {json.dumps(err)}\n\n".encode()
                 return
-            for tok in continue_text(text, int(value) - sent):
+            for tok in model_text(text, int(value) - sent, sent, front.corrupt_from.get(rid, -1)):
                 text += tok
                 sent += 1
                 yield _chunk(cid, created, front.model, tok, None)
@@ -280,8 +287,8 @@ def receive_plan(path: str) -> tuple[FaultPlan, socket.socket]:
 def _forward_bites(bites: Any, sock: socket.socket) -> None:
     while True:
         try:
-            _rank, ns = bites.get()
-            sock.sendall(json.dumps({"bite_ns": ns}).encode() + b"\n")
+            rank, ns = bites.get()
+            sock.sendall(json.dumps({"bite_ns": ns, "rank": rank}).encode() + b"\n")
         except (OSError, EOFError, ValueError):
             return
 

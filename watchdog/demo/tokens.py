@@ -20,6 +20,20 @@ def next_token(text: str) -> str:
     return " " + VOCAB[zlib.crc32(text.encode()) % len(VOCAB)]
 
 
+def model_text(prefix: str, n: int, sent: int = 0, corrupt_from: int = -1) -> list[str]:
+    """The next ``n`` tokens after ``prefix`` (``sent`` already streamed) as the demo model samples them:
+    from position ``corrupt_from`` on (when >= 0) the activations came from reductions that mixed
+    steps of ranks out of step, and every token sampled from them is a different one."""
+    out: list[str] = []
+    for i in range(sent, sent + n):
+        tok = next_token(prefix)
+        if 0 <= corrupt_from <= i:
+            tok = " " + VOCAB[(VOCAB.index(tok[1:]) + 1) % len(VOCAB)]
+        out.append(tok)
+        prefix += tok
+    return out
+
+
 def continue_text(prefix: str, n: int) -> list[str]:
     """The next ``n`` tokens after ``prefix``."""
     out: list[str] = []

@@ -135,7 +135,7 @@ def _last_record_ns(ledger: Ledger) -> int | None:
 
 
 def build(snapshot: Snapshot, diagnosis: Diagnosis, n_steps: int = DEFAULT_STEPS) -> Timeline:
-    rank_traces = {r: traces(ev.ledger) for r, ev in snapshot.ranks.items()}
+    rank_traces = {r: traces(ev.ledger.records if ev.ledger is not None else ()) for r, ev in snapshot.ranks.items()}
     offs = {r: _clock(ev.ledger) for r, ev in snapshot.ranks.items() if ev.ledger is not None}
     begun = sorted({s for tr in rank_traces.values() for s, t in tr.items() if t.begin is not None})
     engine = snapshot.engine.ledger if snapshot.engine is not None else None

@@ -1,0 +1,236 @@
+"""Ranks out of step, caught as their steps complete (watchdog.divergence through the real Watcher):
+real ledger files written by the real Recorder, tailed by the real reader."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from collectors.format import CollectiveOp, CUDAGraphMode, GraphKey, ProcessKind, Role
+from collectors.recorder import Recorder
+from watchdog.divergence import DivergenceMonitor
+from watchdog.snapshot import Sources
+from watchdog.watcher import Watcher
+
+FULL32 = GraphKey(CUDAGraphMode.FULL, 32, 16, uniform=True)
+PW40 = GraphKey(CUDAGraphMode.PIECEWISE, 40)
+PW24 = GraphKey(CUDAGraphMode.PIECEWISE, 24)
+EAGER = GraphKey(CUDAGraphMode.NONE, 300)
+OPS = [CollectiveOp("all_reduce", "tp", "float32", 4096)] * 3
+
+
+class Ranks:
+    """``world`` recorders writing one TP group's ledgers, and a Watcher over them."""
+
+    def __init__(self, tmp: Path, world: int, slots: int = 4096) -> None:
+        self.recs = [
+            Recorder(tmp, kind=ProcessKind.WORKER, rank=r, world_size=world, n_slots=slots) for r in range(world)
+        ]
+        self.hashes = {}
+        for rec in self.recs:
+            for role, key in ((Role.MODEL, FULL32), (Role.DRAFTER, PW40), (Role.DRAFTER, PW24)):
+                self.hashes[(role, key)] = rec.manifest(role, key, OPS)
+        self.watcher = Watcher(tmp, tmp / "incidents", Sources(stacks=None, procs=None), divergence_grace_s=0.5)
+
+    def step(
+        self,
+        rank: int,
+        step: int,
+        *,
+        key: GraphKey = FULL32,
+        drafter: GraphKey | None = PW40,
+        eager: int = 0,
+        end: bool = True,
+        ok: bool = True,
+    ) -> None:
+        rec = self.recs[rank]
+        graph = key.mode is not CUDAGraphMode.NONE
+        manifest = self.hashes[(Role.MODEL, key)] if graph else 0
+        rec.step_begin(
+            step, key, unpadded_tokens=30, unpadded_reqs=15, padded_reqs=1, placeholders=15, launch_manifest=manifest
+        )
+        for _ in range(eager):
+            rec.collective(step, "tp", "all_reduce", "float32", 4096)
+        if drafter is not None:
+            rec.launch(step, Role.DRAFTER, drafter, self.hashes[(Role.DRAFTER, drafter)])
+        if end:
+            rec.step_end(step, ok)
+
+    def all(self, step: int, **kw: object) -> None:
+        for r in range(len(self.recs)):
+            self.step(r, step, **kw)  # type: ignore[arg-type]
+
+    def poll(self) -> object:
+        return self.watcher.poll()
+
+    def close(self) -> None:
+        self.watcher.close()
+        for rec in self.recs:
+            rec.close()
+
+
+@pytest.fixture
+def ranks(tmp_path: Path) -> Ranks:
+    return Ranks(tmp_path, 3)
+
+
+def test_healthy_steps_of_every_kind_raise_nothing(ranks: Ranks) -> None:
+    for s in range(50):
+        if s % 7 == 3:
+            ranks.all(s, key=EAGER, drafter=None, eager=4)
+        else:
+            ranks.all(s, drafter=PW40 if s % 2 else PW24)
+        assert ranks.poll() is None
+    ranks.close()
+
+
+@pytest.mark.parametrize("culprit", [0, 1, 2])
+def test_a_rank_skipping_an_eager_collective_is_caught_at_that_step(ranks: Ranks, culprit: int) -> None:
+    for s in range(5):
+        ranks.all(s)
+    assert ranks.poll() is None
+    for r in range(3):
+        ranks.step(r, 5, key=EAGER, drafter=None, eager=3 if r == culprit else 4)
+    stall = ranks.poll()
+    assert stall is not None and stall.kind == "divergence" and stall.step == 5
+    assert ranks.poll() is None  # reported once
+    ranks.close()
+
+
+def test_a_peer_that_already_issued_more_than_a_finished_rank_is_caught_before_it_ends(ranks: Ranks) -> None:
+    ranks.all(0)
+    ranks.step(0, 1, key=EAGER, drafter=None, eager=3)
+    ranks.step(1, 1, key=EAGER, drafter=None, eager=3)
+    ranks.step(2, 1, key=EAGER, drafter=None, eager=4, end=False)  # waits in its 4th all-reduce forever
+    stall = ranks.poll()
+    assert stall is not None and stall.kind == "divergence" and stall.step == 1
+    ranks.close()
+
+
+@pytest.mark.parametrize("culprit", [0, 2])
+def test_a_different_drafter_graph_is_caught(ranks: Ranks, culprit: int) -> None:
+    ranks.all(0)
+    for r in range(3):
+        ranks.step(r, 1, drafter=PW24 if r == culprit else PW40)
+    stall = ranks.poll()
+    assert stall is not None and stall.kind == "divergence" and stall.step == 1
+    ranks.close()
+
+
+def test_a_rank_not_there_yet_and_a_failed_step_are_not_divergences(ranks: Ranks) -> None:
+    ranks.all(0)
+    ranks.step(0, 1, eager=0)
+    ranks.step(1, 1, eager=0)  # rank 2 has not read step 1 yet
+    assert ranks.poll() is None
+    ranks.step(2, 1, eager=0)
+    # A step that failed on one rank stopped early there: its counts prove nothing.
+    ranks.step(0, 2, key=EAGER, drafter=None, eager=4)
+    ranks.step(1, 2, key=EAGER, drafter=None, eager=1, ok=False)
+    ranks.step(2, 2, key=EAGER, drafter=None, eager=4)
+    assert ranks.poll() is None
+    ranks.close()
+
+
+def test_a_rank_left_inside_a_step_is_caught_after_the_grace(ranks: Ranks) -> None:
+    ranks.all(0)
+    ranks.step(0, 1)
+    ranks.step(1, 1)
+    ranks.step(2, 1, end=False)
+    assert ranks.poll() is None  # within the grace
+    time.sleep(0.7)
+    stall = ranks.poll()
+    assert stall is not None and stall.kind == "divergence" and stall.step == 1 and stall.age_s > 0.5
+    ranks.close()
+
+
+def test_ring_wrap_past_the_reader_loses_steps_without_a_false_alarm(tmp_path: Path) -> None:
+    ranks = Ranks(tmp_path, 2, slots=64)
+    ranks.all(0)
+    assert ranks.poll() is None
+    # Rank 1 writes far more than its ring holds before the next poll: its early steps are gone.
+    for s in range(1, 200):
+        ranks.step(1, s, key=EAGER, drafter=None, eager=2)
+        ranks.step(0, s, key=EAGER, drafter=None, eager=2)
+        if s % 100 == 0:
+            assert ranks.poll() is None
+    assert ranks.poll() is None
+    ranks.close()
+
+
+def test_a_restarted_rank_rearms_the_monitor() -> None:
+    mon = DivergenceMonitor(grace_s=1.0)
+    mon.forget_rank(3)  # unknown rank: nothing to forget, nothing raised
+    assert mon.check(0) is None
+
+
+class _Direct:
+    """The HTTP edge replaced by a direct call of each member agent's status (the transport is not what
+    is tested here: tests/test_multinode.py runs the real one)."""
+
+    def __init__(self, agents: dict[str, object]) -> None:
+        self.agents = agents
+
+    def __call__(self, url: str, timeout_s: float) -> object:
+        from urllib.parse import parse_qs, urlsplit
+
+        parts = urlsplit(url)
+        agent = self.agents[f"{parts.scheme}://{parts.netloc}"]
+        since = parse_qs(parts.query).get("digests_since", [None])[0]
+        return agent.status(None if since is None else int(since))  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("culprit", [0, 1])
+def test_the_coordinator_compares_ranks_that_live_on_different_nodes(tmp_path: Path, culprit: int) -> None:
+    from watchdog.agent import Agent
+    from watchdog.coordinator import Coordinator
+    from watchdog.metrics import AgentMetrics
+
+    ranks = Ranks(tmp_path, 2)
+    members = {
+        f"http://node{r}": Agent(
+            Watcher(tmp_path, tmp_path / f"inc{r}", Sources(stacks=None, procs=None), ranks=frozenset({r})),
+            AgentMetrics("tp0"),
+            role="member",
+        )
+        for r in (0, 1)
+    }
+    coord = Coordinator(list(members), tmp_path / "inc-c")
+    coord._get = _Direct(members)  # type: ignore[method-assign]
+    for s in range(30):
+        ranks.all(s, key=EAGER, drafter=None, eager=2)
+        for m in members.values():
+            assert m.step() is None  # each member sees one rank: nothing to compare locally
+        assert coord.poll() is None
+    for r in (0, 1):
+        ranks.step(r, 30, key=EAGER, drafter=None, eager=1 if r == culprit else 2)
+    for m in members.values():
+        m.step()
+    stall = coord.poll()
+    assert stall is not None and stall.kind == "divergence" and stall.step == 30
+    ranks.close()
+    for m in members.values():
+        m.loop.close()
+
+
+@pytest.mark.parametrize("culprit", [0, 1, 2])
+def test_a_different_key_with_same_shaped_collectives_is_a_divergence_to_the_analyzer(
+    tmp_path: Path, culprit: int
+) -> None:
+    """Both drafter graphs hold the same collectives here: only the keys tell the ranks apart."""
+    from watchdog.analyzer import diagnose
+    from watchdog.bundle import load_snapshot
+
+    ranks = Ranks(tmp_path, 3)
+    for s in range(5):
+        ranks.all(s)
+    for r in range(3):
+        ranks.step(r, 5, drafter=PW24 if r == culprit else PW40)
+    ranks.all(6)
+    d = diagnose(load_snapshot(tmp_path))
+    assert d.verdict.value == "collective_mismatch", d.summary
+    assert d.step == 5 and d.culprit_ranks == (culprit,)
+    assert d.first_divergence is not None and d.first_divergence.index == len(OPS)  # after the model graph's
+    assert d.first_divergence.sources[culprit] == "drafter launch PIECEWISE(tokens=24)"
+    ranks.close()
