@@ -214,6 +214,10 @@ def make_app(agent: Agent) -> FastAPI:
         title="tp-deadlock-watchdog",
         version="1",
         description="Deadlock watchdog agent / coordinator for tensor-parallel vLLM serving.",
+        # Swagger UI / ReDoc load their JavaScript from a CDN: a blank page on offline clusters.
+        # The schema itself stays at /openapi.json (and docs/openapi.json) for any local viewer.
+        docs_url=None,
+        redoc_url=None,
     )
 
     def authorize(request: Request, required: bool) -> None:
@@ -221,8 +225,9 @@ def make_app(agent: Agent) -> FastAPI:
             if required:
                 raise HTTPException(403, "no api_token configured: state-changing endpoints are disabled")
             return
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {agent.token}".encode()):
+        # RFC 7235: the scheme is case-insensitive ("bearer x" is as good as "Bearer x").
+        scheme, _, given = request.headers.get("authorization", "").strip().partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), agent.token.encode()):
             raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
     @app.get("/healthz")

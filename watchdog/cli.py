@@ -6,6 +6,8 @@ Exit codes (all commands):
     2  usage error
     3  a deadlock was diagnosed
     4  diagnose: a stall or missing evidence, cause not determined (inconclusive)
+    5  run (and demo): the fallback gave up, the restart bound was hit
+  130  interrupted (Ctrl-C)
 
 Data goes to stdout (``--json``: one stable, versioned JSON object as the last line); progress
 and messages go to stderr.
@@ -13,9 +15,12 @@ and messages go to stderr.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
+import shutil
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -28,19 +33,59 @@ except ImportError:  # pragma: no cover
     from click import exceptions as click_exc  # type: ignore[no-redef]
 
 from collectors.reader import LedgerError
-from watchdog.errors import WatchdogError
+from watchdog.errors import UsageError, WatchdogError
 from watchdog.types import Verdict
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_DEADLOCK, EXIT_INCONCLUSIVE = 0, 1, 2, 3, 4
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+
+
+class GroupedCommand(typer.core.TyperCommand):
+    """Plain click help (help text printed as written: rich markup would eat "[ratio*len, len]"),
+    with the options listed under their ``rich_help_panel`` group."""
+
+    def format_options(self, ctx: Any, formatter: Any) -> None:
+        groups: dict[str, list[tuple[str, str]]] = {}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is None:
+                continue
+            section = "Arguments" if param.param_type_name == "argument" else "Options"
+            groups.setdefault(getattr(param, "rich_help_panel", None) or section, []).append(record)
+        for section, rows in groups.items():
+            with formatter.section(section):
+                formatter.write_dl(rows)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            print(f"watchdog {version('tp-deadlock-watchdog')}")
+        except PackageNotFoundError:  # run from a source tree that was never installed
+            print("watchdog (not installed)")
+        raise typer.Exit(EXIT_OK)
+
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     help="Deadlock watchdog for tensor-parallel vLLM serving.",
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
 )
-bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print figures.")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print figures.", rich_markup_mode=None)
 app.add_typer(bench_app, name="bench")
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", is_eager=True, callback=_version, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Deadlock watchdog for tensor-parallel vLLM serving."""
 
 
 def _err(msg: str) -> None:
@@ -53,7 +98,7 @@ def _verdict_exit(verdict: Verdict) -> int:
     return EXIT_INCONCLUSIVE if verdict is Verdict.INCONCLUSIVE else EXIT_OK
 
 
-@app.command()
+@app.command(cls=GroupedCommand)
 def diagnose(
     path: Annotated[Path, typer.Argument(help="An incident bundle, or a ledger directory of a dead deployment.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the Diagnosis as JSON.")] = False,
@@ -71,7 +116,7 @@ def diagnose(
     return _verdict_exit(diagnosis.verdict)
 
 
-@app.command()
+@app.command(cls=GroupedCommand)
 def demo(
     tp: Annotated[int, typer.Option(help="Tensor-parallel ranks (worker processes).")] = 2,
     requests: Annotated[int, typer.Option(help="Requests the bench client sends.")] = 128,
@@ -90,8 +135,11 @@ def demo(
     seed: Annotated[int, typer.Option(help="Workload and model seed.")] = 0,
     bursts: Annotated[int, typer.Option(help="Send the requests in this many bursts ...")] = 1,
     idle_gap: Annotated[float, typer.Option(help="... with this many idle seconds between bursts.")] = 0.0,
-    workdir: Annotated[Path | None, typer.Option(help="Where ledgers and incident bundles go.")] = None,
-    timeout: Annotated[float, typer.Option(help="Give up after this many seconds.")] = 300.0,
+    workdir: Annotated[
+        Path | None, typer.Option(help="Where ledgers and incident bundles go (kept). Default: a temporary directory.")
+    ] = None,
+    keep: Annotated[bool, typer.Option("--keep", help="Keep the temporary directory (its bundles).")] = False,
+    timeout: Annotated[float, typer.Option(help="Give up after this many seconds (start-up included).")] = 300.0,
     native: Annotated[bool, typer.Option(help="Also take native (C) stacks with py-spy --native.")] = True,
     watch: Annotated[bool, typer.Option(help="Watch in-process; --no-watch leaves it to `watchdog agent`.")] = True,
     fallback: Annotated[
@@ -113,10 +161,7 @@ def demo(
         for name in FAULTS:
             print(f"{name:<26} {DESCRIPTIONS[name]}")
         return EXIT_OK
-    if cudagraph_mode not in ("FULL_AND_PIECEWISE", "FULL_DECODE_ONLY", "NONE"):
-        raise WatchdogError(f"--cudagraph-mode {cudagraph_mode!r}: choose FULL_AND_PIECEWISE, FULL_DECODE_ONLY or NONE")
-    if fault not in FAULTS:
-        raise WatchdogError(f"--fault {fault!r}: unknown; choose one of {', '.join(FAULTS)}")
+    temporary = workdir is None
     opts = DemoOptions(
         tp=tp,
         requests=requests,
@@ -139,8 +184,15 @@ def demo(
         max_restarts=max_restarts,
         device=device,
     )
-    result = run_demo(opts, say=_err)
-    _print_demo(result)
+    opts.validate()  # usage errors (exit 2) before a temporary directory exists
+    if temporary:
+        opts = dataclasses.replace(opts, workdir=tempfile.mkdtemp(prefix="watchdog-demo-"))
+    try:
+        result = run_demo(opts, say=_err)
+        _print_demo(result, kept=keep or not temporary)
+    finally:
+        if temporary and not keep and opts.workdir:
+            shutil.rmtree(opts.workdir, ignore_errors=True)
     if as_json:
         slim = {k: v for k, v in result.items()}
         slim["incidents"] = [{k: v for k, v in i.items() if k != "report"} for i in result["incidents"]]
@@ -152,7 +204,7 @@ def demo(
     return EXIT_DEADLOCK if result["incidents"] else EXIT_OK
 
 
-def _print_demo(result: dict[str, Any]) -> None:
+def _print_demo(result: dict[str, Any], kept: bool) -> None:
     req = result["requests"]
     print(
         f"demo TP={result['tp']} {result['cudagraph_mode']} fault={result['fault']}: "
@@ -164,7 +216,10 @@ def _print_demo(result: dict[str, Any]) -> None:
             f"diagnosed after {inc['diagnosed_after_s']:.2f} s; bundle {inc['bundle']}\n"
         )
         print(inc["report"], end="")
-        print(f"\nre-run it:  watchdog diagnose {inc['bundle']}")
+        if kept:
+            print(f"\nre-run it:  watchdog diagnose {inc['bundle']}")
+        else:
+            print("\n(the bundle goes with the temporary directory: --keep or --workdir DIR keeps it)")
     for r in result.get("restarts", []):
         down = "?" if r["downtime_s"] is None else f"{r['downtime_s']:.1f} s"
         print(f"restart after {r['after_incident']}: {r['from']} -> {r['to']} (down {down})")
@@ -172,41 +227,63 @@ def _print_demo(result: dict[str, Any]) -> None:
         print("the fallback gave up: the restart bound was hit (exit code 5)")
 
 
-def _with_settings(func: Callable[..., int]) -> Callable[..., int]:
-    """Give a command one ``--<name>`` option per setting (see watchdog/settings.py), all defaulting to
-    None so that the file and the environment fill what the command line leaves out."""
-    from watchdog.settings import FIELDS, HELP
+def _with_settings(command: str) -> Callable[[Callable[..., int]], Callable[..., int]]:
+    """Give a command one ``--<name>`` option per setting it reads (see watchdog/settings.py), grouped,
+    each defaulting to None so that the file and the environment fill what the command line leaves out;
+    the help shows the real default and the environment variable."""
+    from watchdog.settings import FIELDS, HELP, SCOPE, Settings, env_name, fields_of
 
     kinds: dict[str, Any] = {"bool": bool, "int": int, "float": float, "str": str, "Path": Path, "Path | None": Path}
-    own = [
-        p.replace(
-            annotation=Annotated[list[str], typer.Argument(help="The server command, after --.", show_default=False)]
-        )
-        for p in inspect.signature(func).parameters.values()
-        if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
-    ]
-    params = [
-        *own,
-        inspect.Parameter(
-            "config",
-            inspect.Parameter.KEYWORD_ONLY,
-            default=None,
-            annotation=Annotated[Path | None, typer.Option(help="TOML settings file (or WATCHDOG_CONFIG).")],
-        ),
-    ]
-    for name, f in FIELDS.items():
-        kind = kinds[str(f.type)]
-        params.append(
+    defaults = Settings()
+
+    def shown(name: str) -> str:
+        value = getattr(defaults, name)
+        if value is None or value == "":
+            return "none"
+        return str(value).lower() if isinstance(value, bool) else str(value)
+
+    def wrap(func: Callable[..., int]) -> Callable[..., int]:
+        own = [
+            p.replace(
+                annotation=Annotated[
+                    list[str], typer.Argument(help="The server command, after --.", show_default=False)
+                ]
+            )
+            for p in inspect.signature(func).parameters.values()
+            if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+        ]
+        params = [
+            *own,
             inspect.Parameter(
-                name,
+                "config",
                 inspect.Parameter.KEYWORD_ONLY,
                 default=None,
-                annotation=Annotated[kind | None, typer.Option(help=HELP[name], show_default=False)],
+                annotation=Annotated[
+                    Path | None, typer.Option(help="TOML settings file.  [env: WATCHDOG_CONFIG]", show_default=False)
+                ],
+            ),
+        ]
+        for name in fields_of(command):
+            kind = kinds[str(FIELDS[name].type)]
+            text = f"{HELP[name]}  [default: {shown(name)}; env: {env_name(name)}]"
+            option = typer.Option(help=text, show_default=False, rich_help_panel=SCOPE[name][0])
+            if kind is bool:  # --x / --no-x, so a command line can undo a file or environment value
+                option = typer.Option(
+                    f"--{name.replace('_', '-')}/--no-{name.replace('_', '-')}",
+                    help=text,
+                    show_default=False,
+                    rich_help_panel=SCOPE[name][0],
+                )
+            params.append(
+                inspect.Parameter(
+                    name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[kind | None, option]
+                )
             )
-        )
-    func.__signature__ = inspect.Signature(params, return_annotation=int)  # type: ignore[attr-defined]
-    func.__annotations__ = {p.name: p.annotation for p in params} | {"return": int}
-    return func
+        func.__signature__ = inspect.Signature(params, return_annotation=int)  # type: ignore[attr-defined]
+        func.__annotations__ = {p.name: p.annotation for p in params} | {"return": int}
+        return func
+
+    return wrap
 
 
 def _settings(values: dict[str, Any]) -> Any:
@@ -215,8 +292,8 @@ def _settings(values: dict[str, Any]) -> Any:
     return load(values.pop("config", None), cli=values)
 
 
-@app.command()
-@_with_settings
+@app.command(cls=GroupedCommand)
+@_with_settings("agent")
 def agent(**values: Any) -> int:
     """Watch this node's ranks as a long-running sidecar: HTTP API, /livez, /metrics.
 
@@ -225,8 +302,10 @@ def agent(**values: Any) -> int:
     from watchdog.metrics import AgentMetrics
 
     s = _settings(values)
-    if not s.ledger_dir.is_dir():
-        raise WatchdogError(f"ledger_dir {s.ledger_dir}: not a directory")
+    try:  # the ranks may start after the agent: make the directory they will write to, as run does
+        s.ledger_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise WatchdogError(f"ledger_dir {s.ledger_dir}: {exc.strerror or exc}") from None
     metrics = AgentMetrics(s.tp_group)
     watcher = _watchers(s, metrics)()
     role = "member" if s.member else "agent"
@@ -284,8 +363,8 @@ def _watchers(s: Any, metrics: Any) -> Callable[[], Any]:
     return make
 
 
-@app.command(context_settings={"allow_interspersed_args": False})
-@_with_settings
+@app.command(cls=GroupedCommand, context_settings={"allow_interspersed_args": False})
+@_with_settings("run")
 def run(command: list[str], **values: Any) -> int:
     """Run a server (`watchdog run [OPTIONS] -- vllm serve ...`), watch it, and on a diagnosed deadlock
     restart it one rung safer on the cudagraph ladder (bounded; --observe never restarts).
@@ -335,8 +414,8 @@ def run(command: list[str], **values: Any) -> int:
         sup.agent.loop.close()
 
 
-@app.command()
-@_with_settings
+@app.command(cls=GroupedCommand)
+@_with_settings("coordinator")
 def coordinator(**values: Any) -> int:
     """Correlate the member agents of one TP group spread over nodes (--agents URL,URL): one diagnosis, one bundle."""
     from watchdog.agent import Agent, serve
@@ -363,7 +442,7 @@ def coordinator(**values: Any) -> int:
     return EXIT_OK
 
 
-@app.command()
+@app.command(cls=GroupedCommand)
 def discover(
     ledger_dir: Annotated[Path, typer.Option(help="Directory the ranks write their ledgers to.")] = Path(
         "/var/run/watchdog/ledgers"
@@ -410,7 +489,7 @@ def discover(
     return EXIT_OK
 
 
-@app.command()
+@app.command(cls=GroupedCommand)
 def openapi() -> int:
     """Print the agent's OpenAPI schema (committed as docs/openapi.json)."""
     print(json.dumps(openapi_schema(), indent=2, sort_keys=True))
@@ -425,7 +504,7 @@ def openapi_schema() -> dict[str, Any]:
     return make_app(Agent(Coordinator([], Path(".")), AgentMetrics("tp0"))).openapi()
 
 
-@bench_app.command("recorder")
+@bench_app.command(cls=GroupedCommand, name="recorder")
 def bench_recorder(
     records: Annotated[int, typer.Option(help="Records per timing run.")] = 20000,
     repeats: Annotated[int, typer.Option(help="Timing runs (median reported).")] = 7,
@@ -441,7 +520,7 @@ def bench_recorder(
     return EXIT_OK
 
 
-@bench_app.command("plugin")
+@bench_app.command(cls=GroupedCommand, name="plugin")
 def bench_plugin(
     steps: Annotated[int, typer.Option(help="Timed decode steps per run.")] = 20000,
     repeats: Annotated[int, typer.Option(help="Timing runs (median reported).")] = 7,
@@ -456,7 +535,7 @@ def bench_plugin(
     return EXIT_OK
 
 
-@bench_app.command("detect")
+@bench_app.command(cls=GroupedCommand, name="detect")
 def bench_detect(
     tp: Annotated[list[int], typer.Option(help="TP sizes to measure (repeat the option).")] = [2, 4, 8],  # noqa: B006
     fault: Annotated[list[str] | None, typer.Option(help="Fault classes (repeat; default: every fault).")] = None,
@@ -482,14 +561,14 @@ def main(argv: list[str] | None = None) -> int:
     except click_exc.UsageError as exc:
         _err(f"watchdog: {exc.format_message()}")
         return EXIT_USAGE
-    except typer.Abort:
-        _err("watchdog: aborted")
-        return EXIT_ERROR
+    except UsageError as exc:
+        _err(f"watchdog: {exc}")
+        return EXIT_USAGE
+    except (typer.Abort, KeyboardInterrupt):  # click turns Ctrl-C into Abort
+        _err("watchdog: interrupted")
+        return EXIT_INTERRUPTED
     except (WatchdogError, LedgerError) as exc:
         _err(f"watchdog: {exc}")
-        return EXIT_ERROR
-    except KeyboardInterrupt:
-        _err("watchdog: interrupted")
         return EXIT_ERROR
     except typer.Exit as exc:
         return int(exc.exit_code)
