@@ -33,6 +33,7 @@ from fastapi import FastAPI, HTTPException, Request, Response
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from watchdog.evidence import EvidenceError
+from watchdog.logs import event
 from watchdog.metrics import AgentMetrics
 from watchdog.snapshot import LedgerSet, collect, read_ledger_dir
 from watchdog.types import StallInfo
@@ -97,6 +98,16 @@ class Agent:
         if stall is None:
             return None
         self.metrics.stalls.labels(self.metrics.tp_group).inc()
+        event(
+            "stall",
+            f"stall declared ({stall.kind}): step {stall.step} open {stall.age_s:.2f} s > deadline "
+            f"{stall.deadline_s:.2f} s",
+            logging.WARNING,
+            kind=stall.kind,
+            step=stall.step,
+            age_s=round(stall.age_s, 3),
+            deadline_s=round(stall.deadline_s, 3),
+        )
         if self.role == "member":
             with self._lock:
                 self.open_stall = stall
@@ -126,6 +137,19 @@ class Agent:
             self.incidents.append(incident)
             self.deadlocked = verdict.is_deadlock
         self.metrics.deadlocked.labels(g).set(1 if verdict.is_deadlock else 0)
+        d = incident.diagnosis
+        culprits = ",".join(map(str, d.culprit_ranks)) or "none"
+        event(
+            "incident",
+            f"incident written: {verdict.value} (culprit ranks {culprits}) in "
+            f"{(incident.diagnosed_mono_ns - incident.detected_mono_ns) / 1e9:.2f} s: {incident.bundle}",
+            logging.WARNING if verdict.is_deadlock else logging.INFO,
+            verdict=verdict.value,
+            culprit_ranks=list(d.culprit_ranks),
+            step=d.step,
+            bundle=str(incident.bundle),
+            timings={k: round(v, 3) for k, v in incident.timings.items()},
+        )
         if self.on_incident is not None:
             self.on_incident(incident)
         return incident
@@ -284,9 +308,31 @@ def serve(agent: Agent, host: str, port: int) -> None:
 
     thread = threading.Thread(target=agent.run, name="watch-loop", daemon=True)
     thread.start()
+    server = uvicorn.Server(uvicorn.Config(make_app(agent), host=host, port=port, workers=1, log_level="warning"))
+    announce(server, agent, host, port)
     try:
-        uvicorn.run(make_app(agent), host=host, port=port, workers=1, log_level="warning")
+        server.run()
     finally:
         agent.stop()
         thread.join(timeout=5)
         agent.loop.close()
+
+
+def announce(server: Any, agent: Agent, host: str, port: int) -> None:
+    """Log "listening on" once uvicorn has bound the socket (not before: a failed bind must not say it)."""
+
+    def wait() -> None:
+        while not server.started:
+            if server.should_exit:
+                return
+            time.sleep(0.05)
+        auth = "bearer token required for evidence" if agent.token else "no token"
+        event(
+            "listening",
+            f"{agent.role} listening on http://{host}:{port} (tp_group {agent.metrics.tp_group}, {auth})",
+            role=agent.role,
+            host=host,
+            port=port,
+        )
+
+    threading.Thread(target=wait, name="announce", daemon=True).start()

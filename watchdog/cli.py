@@ -184,7 +184,10 @@ def demo(
         max_restarts=max_restarts,
         device=device,
     )
+    from watchdog import logs
+
     opts.validate()  # usage errors (exit 2) before a temporary directory exists
+    logs.setup("text", "error")  # the demo narrates through `say`; the services' log lines would repeat it
     if temporary:
         opts = dataclasses.replace(opts, workdir=tempfile.mkdtemp(prefix="watchdog-demo-"))
     try:
@@ -287,9 +290,12 @@ def _with_settings(command: str) -> Callable[[Callable[..., int]], Callable[...,
 
 
 def _settings(values: dict[str, Any]) -> Any:
+    from watchdog import logs
     from watchdog.settings import load
 
-    return load(values.pop("config", None), cli=values)
+    s = load(values.pop("config", None), cli=values)
+    logs.setup(s.log_format, s.log_level)
+    return s
 
 
 @app.command(cls=GroupedCommand)
@@ -316,16 +322,22 @@ def agent(**values: Any) -> int:
 
 
 def _kube_actions(s: Any, metrics: Any) -> Callable[[Any], None] | None:
-    """Kubernetes Events on incidents and/or evicting this pod on a deadlock, as configured."""
+    """Kubernetes Events on incidents and/or evicting this pod on a deadlock, as configured; with
+    kube_events, the log's state changes (start, rings, stall, ...) become Events too."""
     if s.on_deadlock != "evict" and not s.kube_events:
         return None
     from watchdog.kube import Kube, incident_actions
+    from watchdog.logs import KubeEvents, log
 
     ca = s.kube_ca_file if s.kube_api.startswith("https") and s.kube_ca_file.exists() else None
     kube = Kube(s.kube_api, s.kube_token_file, ca, s.pod_namespace, s.pod_name)
-    return incident_actions(
-        kube, s.kube_events, s.on_deadlock == "evict", lambda: metrics.scrape_errors.labels(s.tp_group, "kube").inc()
-    )
+
+    def failed() -> None:
+        metrics.scrape_errors.labels(s.tp_group, "kube").inc()
+
+    if s.kube_events:
+        log.addHandler(KubeEvents(lambda reason, message, kind: kube.event(reason, message, kind), failed))
+    return incident_actions(kube, s.kube_events, s.on_deadlock == "evict", failed)
 
 
 def _watchers(s: Any, metrics: Any) -> Callable[[], Any]:
@@ -370,6 +382,7 @@ def run(command: list[str], **values: Any) -> int:
     restart it one rung safer on the cudagraph ladder (bounded; --observe never restarts).
 
     Exits with the server's exit code when it ends by itself, 5 once the restart bound was hit."""
+    from watchdog.logs import event as log_event
     from watchdog.metrics import AgentMetrics
     from watchdog.supervisor import ladder
     from watchdog.supervisor.proxy import ResumingProxy, UpstreamGate
@@ -399,8 +412,9 @@ def run(command: list[str], **values: Any) -> int:
             proxy.start()
         except OSError as exc:
             raise WatchdogError(f"proxy_port {s.proxy_port}: {exc.strerror or exc}") from None
-        _err(f"watchdog run: resuming proxy on {s.proxy_host}:{proxy.port} -> {s.upstream}")
-    sup = Supervisor(cfg, metrics, _watchers(s, metrics), say=_err, token=s.token(), gate=gate)
+        log_event("proxy", f"watchdog run: resuming proxy on {s.proxy_host}:{proxy.port} -> {s.upstream}")
+    # The log is this command's voice (one line per state change, --log-format json for pipelines).
+    sup = Supervisor(cfg, metrics, _watchers(s, metrics), token=s.token(), gate=gate)
     if proxy is not None:
         sup.proxy_stats = lambda: proxy.stats
     handle_signals(sup)

@@ -18,6 +18,7 @@ from collectors.recorder import ledger_name
 from watchdog.analyzer import AnalyzerConfig, diagnose
 from watchdog.bundle import write_bundle
 from watchdog.detector import DetectorConfig, StallDetector
+from watchdog.logs import event
 from watchdog.report import render
 from watchdog.snapshot import Sources, find_ring_specs, gather, read_ledger_dir, read_rings
 from watchdog.types import Diagnosis, RingState, StallInfo
@@ -33,6 +34,7 @@ class Incident:
     stall: StallInfo | None
     detected_mono_ns: int
     diagnosed_mono_ns: int
+    timings: dict[str, float] = field(default_factory=dict)  # seconds: gather, analyze, write
 
 
 @dataclass
@@ -50,6 +52,7 @@ class Watcher:
     _tails: dict[Path, LedgerTail] = field(default_factory=dict)
     _detector: StallDetector = field(init=False)
     _fired: bool = False
+    _announced: bool = False
     progressed: bool = False  # the last poll saw new records
 
     def __post_init__(self) -> None:
@@ -57,6 +60,10 @@ class Watcher:
 
     def poll(self, now_ns: int | None = None) -> StallInfo | None:
         """Read new records and return a stall if one is open now (once per stall)."""
+        if not self._announced:
+            self._announced = True
+            which = "all ranks" if self.ranks is None else "ranks " + ",".join(map(str, sorted(self.ranks)))
+            event("watching", f"watching {which} in {self.ledger_dir}", ledger_dir=str(self.ledger_dir))
         for path in ledger_paths(self.ledger_dir, self.ranks):
             self._tails.setdefault(path, LedgerTail(path))
         progressed = False
@@ -70,6 +77,16 @@ class Watcher:
                 continue
             assert tail.header is not None
             rank = None if tail.header.kind is ProcessKind.ENGINE else tail.header.rank
+            if tail.opens > opens:
+                who = "engine" if rank is None else f"rank {rank}"
+                event(
+                    "ledger",
+                    f"{'first ledger' if not opens else 'new incarnation'} of {who}: {path.name}, "
+                    f"pid {tail.header.pid}, world size {tail.header.world_size}",
+                    rank=rank,
+                    pid=tail.header.pid,
+                    path=str(path),
+                )
             if opens and tail.opens > opens:
                 # A new incarnation of the process (its ledger was replaced): the old one's open
                 # step died with it, and a fresh server counts as progress even before traffic.
@@ -103,10 +120,19 @@ class Watcher:
         """Gather, diagnose, write the bundle (``stall`` None: a diagnosis asked for by hand)."""
         detected = time.monotonic_ns()
         snapshot, ledgers, evidence = gather(self.ledger_dir, self.sources, stall, self.ranks)
+        gathered = time.monotonic_ns()
+        log_evidence(evidence, (gathered - detected) / 1e9)
         diagnosis = diagnose(snapshot, self.analyzer_cfg)
         report = render(diagnosis)
+        analyzed = time.monotonic_ns()
         bundle = write_bundle(self.incidents_dir, ledgers, evidence, diagnosis, report)
-        return Incident(diagnosis, bundle, report, stall, detected, time.monotonic_ns())
+        done = time.monotonic_ns()
+        timings = {
+            "gather": (gathered - detected) / 1e9,
+            "analyze": (analyzed - gathered) / 1e9,
+            "write": (done - analyzed) / 1e9,
+        }
+        return Incident(diagnosis, bundle, report, stall, detected, done, timings)
 
     def rings(self) -> tuple[RingState | None, dict[int, RingState]]:
         """The flags of the deployment's shm rings: the broadcast ring, and each rank's response ring."""
@@ -128,6 +154,10 @@ class Watcher:
                 self._ring_retry_at = now + 10.0  # start-up, or discovery found nothing: not every second
                 return None, {}
             self._ring_specs = (ino, specs)
+            names = ", ".join(
+                f"{role} {spec.get('name', '?') if isinstance(spec, dict) else '?'}" for role, spec in specs
+            )
+            event("rings", f"watching vLLM shm rings: {names}", rings=len(specs))
         states, missing = read_rings(self._ring_specs[1], self.sources.shm_dir)
         for m in missing:
             log.debug("%s", m)
@@ -143,3 +173,14 @@ class Watcher:
     def close(self) -> None:
         for tail in self._tails.values():
             tail.close()
+
+
+def log_evidence(evidence: dict[str, Any], seconds: float) -> None:
+    missing = evidence.get("missing") or []
+    event(
+        "evidence",
+        f"evidence gathered in {seconds:.2f} s: {len(evidence.get('pids') or {})} processes, "
+        f"{len(evidence.get('stacks') or {})} stacks, {len(evidence.get('rings') or [])} rings, {len(missing)} missing",
+        seconds=round(seconds, 3),
+        missing=missing[:20],
+    )

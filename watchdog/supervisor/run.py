@@ -11,6 +11,7 @@ merged into its command line. ``observe`` diagnoses and reports but never restar
 from __future__ import annotations
 
 import http.client
+import logging
 import os
 import signal
 import threading
@@ -23,8 +24,9 @@ from urllib.parse import urlsplit
 
 from prometheus_client import Counter, Gauge
 
-from watchdog.agent import Agent, make_app
+from watchdog.agent import Agent, announce, make_app
 from watchdog.errors import WatchdogError
+from watchdog.logs import event as log_event
 from watchdog.metrics import AgentMetrics
 from watchdog.supervisor import ladder
 from watchdog.supervisor.cmdline import CmdlineError, with_cudagraph_mode
@@ -128,18 +130,32 @@ class Supervisor:
     def stop(self) -> None:
         self._stop.set()
 
+    def _note(self, name: str, message: str, level: int = logging.INFO, **fields: Any) -> None:
+        """A state change: one log line (JSON fields, Kubernetes Event where on) and the caller's ``say``."""
+        log_event(name, message, level, **fields)
+        self.say(message)
+
     # ---- the loop -----------------------------------------------------------------------------
 
     def run(self) -> int:
         if self.state.gave_up and not self.cfg.observe:
-            self.say(f"watchdog run: the ladder gave up earlier (see {self.cfg.state_file}); no more restarts")
+            self._note(
+                "give_up",
+                f"watchdog run: the ladder gave up earlier (see {self.cfg.state_file}); no more restarts",
+                logging.WARNING,
+            )
         while True:
             argv = self._argv()
             self._clear_ledgers()
             self.generation += 1
             mode = self.state.mode(self.cfg.policy)
             self._set_mode(mode)
-            self.say(f"watchdog run: generation {self.generation} at {mode}: {' '.join(argv)}")
+            self._note(
+                "generation",
+                f"watchdog run: generation {self.generation} at {mode}: {' '.join(argv)}",
+                generation=self.generation,
+                mode=mode,
+            )
             env = {**os.environ, "WATCHDOG_LEDGER_DIR": str(self.cfg.ledger_dir)}
             if self.gate is not None:
                 self.gate.going_down()  # requests wait (in the proxy) until the new server answers /health
@@ -159,7 +175,7 @@ class Supervisor:
                 unlink_rings(self.cfg.ledger_dir)
                 raise
             if isinstance(outcome, int):
-                self.say(f"watchdog run: the server exited with {outcome}")
+                self._note("exited", f"watchdog run: the server exited with {outcome}", exit_code=outcome)
                 self._close_gate()
                 return EXIT_GAVE_UP if self.state.gave_up else outcome
             if outcome is None:  # asked to stop
@@ -180,7 +196,7 @@ class Supervisor:
             unlink_rings(self.cfg.ledger_dir)
             if event.action == "give_up":
                 self._close_gate()
-                self.say(f"watchdog run: gave up ({event.reason}); the server stays down")
+                self._note("give_up", f"watchdog run: gave up ({event.reason}); the server stays down", logging.WARNING)
                 return EXIT_GAVE_UP
             self.restarts.append(Restart(event.from_mode, event.to_mode, event.incident, event.verdict))
             self.m_restarts.labels(self.agent.metrics.tp_group, event.to_mode).inc()
@@ -229,7 +245,7 @@ class Supervisor:
             self._ready = True
             self._end_downtime()
             self.gate.up()
-            self.say(f"watchdog run: generation {self.generation} is serving")
+            self._note("serving", f"watchdog run: generation {self.generation} is serving", generation=self.generation)
 
     def _end_downtime(self) -> None:
         if self._downtime_from is not None and self.restarts:
@@ -260,9 +276,15 @@ class Supervisor:
         ladder.save(self.cfg.state_file, self.state, self.cfg.policy)
         if event.action == "give_up":
             self.m_gave_up.labels(self.agent.metrics.tp_group).set(1)
-        self.say(
+        self._note(
+            "restart" if event.action in ("climb", "restart") else "decision",
             f"watchdog run: {d.verdict.value} ({incident.bundle}) -> {event.action} {event.from_mode} -> "
-            f"{event.to_mode}: {event.reason}"
+            f"{event.to_mode}: {event.reason}",
+            logging.WARNING,
+            action=event.action,
+            from_mode=event.from_mode,
+            to_mode=event.to_mode,
+            incident=incident.bundle.name,
         )
         return event
 
@@ -298,6 +320,7 @@ def serve_api(agent: Agent, host: str, port: int) -> Callable[[], None]:
     server = uvicorn.Server(uvicorn.Config(make_app(agent), host=host, port=port, workers=1, log_level="warning"))
     thread = threading.Thread(target=server.run, name="api", daemon=True)
     thread.start()
+    announce(server, agent, host, port)
 
     def stop() -> None:
         server.should_exit = True
@@ -308,7 +331,7 @@ def serve_api(agent: Agent, host: str, port: int) -> Callable[[], None]:
 
 def handle_signals(sup: Supervisor) -> None:
     def on_signal(signum: int, _frame: object) -> None:
-        sup.say(f"watchdog run: {signal.Signals(signum).name}: stopping the server")
+        sup._note("signal", f"watchdog run: {signal.Signals(signum).name}: stopping the server")
         sup.stop()
 
     signal.signal(signal.SIGTERM, on_signal)
