@@ -317,8 +317,18 @@ def agent(**values: Any) -> int:
     role = "member" if s.member else "agent"
     agent = Agent(watcher, metrics, role=role, token=s.token(), poll_s=s.poll_interval_s)
     agent.on_incident = _kube_actions(s, metrics)
+    _bounds(agent, s)
     serve(agent, s.host, s.port)
     return EXIT_OK
+
+
+def _bounds(agent: Any, s: Any) -> Any:
+    """Disk and rate bounds: incident retention, diagnose-now at most once per interval."""
+    from watchdog.retention import Retention
+
+    agent.retention = Retention(s.incidents_dir, s.max_incidents, s.max_incidents_mb * 2**20, agent.metrics.retained)
+    agent.diagnose_now_interval_s = s.diagnose_now_interval_s
+    return agent.retention
 
 
 def _kube_actions(s: Any, metrics: Any) -> Callable[[Any], None] | None:
@@ -417,6 +427,7 @@ def run(command: list[str], **values: Any) -> int:
     sup = Supervisor(cfg, metrics, _watchers(s, metrics), token=s.token(), gate=gate)
     if proxy is not None:
         sup.proxy_stats = lambda: proxy.stats
+    _bounds(sup.agent, s).start()  # the supervisor steps its agent itself (Agent.run does this there)
     handle_signals(sup)
     stop_api = serve_api(sup.agent, s.host, s.port)
     try:
@@ -452,6 +463,7 @@ def coordinator(**values: Any) -> int:
     )
     agent = Agent(coord, metrics, role="coordinator", token=s.token(), poll_s=max(s.poll_interval_s, 0.5))
     agent.on_incident = _kube_actions(s, metrics)
+    _bounds(agent, s)
     serve(agent, s.host, s.port)
     return EXIT_OK
 
