@@ -21,8 +21,9 @@ from typing import Any
 import psutil
 
 from watchdog.demo.client import Workload, start_client
-from watchdog.demo.engine import EngineArgs, engine_main
+from watchdog.demo.engine import EngineArgs
 from watchdog.demo.faults import FaultPlan
+from watchdog.demo.proc import spawn_args, spawn_entry
 from watchdog.detector import DetectorConfig
 from watchdog.errors import DemoError, UsageError
 from watchdog.evidence.gpus import Nvml
@@ -163,8 +164,10 @@ def run_demo(
     results_q: mp.Queue[Any] = ctx.Queue()
     bites_q: mp.Queue[Any] = ctx.Queue()
     ready_rx, ready_tx = ctx.Pipe(duplex=False)
-    engine = ctx.Process(
-        target=engine_main, args=(eargs, plan, requests_q, results_q, bites_q, ready_tx), name="demo-engine"
+    engine = ctx.Process(  # spawn_entry: dies with us from its first instruction, before heavy imports
+        target=spawn_entry,
+        args=spawn_args("watchdog.demo.engine:engine_main", (eargs, plan), (requests_q, results_q, bites_q, ready_tx)),
+        name="demo-engine",
     )
     say(
         f"starting TP={opts.tp} demo engine ({opts.cudagraph_mode}, MTP={opts.num_speculative_tokens}"

@@ -24,14 +24,14 @@ from urllib.parse import urlsplit
 
 from prometheus_client import Counter, Gauge
 
-from watchdog.agent import Agent, announce, make_app
+from watchdog.agent import Agent, announce, is_loopback, make_app
 from watchdog.errors import WatchdogError
 from watchdog.logs import event as log_event
 from watchdog.metrics import AgentMetrics
 from watchdog.supervisor import ladder
 from watchdog.supervisor.cmdline import CmdlineError, with_cudagraph_mode
 from watchdog.supervisor.proxy import UpstreamGate
-from watchdog.supervisor.tree import start_tree, stop_tree, unlink_rings
+from watchdog.supervisor.tree import Tree, start_tree, stop_tree, unlink_rings
 from watchdog.watcher import Incident, Watcher
 
 EXIT_GAVE_UP = 5
@@ -92,6 +92,8 @@ class Supervisor:
         self.generation = 0
         self._downtime_from: float | None = None
         self._stop = threading.Event()
+        self.tree: Tree | None = None  # the running generation's process tree
+        self._next_track = 0.0
         g, r = metrics.tp_group, metrics.registry
         self.m_restarts = Counter(
             "watchdog_supervisor_restarts_total",
@@ -165,22 +167,25 @@ class Supervisor:
             except OSError as exc:
                 self._close_gate()
                 raise WatchdogError(f"server command {argv[0]!r}: {exc.strerror or exc}") from None
+            self.tree = Tree(proc)
             self.agent.loop.close()
             self.agent.loop = self.make_watcher()
             try:
                 outcome = self._watch(proc)
             except BaseException:
                 self._close_gate()
-                stop_tree(proc, self.cfg.grace_s)
+                stop_tree(proc, self.cfg.grace_s, self.tree)
                 unlink_rings(self.cfg.ledger_dir)
                 raise
             if isinstance(outcome, int):
                 self._note("exited", f"watchdog run: the server exited with {outcome}", exit_code=outcome)
                 self._close_gate()
+                stop_tree(proc, self.cfg.grace_s, self.tree)  # what it left running (orphaned workers)
+                unlink_rings(self.cfg.ledger_dir)
                 return EXIT_GAVE_UP if self.state.gave_up else outcome
             if outcome is None:  # asked to stop
                 self._close_gate()
-                stop_tree(proc, self.cfg.grace_s)
+                stop_tree(proc, self.cfg.grace_s, self.tree)
                 unlink_rings(self.cfg.ledger_dir)
                 return 0
             self.incidents.append(outcome)
@@ -192,7 +197,7 @@ class Supervisor:
             stopped = time.monotonic()
             if self.gate is not None:
                 self.gate.going_down()  # before the stop: what the stop breaks is the restart's doing
-            stop_tree(proc, self.cfg.grace_s)
+            stop_tree(proc, self.cfg.grace_s, self.tree)
             unlink_rings(self.cfg.ledger_dir)
             if event.action == "give_up":
                 self._close_gate()
@@ -210,8 +215,16 @@ class Supervisor:
         except CmdlineError as exc:
             raise WatchdogError(f"server command: {exc}") from None
 
+    def _track(self) -> None:
+        """Remember the server tree's processes (about once a second: a /proc walk)."""
+        now = time.monotonic()
+        if self.tree is not None and now >= self._next_track:
+            self._next_track = now + 1.0
+            self.tree.track()
+
     def _watch(self, proc: Any) -> Incident | int | None:
         while not self._stop.is_set():
+            self._track()
             rc = proc.poll()
             if rc is not None:
                 return int(rc)
@@ -227,13 +240,15 @@ class Supervisor:
     def _wait_exit(self, proc: Any) -> int:
         """Observe mode after a deadlock: keep serving the API until the server ends (or we are stopped)."""
         while not self._stop.is_set():
+            self._track()
             rc = proc.poll()
             if rc is not None:
+                stop_tree(proc, self.cfg.grace_s, self.tree)  # what it left running
                 return int(rc)
             self._open_gate_when_ready()
             self.agent.step()
             self._stop.wait(self.cfg.poll_s)
-        stop_tree(proc, self.cfg.grace_s)
+        stop_tree(proc, self.cfg.grace_s, self.tree)
         return 0
 
     def _open_gate_when_ready(self) -> None:
@@ -317,6 +332,7 @@ def serve_api(agent: Agent, host: str, port: int) -> Callable[[], None]:
     """The agent's HTTP API in a background thread; returns a function that stops it."""
     import uvicorn
 
+    agent.public = not is_loopback(host)
     server = uvicorn.Server(uvicorn.Config(make_app(agent), host=host, port=port, workers=1, log_level="warning"))
     thread = threading.Thread(target=server.run, name="api", daemon=True)
     thread.start()
