@@ -99,3 +99,17 @@ def test_demo_removes_its_temporary_directory_unless_kept(tmp_path: Path) -> Non
     kept = [p.name for p in tmp_path.iterdir()]
     assert len(kept) == 1 and kept[0].startswith("watchdog-demo-"), kept
     assert not list((tmp_path / kept[0]).glob("pg-store-*"))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_bench_agent_prints_the_agents_cost(capsys: pytest.CaptureFixture[str]) -> None:
+    # Figures only (a speed target is not a unit test): that it measured what it says it measured.
+    import json
+
+    assert main(["bench", "agent", "--tp", "2", "--seconds", "3", "--warmup", "3", "--json"]) == EXIT_OK
+    (run,) = json.loads(capsys.readouterr().out)["runs"]
+    assert run["tp"] == 2 and run["ranks_seen"] == 2 and run["incidents"] == 0
+    assert run["steps_per_s_written"] > 10 and run["agent_rss_mib"] > 10
+    assert 0 < run["agent_cpu_share_of_one_core_pct"] < 100
+    assert main(["bench", "agent", "--rate", "0"]) == EXIT_USAGE

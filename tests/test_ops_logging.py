@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 import subprocess
 import sys
 import time
@@ -82,11 +83,12 @@ def test_agent_process_logs_each_state_change(tmp_path: Path) -> None:
         assert wait_for(lambda: get(port, "/healthz")[0] == 200, 30)
         assert ledgers.is_dir()
         assert get(port, "/docs")[0] == 404  # no CDN-hosted UI; the schema stays at /openapi.json
-        demo = subprocess.Popen(
-            [sys.executable, "-m", "watchdog.cli", "demo", "--no-watch", "--tp", "2", "--fault", "host-hang",
-             "--fault-rank", "0", "--workdir", str(work), "--timeout", "150"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        )  # fmt: skip
+        with (tmp_path / "demo.log").open("wb") as demo_log:
+            demo = subprocess.Popen(
+                [sys.executable, "-m", "watchdog.cli", "demo", "--no-watch", "--tp", "2", "--fault", "host-hang",
+                 "--fault-rank", "0", "--workdir", str(work), "--timeout", "150"],
+                stdout=subprocess.DEVNULL, stderr=demo_log, start_new_session=True,
+            )  # fmt: skip
 
         def events() -> list[dict[str, Any]]:
             return [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
@@ -95,6 +97,8 @@ def test_agent_process_logs_each_state_change(tmp_path: Path) -> None:
             return next((e for e in events() if e.get("event") == "incident"), None)
 
         written = wait_for(incident, 180)
+        # --no-watch is silent by design (the agent watches): a progress line every 10 s says it is alive.
+        assert wait_for(lambda: re.search(r"(starting|serving): .*\(\d+ s\)", (tmp_path / "demo.log").read_text()), 30)
         # RFC 7235: "bearer" in any case is the Bearer scheme.
         assert get_with(port, "/v1/snapshot", "bearer t0k")[0] == 200
         assert get_with(port, "/v1/snapshot", "BEARER t0k")[0] == 200

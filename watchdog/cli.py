@@ -578,6 +578,24 @@ def bench_detect(
     return EXIT_OK
 
 
+@bench_app.command(cls=GroupedCommand, name="agent")
+def bench_agent(
+    tp: Annotated[list[int], typer.Option(help="TP sizes of the ledgers written (repeat the option).")] = [2, 8],  # noqa: B006
+    rate: Annotated[float, typer.Option(help="Decode steps per second written to the ledgers.")] = 100.0,
+    seconds: Annotated[float, typer.Option(help="Measurement window per TP size.")] = 30.0,
+    warmup: Annotated[float, typer.Option(help="Seconds before the window (start-up, first reads).")] = 5.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
+) -> int:
+    """The agent's own cost while the server is healthy: CPU share of one core and RSS, per TP size."""
+    from watchdog.bench_agent import bench_agent as run
+
+    if rate <= 0 or seconds <= 0 or warmup < 0 or any(t < 1 for t in tp):
+        raise UsageError("--rate, --seconds and every --tp must be positive, --warmup >= 0")
+    result = run(tps=tp, rate=rate, seconds=seconds, warmup_s=warmup, say=_err)
+    print(json.dumps(result) if as_json else json.dumps(result, indent=2))
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     command = typer.main.get_command(app)
     try:
