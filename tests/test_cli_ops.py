@@ -4,6 +4,7 @@ temporary directories left behind, and an agent that makes its ledger directory.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -93,10 +94,10 @@ def test_demo_removes_its_temporary_directory_unless_kept(tmp_path: Path) -> Non
     cp = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=220, cwd=ROOT)
     assert cp.returncode == 0, cp.stderr
     assert "Warning" not in cp.stderr, cp.stderr
-    assert list(tmp_path.iterdir()) == []
+    assert not list(tmp_path.glob("watchdog-demo-*")), (list(tmp_path.iterdir()), cp.stderr)
     cp = subprocess.run([*argv, "--keep"], env=env, capture_output=True, text=True, timeout=220, cwd=ROOT)
     assert cp.returncode == 0, cp.stderr
-    kept = [p.name for p in tmp_path.iterdir()]
+    kept = [p.name for p in tmp_path.glob("watchdog-demo-*")]
     assert len(kept) == 1 and kept[0].startswith("watchdog-demo-"), kept
     assert not list((tmp_path / kept[0]).glob("pg-store-*"))
 
@@ -113,3 +114,29 @@ def test_bench_agent_prints_the_agents_cost(capsys: pytest.CaptureFixture[str]) 
     assert run["steps_per_s_written"] > 10 and run["agent_rss_mib"] > 10
     assert 0 < run["agent_cpu_share_of_one_core_pct"] < 100
     assert main(["bench", "agent", "--rate", "0"]) == EXIT_USAGE
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_ctrl_c_of_the_demo_exits_130_without_tracebacks(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    log = tmp_path / "demo.log"
+    argv = [sys.executable, "-m", "watchdog.cli", "demo", "--no-fallback", "--tp", "2", "--requests", "100000",
+            "--workdir", str(tmp_path / "w"), "--timeout", "200"]  # fmt: skip
+    with log.open("wb") as err:
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 200
+        while "bench client:" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
+        assert proc.wait(60) == 130
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    text = log.read_text()
+    assert "Traceback" not in text and "KeyboardInterrupt" not in text, text[-3000:]
+    assert text.rstrip().endswith("watchdog: interrupted")

@@ -8,6 +8,7 @@ are found by it, whoever their parent is by then."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -178,7 +179,7 @@ def test_watchdog_run_leaves_no_orphan_that_ignores_sigterm(tmp_path: Path, end:
     mark = uuid.uuid4().hex
     log = tmp_path / "run.log"
     argv = [sys.executable, "-m", "watchdog.cli", "run", "--ledger-dir", str(tmp_path / "l"), "--incidents-dir",
-            str(tmp_path / "i"), "--port", str(free_port()), "--stop-grace-s", "1", "--",
+            str(tmp_path / "i"), "--port", str(free_port()), "--stop-grace-s", "1", "--log-format", "json", "--",
             sys.executable, "-c", STUBBORN, end]  # fmt: skip
     proc = spawn(argv, mark, log)
     try:
@@ -187,6 +188,13 @@ def test_watchdog_run_leaves_no_orphan_that_ignores_sigterm(tmp_path: Path, end:
             proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == (0 if end == "stopped" else 7), log.read_text()
         wait(lambda: not marked(mark), 10, "the orphan to be gone")
+        events = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+        kinds = [e["event"] for e in events]
+        assert kinds[0] == "generation" and events[0]["generation"] == 1, kinds
+        if end == "exit":
+            assert any(e["event"] == "exited" and e["exit_code"] == 7 for e in events), kinds
+        else:
+            assert "signal" in kinds, kinds
     finally:
         for pid in marked(mark):
             with contextlib.suppress(ProcessLookupError):

@@ -187,6 +187,7 @@ def demo(
     from watchdog import logs
 
     opts.validate()  # usage errors (exit 2) before a temporary directory exists
+    _sigterm_interrupts()
     logs.setup("text", "error")  # the demo narrates through `say`; the services' log lines would repeat it
     if temporary:
         opts = dataclasses.replace(opts, workdir=tempfile.mkdtemp(prefix="watchdog-demo-"))
@@ -205,6 +206,17 @@ def demo(
 
         return EXIT_GAVE_UP
     return EXIT_DEADLOCK if result["incidents"] else EXIT_OK
+
+
+def _sigterm_interrupts() -> None:
+    """SIGTERM (a `kill`, a container stop) stops the demo as Ctrl-C does: its cleanup runs (the tree
+    killed, rings unlinked, temp dir removed) instead of leaving that to the resource tracker."""
+    import signal
+
+    def interrupt(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 def _print_demo(result: dict[str, Any], kept: bool) -> None:
@@ -598,6 +610,7 @@ def bench_agent(
 
 def main(argv: list[str] | None = None) -> int:
     command = typer.main.get_command(app)
+    interrupted, restore = _watch_sigint()
     try:
         rv = command.main(args=argv if argv is not None else sys.argv[1:], prog_name="watchdog", standalone_mode=False)
     except click_exc.NoArgsIsHelpError:
@@ -616,7 +629,33 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
     except typer.Exit as exc:
         return int(exc.exit_code)
+    finally:
+        restore()
+    if interrupted:  # typer turns Ctrl-C into a plain return of 130: say it, as for any other exit
+        _err("watchdog: interrupted")
+        return EXIT_INTERRUPTED
     return int(rv) if isinstance(rv, int) else EXIT_OK
+
+
+def _watch_sigint() -> tuple[list[bool], Callable[[], None]]:
+    """Note a Ctrl-C (then raise KeyboardInterrupt as usual); returns the flag and an undo."""
+    import signal
+    import threading
+
+    flag: list[bool] = []
+    if threading.current_thread() is not threading.main_thread():
+        return flag, lambda: None
+    previous = signal.getsignal(signal.SIGINT)
+
+    def on_sigint(_signum: int, _frame: object) -> None:
+        flag.append(True)
+        raise KeyboardInterrupt
+
+    def restore() -> None:
+        signal.signal(signal.SIGINT, previous)
+
+    signal.signal(signal.SIGINT, on_sigint)
+    return flag, restore
 
 
 if __name__ == "__main__":
