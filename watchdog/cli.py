@@ -16,7 +16,6 @@ and messages go to stderr.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import shutil
 import sys
@@ -33,39 +32,12 @@ except ImportError:  # pragma: no cover
     from click import exceptions as click_exc  # type: ignore[no-redef]
 
 from collectors.reader import LedgerError
+from watchdog.cli_options import GroupedCommand, version_callback, with_settings
 from watchdog.errors import UsageError, WatchdogError
 from watchdog.types import Verdict
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_DEADLOCK, EXIT_INCONCLUSIVE = 0, 1, 2, 3, 4
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
-
-
-class GroupedCommand(typer.core.TyperCommand):
-    """Plain click help (help text printed as written: rich markup would eat "[ratio*len, len]"),
-    with the options listed under their ``rich_help_panel`` group."""
-
-    def format_options(self, ctx: Any, formatter: Any) -> None:
-        groups: dict[str, list[tuple[str, str]]] = {}
-        for param in self.get_params(ctx):
-            record = param.get_help_record(ctx)
-            if record is None:
-                continue
-            section = "Arguments" if param.param_type_name == "argument" else "Options"
-            groups.setdefault(getattr(param, "rich_help_panel", None) or section, []).append(record)
-        for section, rows in groups.items():
-            with formatter.section(section):
-                formatter.write_dl(rows)
-
-
-def _version(value: bool) -> None:
-    if value:
-        from importlib.metadata import PackageNotFoundError, version
-
-        try:
-            print(f"watchdog {version('tp-deadlock-watchdog')}")
-        except PackageNotFoundError:  # run from a source tree that was never installed
-            print("watchdog (not installed)")
-        raise typer.Exit(EXIT_OK)
 
 
 app = typer.Typer(
@@ -82,7 +54,7 @@ app.add_typer(bench_app, name="bench")
 @app.callback()
 def _root(
     version: Annotated[
-        bool, typer.Option("--version", is_eager=True, callback=_version, help="Print the version and exit.")
+        bool, typer.Option("--version", is_eager=True, callback=version_callback, help="Print the version and exit.")
     ] = False,
 ) -> None:
     """Deadlock watchdog for tensor-parallel vLLM serving."""
@@ -242,65 +214,6 @@ def _print_demo(result: dict[str, Any], kept: bool) -> None:
         print("the fallback gave up: the restart bound was hit (exit code 5)")
 
 
-def _with_settings(command: str) -> Callable[[Callable[..., int]], Callable[..., int]]:
-    """Give a command one ``--<name>`` option per setting it reads (see watchdog/settings.py), grouped,
-    each defaulting to None so that the file and the environment fill what the command line leaves out;
-    the help shows the real default and the environment variable."""
-    from watchdog.settings import FIELDS, HELP, SCOPE, Settings, env_name, fields_of
-
-    kinds: dict[str, Any] = {"bool": bool, "int": int, "float": float, "str": str, "Path": Path, "Path | None": Path}
-    defaults = Settings()
-
-    def shown(name: str) -> str:
-        value = getattr(defaults, name)
-        if value is None or value == "":
-            return "none"
-        return str(value).lower() if isinstance(value, bool) else str(value)
-
-    def wrap(func: Callable[..., int]) -> Callable[..., int]:
-        own = [
-            p.replace(
-                annotation=Annotated[
-                    list[str], typer.Argument(help="The server command, after --.", show_default=False)
-                ]
-            )
-            for p in inspect.signature(func).parameters.values()
-            if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
-        ]
-        params = [
-            *own,
-            inspect.Parameter(
-                "config",
-                inspect.Parameter.KEYWORD_ONLY,
-                default=None,
-                annotation=Annotated[
-                    Path | None, typer.Option(help="TOML settings file.  [env: WATCHDOG_CONFIG]", show_default=False)
-                ],
-            ),
-        ]
-        for name in fields_of(command):
-            kind = kinds[str(FIELDS[name].type)]
-            text = f"{HELP[name]}  [default: {shown(name)}; env: {env_name(name)}]"
-            option = typer.Option(help=text, show_default=False, rich_help_panel=SCOPE[name][0])
-            if kind is bool:  # --x / --no-x, so a command line can undo a file or environment value
-                option = typer.Option(
-                    f"--{name.replace('_', '-')}/--no-{name.replace('_', '-')}",
-                    help=text,
-                    show_default=False,
-                    rich_help_panel=SCOPE[name][0],
-                )
-            params.append(
-                inspect.Parameter(
-                    name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[kind | None, option]
-                )
-            )
-        func.__signature__ = inspect.Signature(params, return_annotation=int)  # type: ignore[attr-defined]
-        func.__annotations__ = {p.name: p.annotation for p in params} | {"return": int}
-        return func
-
-    return wrap
-
-
 def _settings(values: dict[str, Any]) -> Any:
     from watchdog import logs
     from watchdog.settings import load
@@ -311,7 +224,7 @@ def _settings(values: dict[str, Any]) -> Any:
 
 
 @app.command(cls=GroupedCommand)
-@_with_settings("agent")
+@with_settings("agent")
 def agent(**values: Any) -> int:
     """Watch this node's ranks as a long-running sidecar: HTTP API, /livez, /metrics.
 
@@ -398,7 +311,7 @@ def _watchers(s: Any, metrics: Any) -> Callable[[], Any]:
 
 
 @app.command(cls=GroupedCommand, context_settings={"allow_interspersed_args": False})
-@_with_settings("run")
+@with_settings("run")
 def run(command: list[str], **values: Any) -> int:
     """Run a server (`watchdog run [OPTIONS] -- vllm serve ...`), watch it, and on a diagnosed deadlock
     restart it one rung safer on the cudagraph ladder (bounded; --observe never restarts).
@@ -452,7 +365,7 @@ def run(command: list[str], **values: Any) -> int:
 
 
 @app.command(cls=GroupedCommand)
-@_with_settings("coordinator")
+@with_settings("coordinator")
 def coordinator(**values: Any) -> int:
     """Correlate the member agents of one TP group spread over nodes (--agents URL,URL): one diagnosis, one bundle."""
     from watchdog.agent import Agent, serve
