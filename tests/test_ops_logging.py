@@ -123,6 +123,7 @@ def test_agent_process_logs_each_state_change(tmp_path: Path) -> None:
     order = [e["event"] for e in seen]
     assert order.index("listening") < order.index("stall") < order.index("evidence") < order.index("incident")
     assert all(e["ts"].endswith("Z") for e in seen)
+    assert seen[-1]["event"] == "stopped"  # SIGINT: said as a JSON line too, stderr stays all JSON
 
 
 def get_with(port: int, path: str, authorization: str) -> tuple[int, str]:

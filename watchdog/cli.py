@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import shutil
 import sys
 import tempfile
@@ -545,7 +546,12 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         restore()
     if interrupted:  # typer turns Ctrl-C into a plain return of 130: say it, as for any other exit
-        _err("watchdog: interrupted")
+        from watchdog import logs
+
+        if logs.json_lines():  # a service logging JSON lines: keep stderr all JSON
+            logs.event("stopped", "interrupted (SIGINT)", logging.WARNING)
+        else:
+            _err("watchdog: interrupted")
         return EXIT_INTERRUPTED
     return int(rv) if isinstance(rv, int) else EXIT_OK
 

@@ -44,6 +44,14 @@ KUBE_REASONS: dict[str, tuple[str, str]] = {
 }
 
 
+_state = {"json": False}
+
+
+def json_lines() -> bool:
+    """Whether stderr carries JSON lines now (then every line there must be one)."""
+    return _state["json"]
+
+
 def event(name: str, message: str, level: int = logging.INFO, **fields: Any) -> None:
     log.log(level, message, extra={"event": name, "fields": fields})
 
@@ -84,6 +92,7 @@ def setup(fmt: str = "text", level: str = "info", stream: TextIO | None = None) 
     for old in [h for h in log.handlers if getattr(h, "_watchdog", False)]:
         log.removeHandler(old)
     handler._watchdog = True  # type: ignore[attr-defined]
+    _state["json"] = fmt == "json"
     log.addHandler(handler)
     log.setLevel(level.upper())
     log.propagate = False
