@@ -161,10 +161,18 @@ def test_agent_process_diagnoses_a_separate_deployment_over_http(tmp_path: Path)
         assert (tmp_path / "inc" / incidents[0]["id"] / "diagnosis.json").is_file()
 
         # Eviction mode: the pod's uid, an Event naming the verdict, then the Eviction (PDB-aware).
-        get_pod, event, eviction = wait_for(lambda: kube.calls[:3] if len(kube.calls) >= 3 else None, 30)
+        # (The log's state changes, start-up and the stall among them, are Events too: picked by reason.)
+        def incident_calls() -> list[Any] | None:
+            posts = [c for c in kube.calls if c[0] == "POST"]
+            at = next((i for i, c in enumerate(posts) if (c[3] or {}).get("reason") == "DeadlockDiagnosed"), None)
+            return None if at is None or len(posts) <= at + 1 else [kube.calls[0], posts[at], posts[at + 1]]
+
+        get_pod, event, eviction = wait_for(incident_calls, 30)
         assert {c[2] for c in kube.calls} == {"Bearer sa-token-1"}
         assert get_pod[:2] == ("GET", "/api/v1/namespaces/llm/pods/vllm-0")
         assert event[:2] == ("POST", "/api/v1/namespaces/llm/events")
+        reasons = [c[3]["reason"] for c in kube.calls if c[1].endswith("/events")]
+        assert reasons.index("WatchdogStarted") < reasons.index("StallDeclared") < reasons.index("DeadlockDiagnosed")
         assert event[3]["reason"] == "DeadlockDiagnosed" and event[3]["message"].startswith("host_hang: ")
         assert event[3]["involvedObject"] == {
             "apiVersion": "v1", "kind": "Pod", "name": "vllm-0", "namespace": "llm", "uid": "uid-4242"

@@ -23,7 +23,10 @@ from __future__ import annotations
 import base64
 import dataclasses
 import hmac
+import ipaddress
+import json
 import logging
+import math
 import threading
 import time
 import zlib
@@ -37,8 +40,11 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from watchdog.bundle import bundle_time, incident_page
 from watchdog.evidence import EvidenceError
+from watchdog.logs import event
 from watchdog.metrics import AgentMetrics
 from watchdog.page import render_index
+from watchdog.retention import Retention
+from watchdog.single_flight import Busy, SingleFlight
 from watchdog.snapshot import LedgerSet, collect, read_ledger_dir
 from watchdog.types import StallInfo
 from watchdog.watcher import Incident, Watcher
@@ -71,6 +77,9 @@ class Agent:
     gpu_every_s: float = 5.0
     extra: Callable[[], dict[str, Any]] | None = None  # more /v1/status fields (the supervisor's ladder)
     on_incident: Callable[[Incident], None] | None = None  # after the bundle is written (Kubernetes actions)
+    retention: Retention | None = None  # bounds on the incident bundles kept on disk
+    diagnose_now_interval_s: float = 10.0  # POST /v1/diagnose-now at most this often
+    public: bool = False  # the API listens beyond loopback: no evidence without a token
     incidents: list[Incident] = field(default_factory=list)
     deadlocked: bool = False
     open_stall: StallInfo | None = None
@@ -81,6 +90,12 @@ class Agent:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _diagnosing: threading.Lock = field(default_factory=threading.Lock)
     _stop: threading.Event = field(default_factory=threading.Event)
+    # The first bundle written since the server last made progress: the evidence of what is wrong
+    # now, kept by retention until steps move again (later forced re-diagnoses are not protected,
+    # or a hung server plus diagnose-now would fill the disk after all).
+    _unresolved: str | None = None
+    _last_forced: float = -math.inf
+    flight: SingleFlight = field(default_factory=SingleFlight)
 
     def step(self) -> Incident | None:
         """One poll; on a stall, gather, diagnose and record the incident (a member only records the stall)."""
@@ -91,6 +106,7 @@ class Agent:
             with self._lock:
                 self.deadlocked, self.open_stall = False, None
                 self.progress += 1
+                self._unresolved = None
             self.metrics.deadlocked.labels(self.metrics.tp_group).set(0)
         if isinstance(self.loop, Watcher) and now >= self._next_rings_ns:
             self._next_rings_ns = now + int(self.ring_every_s * 1e9)
@@ -105,6 +121,16 @@ class Agent:
             self.metrics.divergences.labels(self.metrics.tp_group).inc()
         else:
             self.metrics.stalls.labels(self.metrics.tp_group).inc()
+        event(
+            "stall",
+            f"stall declared ({stall.kind}): step {stall.step} open {stall.age_s:.2f} s > deadline "
+            f"{stall.deadline_s:.2f} s",
+            logging.WARNING,
+            kind=stall.kind,
+            step=stall.step,
+            age_s=round(stall.age_s, 3),
+            deadline_s=round(stall.deadline_s, 3),
+        )
         if self.role == "member":
             with self._lock:
                 self.open_stall = stall
@@ -135,12 +161,34 @@ class Agent:
         with self._lock:
             self.incidents.append(incident)
             self.deadlocked = verdict.is_deadlock
+            self._unresolved = self._unresolved or incident.bundle.name
+            keep = {self._unresolved}
+        if self.retention is not None:
+            self.retention.sweep(keep)
         self.metrics.deadlocked.labels(g).set(1 if verdict.is_deadlock else 0)
+        d = incident.diagnosis
+        culprits = ",".join(map(str, d.culprit_ranks)) or "none"
+        event(
+            "incident",
+            f"incident written: {verdict.value} (culprit ranks {culprits}) in "
+            f"{(incident.diagnosed_mono_ns - incident.detected_mono_ns) / 1e9:.2f} s: {incident.bundle}",
+            logging.WARNING if verdict.is_deadlock else logging.INFO,
+            verdict=verdict.value,
+            culprit_ranks=list(d.culprit_ranks),
+            step=d.step,
+            bundle=str(incident.bundle),
+            timings={k: round(v, 3) for k, v in incident.timings.items()},
+        )
         if self.on_incident is not None:
             self.on_incident(incident)
         return incident
 
     def run(self) -> None:
+        if self.retention is not None:
+            try:
+                self.retention.start()
+            except OSError as exc:
+                log.warning("incident retention: %s", exc)
         while not self._stop.is_set():
             try:
                 self.step()
@@ -150,6 +198,16 @@ class Agent:
 
     def stop(self) -> None:
         self._stop.set()
+        self.flight.close()
+
+    def forced_retry_after(self) -> float:
+        """Seconds until POST /v1/diagnose-now may run again (0: now); claims the slot when 0."""
+        now = time.monotonic()
+        wait = self._last_forced + self.diagnose_now_interval_s - now
+        if wait > 0:
+            return wait
+        self._last_forced = now
+        return 0.0
 
     def status(self, digests_since: int | None = None) -> dict[str, Any]:
         """``digests_since``: also the digests of the local ranks' steps from that step on (a coordinator
@@ -245,6 +303,10 @@ def make_app(agent: Agent) -> FastAPI:
         title="tp-deadlock-watchdog",
         version="1",
         description="Deadlock watchdog agent / coordinator for tensor-parallel vLLM serving.",
+        # Swagger UI / ReDoc load their JavaScript from a CDN: a blank page on offline clusters.
+        # The schema itself stays at /openapi.json (and docs/openapi.json) for any local viewer.
+        docs_url=None,
+        redoc_url=None,
     )
 
     def authorize(request: Request, required: bool) -> None:
@@ -252,31 +314,34 @@ def make_app(agent: Agent) -> FastAPI:
             if required:
                 raise HTTPException(403, "no api_token configured: state-changing endpoints are disabled")
             return
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {agent.token}".encode()):
+        # RFC 7235: the scheme is case-insensitive ("bearer x" is as good as "Bearer x").
+        scheme, _, given = request.headers.get("authorization", "").strip().partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), agent.token.encode()):
             raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
+    # Probes and cheap reads are coroutines on the event loop: they never wait behind evidence work,
+    # which runs on the agent's single-flight executor (one gather at a time, shared by callers).
     @app.get("/healthz")
-    def healthz() -> dict[str, str]:
+    async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
     @app.get("/livez")
-    def livez(response: Response) -> dict[str, Any]:
+    async def livez(response: Response) -> dict[str, Any]:
         st = agent.status()
         if st["deadlocked"]:
             response.status_code = 503
         return {"deadlocked": st["deadlocked"], "last_verdict": st["last_verdict"]}
 
     @app.get("/v1/status")
-    def status(digests_since: int | None = None) -> dict[str, Any]:
+    async def status(digests_since: int | None = None) -> dict[str, Any]:
         return agent.status(digests_since)
 
     @app.get("/v1/incidents")
-    def incidents() -> list[dict[str, Any]]:
+    async def incidents() -> list[dict[str, Any]]:
         return agent.incident_list()
 
     @app.get("/v1/incidents/{ident}")
-    def incident(ident: str) -> dict[str, Any]:
+    async def incident(ident: str) -> dict[str, Any]:
         found = agent.incident(ident)
         if found is None:
             raise HTTPException(status_code=404, detail=f"no incident {ident}")
@@ -293,24 +358,46 @@ def make_app(agent: Agent) -> FastAPI:
             raise HTTPException(status_code=404, detail=f"no incident {ident}")
         return HTMLResponse(found)
 
-    @app.get("/v1/snapshot")
-    def snapshot(request: Request) -> dict[str, Any]:
-        authorize(request, required=False)
+    def evidence_allowed(request: Request, required: bool) -> None:
+        if not agent.token and agent.public:
+            # Stacks, command lines and ledgers are not for anyone who can reach the pod's IP.
+            raise HTTPException(403, "listening beyond loopback without api_token: no evidence is served")
+        authorize(request, required)
+
+    def busy(exc: Busy) -> HTTPException:
+        return HTTPException(429, str(exc), headers={"Retry-After": str(exc.retry_after_s)})
+
+    def snapshot_json() -> bytes | None:
         found = agent.snapshot()
-        if found is None:
+        return None if found is None else json.dumps(found).encode()  # serialized here, not on the loop
+
+    @app.get("/v1/snapshot", response_model=dict[str, Any])
+    async def snapshot(request: Request) -> Response:
+        evidence_allowed(request, required=False)
+        try:
+            body = await agent.flight.run("snapshot", snapshot_json)
+        except Busy as exc:
+            raise busy(exc) from None
+        if body is None:
             raise HTTPException(404, "a coordinator holds no local evidence: ask its agents")
-        return found
+        return Response(body, media_type="application/json")
 
     @app.post("/v1/diagnose-now")
-    def diagnose_now(request: Request) -> dict[str, Any]:
-        authorize(request, required=True)
+    async def diagnose_now(request: Request) -> dict[str, Any]:
+        evidence_allowed(request, required=True)
         if agent.role == "member":
             raise HTTPException(409, "a member agent sees part of the TP group: ask the coordinator")
-        i = agent.diagnose(None)
+        wait = agent.forced_retry_after()
+        if wait > 0:
+            raise busy(Busy(math.ceil(wait), f"diagnose-now runs at most once per {agent.diagnose_now_interval_s:g} s"))
+        try:
+            i = await agent.flight.run("diagnose-now", lambda: agent.diagnose(None), exclusive=True)
+        except Busy as exc:
+            raise busy(exc) from None
         return {**summary(i), "diagnosis": i.diagnosis.to_json()}
 
     @app.get("/metrics")
-    def metrics() -> Response:
+    async def metrics() -> Response:
         return Response(agent.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     return app
@@ -319,11 +406,43 @@ def make_app(agent: Agent) -> FastAPI:
 def serve(agent: Agent, host: str, port: int) -> None:
     import uvicorn
 
+    agent.public = not is_loopback(host)
     thread = threading.Thread(target=agent.run, name="watch-loop", daemon=True)
     thread.start()
+    server = uvicorn.Server(uvicorn.Config(make_app(agent), host=host, port=port, workers=1, log_level="warning"))
+    announce(server, agent, host, port)
     try:
-        uvicorn.run(make_app(agent), host=host, port=port, workers=1, log_level="warning")
+        server.run()
     finally:
         agent.stop()
         thread.join(timeout=5)
         agent.loop.close()
+
+
+def announce(server: Any, agent: Agent, host: str, port: int) -> None:
+    """Log "listening on" once uvicorn has bound the socket (not before: a failed bind must not say it)."""
+
+    def wait() -> None:
+        while not server.started:
+            if server.should_exit:
+                return
+            time.sleep(0.05)
+        auth = "bearer token required for evidence" if agent.token else "no token"
+        event(
+            "listening",
+            f"{agent.role} listening on http://{host}:{port} (tp_group {agent.metrics.tp_group}, {auth})",
+            role=agent.role,
+            host=host,
+            port=port,
+        )
+
+    threading.Thread(target=wait, name="announce", daemon=True).start()
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve to anything

@@ -76,8 +76,9 @@ def demo_on_off(
     tp: int, blocks: int, block_s: float, say: Callable[[str], None], device: str = "cpu"
 ) -> dict[str, Any]:
     """Decode steps/s with the ledgers on vs off, alternating blocks in ONE deployment (CPU or CUDA)."""
-    from watchdog.demo.engine import EngineArgs, engine_main
+    from watchdog.demo.engine import EngineArgs
     from watchdog.demo.faults import FaultPlan
+    from watchdog.demo.proc import spawn_args, spawn_entry
     from watchdog.demo.run import kill_tree
     from watchdog.keys import DispatchConfig, default_capture_sizes
     from watchdog.supervisor.tree import unlink_rings
@@ -92,7 +93,10 @@ def demo_on_off(
     requests: mp.Queue[Any] = ctx.Queue()
     results: mp.Queue[Any] = ctx.Queue()
     ready_rx, ready_tx = ctx.Pipe(duplex=False)
-    engine = ctx.Process(target=engine_main, args=(args, FaultPlan(), requests, results, None, ready_tx))
+    engine = ctx.Process(
+        target=spawn_entry,
+        args=spawn_args("watchdog.demo.engine:engine_main", (args, FaultPlan()), (requests, results, None, ready_tx)),
+    )
     engine.start()
     try:
         if not ready_rx.poll(240) or "error" in ready_rx.recv():

@@ -6,6 +6,8 @@ Exit codes (all commands):
     2  usage error
     3  a deadlock was diagnosed
     4  diagnose: a stall or missing evidence, cause not determined (inconclusive)
+    5  run (and demo): the fallback gave up, the restart bound was hit
+  130  interrupted (Ctrl-C)
 
 Data goes to stdout (``--json``: one stable, versioned JSON object as the last line); progress
 and messages go to stderr.
@@ -13,9 +15,12 @@ and messages go to stderr.
 
 from __future__ import annotations
 
-import inspect
+import dataclasses
 import json
+import logging
+import shutil
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -28,19 +33,32 @@ except ImportError:  # pragma: no cover
     from click import exceptions as click_exc  # type: ignore[no-redef]
 
 from collectors.reader import LedgerError
-from watchdog.errors import WatchdogError
+from watchdog.cli_options import GroupedCommand, version_callback, with_settings
+from watchdog.errors import UsageError, WatchdogError
 from watchdog.types import Verdict
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_DEADLOCK, EXIT_INCONCLUSIVE = 0, 1, 2, 3, 4
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     help="Deadlock watchdog for tensor-parallel vLLM serving.",
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
 )
-bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print figures.")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print figures.", rich_markup_mode=None)
 app.add_typer(bench_app, name="bench")
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", is_eager=True, callback=version_callback, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Deadlock watchdog for tensor-parallel vLLM serving."""
 
 
 def _err(msg: str) -> None:
@@ -53,7 +71,7 @@ def _verdict_exit(verdict: Verdict) -> int:
     return EXIT_INCONCLUSIVE if verdict is Verdict.INCONCLUSIVE else EXIT_OK
 
 
-@app.command()
+@app.command(cls=GroupedCommand)
 def diagnose(
     path: Annotated[Path, typer.Argument(help="An incident bundle, or a ledger directory of a dead deployment.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the Diagnosis as JSON.")] = False,
@@ -75,7 +93,7 @@ def diagnose(
     return _verdict_exit(diagnosis.verdict)
 
 
-@app.command()
+@app.command(cls=GroupedCommand)
 def demo(
     tp: Annotated[int, typer.Option(help="Tensor-parallel ranks (worker processes).")] = 2,
     requests: Annotated[int, typer.Option(help="Requests the bench client sends.")] = 128,
@@ -94,8 +112,11 @@ def demo(
     seed: Annotated[int, typer.Option(help="Workload and model seed.")] = 0,
     bursts: Annotated[int, typer.Option(help="Send the requests in this many bursts ...")] = 1,
     idle_gap: Annotated[float, typer.Option(help="... with this many idle seconds between bursts.")] = 0.0,
-    workdir: Annotated[Path | None, typer.Option(help="Where ledgers and incident bundles go.")] = None,
-    timeout: Annotated[float, typer.Option(help="Give up after this many seconds.")] = 300.0,
+    workdir: Annotated[
+        Path | None, typer.Option(help="Where ledgers and incident bundles go (kept). Default: a temporary directory.")
+    ] = None,
+    keep: Annotated[bool, typer.Option("--keep", help="Keep the temporary directory (its bundles).")] = False,
+    timeout: Annotated[float, typer.Option(help="Give up after this many seconds (start-up included).")] = 300.0,
     native: Annotated[bool, typer.Option(help="Also take native (C) stacks with py-spy --native.")] = True,
     watch: Annotated[bool, typer.Option(help="Watch in-process; --no-watch leaves it to `watchdog agent`.")] = True,
     fallback: Annotated[
@@ -120,10 +141,7 @@ def demo(
         for name in FAULTS:
             print(f"{name:<26} {DESCRIPTIONS[name]}")
         return EXIT_OK
-    if cudagraph_mode not in ("FULL_AND_PIECEWISE", "FULL_DECODE_ONLY", "NONE"):
-        raise WatchdogError(f"--cudagraph-mode {cudagraph_mode!r}: choose FULL_AND_PIECEWISE, FULL_DECODE_ONLY or NONE")
-    if fault not in FAULTS:
-        raise WatchdogError(f"--fault {fault!r}: unknown; choose one of {', '.join(FAULTS)}")
+    temporary = workdir is None
     opts = DemoOptions(
         tp=tp,
         requests=requests,
@@ -147,8 +165,19 @@ def demo(
         stall_floor_s=stall_floor_s,
         device=device,
     )
-    result = run_demo(opts, say=_err)
-    _print_demo(result)
+    from watchdog import logs
+
+    opts.validate()  # usage errors (exit 2) before a temporary directory exists
+    _sigterm_interrupts()
+    logs.setup("text", "error")  # the demo narrates through `say`; the services' log lines would repeat it
+    if temporary:
+        opts = dataclasses.replace(opts, workdir=tempfile.mkdtemp(prefix="watchdog-demo-"))
+    try:
+        result = run_demo(opts, say=_err)
+        _print_demo(result, kept=keep or not temporary)
+    finally:
+        if temporary and not keep and opts.workdir:
+            shutil.rmtree(opts.workdir, ignore_errors=True)
     miss = missed(result)
     if as_json:
         slim = {k: v for k, v in result.items()}
@@ -164,7 +193,18 @@ def demo(
     return EXIT_DEADLOCK if result["incidents"] else EXIT_OK
 
 
-def _print_demo(result: dict[str, Any]) -> None:
+def _sigterm_interrupts() -> None:
+    """SIGTERM (a `kill`, a container stop) stops the demo as Ctrl-C does: its cleanup runs (the tree
+    killed, rings unlinked, temp dir removed) instead of leaving that to the resource tracker."""
+    import signal
+
+    def interrupt(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
+def _print_demo(result: dict[str, Any], kept: bool) -> None:
     req = result["requests"]
     bit = f", the fault bit {len(result['fault_bites'])} time(s)" if result.get("fault_bites") else ""
     print(
@@ -177,7 +217,10 @@ def _print_demo(result: dict[str, Any]) -> None:
             f"diagnosed after {inc['diagnosed_after_s']:.2f} s; bundle {inc['bundle']}\n"
         )
         print(inc["report"], end="")
-        print(f"\nre-run it:  watchdog diagnose {inc['bundle']}")
+        if kept:
+            print(f"\nre-run it:  watchdog diagnose {inc['bundle']}")
+        else:
+            print("\n(the bundle goes with the temporary directory: --keep or --workdir DIR keeps it)")
     for r in result.get("restarts", []):
         down = "?" if r["downtime_s"] is None else f"{r['downtime_s']:.1f} s"
         print(f"restart after {r['after_incident']}: {r['from']} -> {r['to']} (down {down})")
@@ -185,51 +228,17 @@ def _print_demo(result: dict[str, Any]) -> None:
         print("the fallback gave up: the restart bound was hit (exit code 5)")
 
 
-def _with_settings(func: Callable[..., int]) -> Callable[..., int]:
-    """Give a command one ``--<name>`` option per setting (see watchdog/settings.py), all defaulting to
-    None so that the file and the environment fill what the command line leaves out."""
-    from watchdog.settings import FIELDS, HELP
-
-    kinds: dict[str, Any] = {"bool": bool, "int": int, "float": float, "str": str, "Path": Path, "Path | None": Path}
-    own = [
-        p.replace(
-            annotation=Annotated[list[str], typer.Argument(help="The server command, after --.", show_default=False)]
-        )
-        for p in inspect.signature(func).parameters.values()
-        if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
-    ]
-    params = [
-        *own,
-        inspect.Parameter(
-            "config",
-            inspect.Parameter.KEYWORD_ONLY,
-            default=None,
-            annotation=Annotated[Path | None, typer.Option(help="TOML settings file (or WATCHDOG_CONFIG).")],
-        ),
-    ]
-    for name, f in FIELDS.items():
-        kind = kinds[str(f.type)]
-        params.append(
-            inspect.Parameter(
-                name,
-                inspect.Parameter.KEYWORD_ONLY,
-                default=None,
-                annotation=Annotated[kind | None, typer.Option(help=HELP[name], show_default=False)],
-            )
-        )
-    func.__signature__ = inspect.Signature(params, return_annotation=int)  # type: ignore[attr-defined]
-    func.__annotations__ = {p.name: p.annotation for p in params} | {"return": int}
-    return func
-
-
 def _settings(values: dict[str, Any]) -> Any:
+    from watchdog import logs
     from watchdog.settings import load
 
-    return load(values.pop("config", None), cli=values)
+    s = load(values.pop("config", None), cli=values)
+    logs.setup(s.log_format, s.log_level)
+    return s
 
 
-@app.command()
-@_with_settings
+@app.command(cls=GroupedCommand)
+@with_settings("agent")
 def agent(**values: Any) -> int:
     """Watch this node's ranks as a long-running sidecar: HTTP API, /livez, /metrics.
 
@@ -238,28 +247,46 @@ def agent(**values: Any) -> int:
     from watchdog.metrics import AgentMetrics
 
     s = _settings(values)
-    if not s.ledger_dir.is_dir():
-        raise WatchdogError(f"ledger_dir {s.ledger_dir}: not a directory")
+    try:  # the ranks may start after the agent: make the directory they will write to, as run does
+        s.ledger_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise WatchdogError(f"ledger_dir {s.ledger_dir}: {exc.strerror or exc}") from None
     metrics = AgentMetrics(s.tp_group)
     watcher = _watchers(s, metrics)()
     role = "member" if s.member else "agent"
     agent = Agent(watcher, metrics, role=role, token=s.token(), poll_s=s.poll_interval_s)
     agent.on_incident = _kube_actions(s, metrics)
+    _bounds(agent, s)
     serve(agent, s.host, s.port)
     return EXIT_OK
 
 
+def _bounds(agent: Any, s: Any) -> Any:
+    """Disk and rate bounds: incident retention, diagnose-now at most once per interval."""
+    from watchdog.retention import Retention
+
+    agent.retention = Retention(s.incidents_dir, s.max_incidents, s.max_incidents_mb * 2**20, agent.metrics.retained)
+    agent.diagnose_now_interval_s = s.diagnose_now_interval_s
+    return agent.retention
+
+
 def _kube_actions(s: Any, metrics: Any) -> Callable[[Any], None] | None:
-    """Kubernetes Events on incidents and/or evicting this pod on a deadlock, as configured."""
+    """Kubernetes Events on incidents and/or evicting this pod on a deadlock, as configured; with
+    kube_events, the log's state changes (start, rings, stall, ...) become Events too."""
     if s.on_deadlock != "evict" and not s.kube_events:
         return None
     from watchdog.kube import Kube, incident_actions
+    from watchdog.logs import KubeEvents, log
 
     ca = s.kube_ca_file if s.kube_api.startswith("https") and s.kube_ca_file.exists() else None
     kube = Kube(s.kube_api, s.kube_token_file, ca, s.pod_namespace, s.pod_name)
-    return incident_actions(
-        kube, s.kube_events, s.on_deadlock == "evict", lambda: metrics.scrape_errors.labels(s.tp_group, "kube").inc()
-    )
+
+    def failed() -> None:
+        metrics.scrape_errors.labels(s.tp_group, "kube").inc()
+
+    if s.kube_events:
+        log.addHandler(KubeEvents(lambda reason, message, kind: kube.event(reason, message, kind), failed))
+    return incident_actions(kube, s.kube_events, s.on_deadlock == "evict", failed)
 
 
 def _watchers(s: Any, metrics: Any) -> Callable[[], Any]:
@@ -297,13 +324,14 @@ def _watchers(s: Any, metrics: Any) -> Callable[[], Any]:
     return make
 
 
-@app.command(context_settings={"allow_interspersed_args": False})
-@_with_settings
+@app.command(cls=GroupedCommand, context_settings={"allow_interspersed_args": False})
+@with_settings("run")
 def run(command: list[str], **values: Any) -> int:
     """Run a server (`watchdog run [OPTIONS] -- vllm serve ...`), watch it, and on a diagnosed deadlock
     restart it one rung safer on the cudagraph ladder (bounded; --observe never restarts).
 
     Exits with the server's exit code when it ends by itself, 5 once the restart bound was hit."""
+    from watchdog.logs import event as log_event
     from watchdog.metrics import AgentMetrics
     from watchdog.supervisor import ladder
     from watchdog.supervisor.proxy import ResumingProxy, UpstreamGate
@@ -334,10 +362,12 @@ def run(command: list[str], **values: Any) -> int:
             proxy.start()
         except OSError as exc:
             raise WatchdogError(f"proxy_port {s.proxy_port}: {exc.strerror or exc}") from None
-        _err(f"watchdog run: resuming proxy on {s.proxy_host}:{proxy.port} -> {s.upstream}")
-    sup = Supervisor(cfg, metrics, _watchers(s, metrics), say=_err, token=s.token(), gate=gate)
+        log_event("proxy", f"watchdog run: resuming proxy on {s.proxy_host}:{proxy.port} -> {s.upstream}")
+    # The log is this command's voice (one line per state change, --log-format json for pipelines).
+    sup = Supervisor(cfg, metrics, _watchers(s, metrics), token=s.token(), gate=gate)
     if proxy is not None:
         sup.proxy_stats = lambda: proxy.stats
+    _bounds(sup.agent, s).start()  # the supervisor steps its agent itself (Agent.run does this there)
     handle_signals(sup)
     stop_api = serve_api(sup.agent, s.host, s.port)
     try:
@@ -349,8 +379,8 @@ def run(command: list[str], **values: Any) -> int:
         sup.agent.loop.close()
 
 
-@app.command()
-@_with_settings
+@app.command(cls=GroupedCommand)
+@with_settings("coordinator")
 def coordinator(**values: Any) -> int:
     """Correlate the member agents of one TP group spread over nodes (--agents URL,URL): one diagnosis, one bundle."""
     from watchdog.agent import Agent, serve
@@ -373,11 +403,12 @@ def coordinator(**values: Any) -> int:
     )
     agent = Agent(coord, metrics, role="coordinator", token=s.token(), poll_s=max(s.poll_interval_s, 0.5))
     agent.on_incident = _kube_actions(s, metrics)
+    _bounds(agent, s)
     serve(agent, s.host, s.port)
     return EXIT_OK
 
 
-@app.command()
+@app.command(cls=GroupedCommand)
 def discover(
     ledger_dir: Annotated[Path, typer.Option(help="Directory the ranks write their ledgers to.")] = Path(
         "/var/run/watchdog/ledgers"
@@ -424,7 +455,7 @@ def discover(
     return EXIT_OK
 
 
-@app.command()
+@app.command(cls=GroupedCommand)
 def openapi() -> int:
     """Print the agent's OpenAPI schema (committed as docs/openapi.json)."""
     print(json.dumps(openapi_schema(), indent=2, sort_keys=True))
@@ -439,7 +470,7 @@ def openapi_schema() -> dict[str, Any]:
     return make_app(Agent(Coordinator([], Path(".")), AgentMetrics("tp0"))).openapi()
 
 
-@bench_app.command("recorder")
+@bench_app.command(cls=GroupedCommand, name="recorder")
 def bench_recorder(
     records: Annotated[int, typer.Option(help="Records per timing run.")] = 20000,
     repeats: Annotated[int, typer.Option(help="Timing runs (median reported).")] = 7,
@@ -455,7 +486,7 @@ def bench_recorder(
     return EXIT_OK
 
 
-@bench_app.command("plugin")
+@bench_app.command(cls=GroupedCommand, name="plugin")
 def bench_plugin(
     steps: Annotated[int, typer.Option(help="Timed decode steps per run.")] = 20000,
     repeats: Annotated[int, typer.Option(help="Timing runs (median reported).")] = 7,
@@ -470,7 +501,7 @@ def bench_plugin(
     return EXIT_OK
 
 
-@bench_app.command("fuzz")
+@bench_app.command(cls=GroupedCommand, name="fuzz")
 def bench_fuzz(
     cases: Annotated[int, typer.Option(help="Mutated ledgers and bundles to read.")] = 100_000,
     seed: Annotated[int, typer.Option(help="Seed of the mutations (a case is reproducible from it).")] = 0,
@@ -493,7 +524,7 @@ def bench_fuzz(
     return EXIT_ERROR if result["failed"] else EXIT_OK
 
 
-@bench_app.command("torn")
+@bench_app.command(cls=GroupedCommand, name="torn")
 def bench_torn(
     seconds: Annotated[float, typer.Option(help="Seconds of live reading per copy mode (0 skips it).")] = 10.0,
     slots: Annotated[int, typer.Option(help="Ring slots of the hammered ledger.")] = 16,
@@ -513,7 +544,7 @@ def bench_torn(
     return EXIT_OK
 
 
-@bench_app.command("detect")
+@bench_app.command(cls=GroupedCommand, name="detect")
 def bench_detect(
     tp: Annotated[list[int], typer.Option(help="TP sizes to measure (repeat the option).")] = [2, 4, 8],  # noqa: B006
     fault: Annotated[list[str] | None, typer.Option(help="Fault classes (repeat; default: every fault).")] = None,
@@ -541,8 +572,27 @@ def bench_detect(
     return EXIT_OK
 
 
+@bench_app.command(cls=GroupedCommand, name="agent")
+def bench_agent(
+    tp: Annotated[list[int], typer.Option(help="TP sizes of the ledgers written (repeat the option).")] = [2, 8],  # noqa: B006
+    rate: Annotated[float, typer.Option(help="Decode steps per second written to the ledgers.")] = 100.0,
+    seconds: Annotated[float, typer.Option(help="Measurement window per TP size.")] = 30.0,
+    warmup: Annotated[float, typer.Option(help="Seconds before the window (start-up, first reads).")] = 5.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
+) -> int:
+    """The agent's own cost while the server is healthy: CPU share of one core and RSS, per TP size."""
+    from watchdog.bench_agent import bench_agent as run
+
+    if rate <= 0 or seconds <= 0 or warmup < 0 or any(t < 1 for t in tp):
+        raise UsageError("--rate, --seconds and every --tp must be positive, --warmup >= 0")
+    result = run(tps=tp, rate=rate, seconds=seconds, warmup_s=warmup, say=_err)
+    print(json.dumps(result) if as_json else json.dumps(result, indent=2))
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     command = typer.main.get_command(app)
+    interrupted, restore = _watch_sigint()
     try:
         rv = command.main(args=argv if argv is not None else sys.argv[1:], prog_name="watchdog", standalone_mode=False)
     except click_exc.NoArgsIsHelpError:
@@ -550,18 +600,49 @@ def main(argv: list[str] | None = None) -> int:
     except click_exc.UsageError as exc:
         _err(f"watchdog: {exc.format_message()}")
         return EXIT_USAGE
-    except typer.Abort:
-        _err("watchdog: aborted")
-        return EXIT_ERROR
+    except UsageError as exc:
+        _err(f"watchdog: {exc}")
+        return EXIT_USAGE
+    except (typer.Abort, KeyboardInterrupt):  # click turns Ctrl-C into Abort
+        _err("watchdog: interrupted")
+        return EXIT_INTERRUPTED
     except (WatchdogError, LedgerError) as exc:
         _err(f"watchdog: {exc}")
         return EXIT_ERROR
-    except KeyboardInterrupt:
-        _err("watchdog: interrupted")
-        return EXIT_ERROR
     except typer.Exit as exc:
         return int(exc.exit_code)
+    finally:
+        restore()
+    if interrupted:  # typer turns Ctrl-C into a plain return of 130: say it, as for any other exit
+        from watchdog import logs
+
+        if logs.json_lines():  # a service logging JSON lines: keep stderr all JSON
+            logs.event("stopped", "interrupted (SIGINT)", logging.WARNING)
+        else:
+            _err("watchdog: interrupted")
+        return EXIT_INTERRUPTED
     return int(rv) if isinstance(rv, int) else EXIT_OK
+
+
+def _watch_sigint() -> tuple[list[bool], Callable[[], None]]:
+    """Note a Ctrl-C (then raise KeyboardInterrupt as usual); returns the flag and an undo."""
+    import signal
+    import threading
+
+    flag: list[bool] = []
+    if threading.current_thread() is not threading.main_thread():
+        return flag, lambda: None
+    previous = signal.getsignal(signal.SIGINT)
+
+    def on_sigint(_signum: int, _frame: object) -> None:
+        flag.append(True)
+        raise KeyboardInterrupt
+
+    def restore() -> None:
+        signal.signal(signal.SIGINT, previous)
+
+    signal.signal(signal.SIGINT, on_sigint)
+    return flag, restore
 
 
 if __name__ == "__main__":

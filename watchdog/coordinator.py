@@ -24,6 +24,7 @@ from typing import Any
 from watchdog.analyzer import AnalyzerConfig, diagnose
 from watchdog.bundle import page_context, write_bundle
 from watchdog.divergence import DivergenceMonitor
+from watchdog.logs import event
 from watchdog.report import render
 from watchdog.snapshot import assemble, read_ledger_files
 from watchdog.types import EVIDENCE_SCHEMA, StallInfo
@@ -67,12 +68,21 @@ class Coordinator:
     # member (and the stall detector).
     monitor: DivergenceMonitor = field(default_factory=lambda: DivergenceMonitor(grace_s=float("inf")))
     _since: dict[str, int] = field(default_factory=dict)  # per agent: the step to ask digests from
+    _answered: dict[str, bool] = field(default_factory=dict)
 
     def poll(self) -> StallInfo | None:
+        if not self._answered:
+            event("watching", f"watching {len(self.agents)} agents: {', '.join(self.agents)}", agents=list(self.agents))
         statuses = self._fan_out_status()
         progressed = False
         stall: StallInfo | None = None
         for url, st in statuses.items():
+            answered = not isinstance(st, AgentUnreachable)
+            if self._answered.get(url) != answered:  # first answer, lost, back: state changes
+                self._answered[url] = answered
+                event(
+                    "agent", f"agent {url} answers" if answered else f"agent unreachable: {st}", agent=url, up=answered
+                )
             if isinstance(st, AgentUnreachable):
                 log.debug("agent status: %s", st)
                 continue
@@ -126,15 +136,26 @@ class Coordinator:
             log.debug("agent %s: unreadable step digests: %s", url, exc)
 
     def handle(self, stall: StallInfo | None) -> Incident:
+        from watchdog.watcher import log_evidence
+
         detected = time.monotonic_ns()
         pulled = self._fan_out("/v1/snapshot", self.timeout_s)
         files, evidence = merge(pulled, stall)
+        gathered = time.monotonic_ns()
+        log_evidence(evidence, (gathered - detected) / 1e9)
         ledgers = read_ledger_files(files)
         diagnosis = diagnose(assemble(ledgers, evidence), self.analyzer_cfg)
         report = render(diagnosis)
-        page = page_context(detected, time.monotonic_ns())
+        analyzed = time.monotonic_ns()
+        page = page_context(detected, analyzed)
         bundle = write_bundle(self.incidents_dir, ledgers, evidence, diagnosis, report, page)
-        return Incident(diagnosis, bundle, report, stall, detected, time.monotonic_ns())
+        done = time.monotonic_ns()
+        timings = {
+            "gather": (gathered - detected) / 1e9,
+            "analyze": (analyzed - gathered) / 1e9,
+            "write": (done - analyzed) / 1e9,
+        }
+        return Incident(diagnosis, bundle, report, stall, detected, done, timings)
 
     def close(self) -> None:
         pass

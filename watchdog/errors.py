@@ -3,6 +3,7 @@
     WatchdogError            base; its message is one line a user can act on
     ├── InputError           a file or directory given to the watchdog is missing, foreign or damaged
     ├── ConfigError          a setting is unknown or out of range
+    ├── UsageError           a command-line argument is wrong (the CLI exits 2, like click's own)
     └── DemoError            the demo deployment could not start or run
 
 Ledger files raise ``collectors.reader.LedgerError`` (the collectors package imports nothing
@@ -20,6 +21,10 @@ class InputError(WatchdogError):
 
 
 class ConfigError(WatchdogError):
+    pass
+
+
+class UsageError(WatchdogError):
     pass
 
 

@@ -95,6 +95,18 @@ class AgentMetrics:
             buckets=EVIDENCE_BUCKETS,
             registry=r,
         )
+        self.bundles = Gauge(
+            "watchdog_incident_bundles", "Incident bundles kept on disk (after retention).", grp, registry=r
+        )
+        self.bundle_bytes = Gauge(
+            "watchdog_incident_bundles_bytes", "Bytes the kept incident bundles hold.", grp, registry=r
+        )
+        self.bundles_deleted = Counter(
+            "watchdog_incident_bundles_deleted_total",
+            "Incident bundles deleted by retention (count and byte bounds, oldest first).",
+            grp,
+            registry=r,
+        )
         self.scrape_errors = Counter(
             "watchdog_scrape_errors_total",
             "Failed reads: ledger, ring or (coordinator) agent.",
@@ -119,6 +131,7 @@ class AgentMetrics:
         self.deadlocked.labels(g).set(0)
         self.stalls.labels(g)
         self.divergences.labels(g)
+        self.bundles_deleted.labels(g)
         for source in ("ledger", "ring", "agent", "gpu"):
             self.scrape_errors.labels(g, source)
         for verdict in Verdict:  # every series exists from the start: increase() sees the first incident
@@ -174,6 +187,11 @@ class AgentMetrics:
             rank = str(ranks[0]) if ranks else ""
             self.gpu_util.labels(self.tp_group, rank, str(gpu.index)).set(gpu.utilization_pct)
             self.gpu_power.labels(self.tp_group, rank, str(gpu.index)).set(gpu.power_w)
+
+    def retained(self, kept: int, kept_bytes: int, deleted: int) -> None:
+        self.bundles.labels(self.tp_group).set(kept)
+        self.bundle_bytes.labels(self.tp_group).set(kept_bytes)
+        self.bundles_deleted.labels(self.tp_group).inc(deleted)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -64,6 +64,11 @@ class Settings:
     proxy_host: str = "127.0.0.1"
     upstream: str = "http://127.0.0.1:8000"
     resume_timeout_s: float = 600.0
+    log_format: str = "text"
+    log_level: str = "info"
+    max_incidents: int = 100
+    max_incidents_mb: int = 1024
+    diagnose_now_interval_s: float = 10.0
 
     def owned_ranks(self) -> frozenset[int] | None:
         return parse_ranks(self.ranks)
@@ -130,7 +135,77 @@ HELP = {
     "upstream": "watchdog run: the server's base URL (its /health says it is ready; the proxy forwards to it).",
     "resume_timeout_s": "watchdog run: how long the proxy holds a request for the restarted server.",
     "agent_timeout_s": "Coordinator only: bound on each pull from an agent.",
+    "log_format": "'text' (one human line per state change) or 'json' (one JSON object per line).",
+    "log_level": "debug, info, warning or error.",
+    "max_incidents": "Keep at most this many incident bundles (oldest deleted first; the newest and unresolved kept).",
+    "max_incidents_mb": "Keep the incident bundles under this many MiB in all (same order).",
+    "diagnose_now_interval_s": "POST /v1/diagnose-now at most once per this many seconds (429 + Retry-After).",
 }
+
+# Which commands read a setting, and the group its option is listed under in their --help.
+# (The file and the environment accept every setting everywhere; a command ignores the others.)
+AGENT, COORD, RUN = "agent", "coordinator", "run"
+_ALL = (AGENT, COORD, RUN)
+_LOCAL = (AGENT, RUN)  # the ones that read ledgers and gather evidence on this node
+_KUBE = (AGENT, COORD)
+SCOPE: dict[str, tuple[str, tuple[str, ...]]] = {
+    "ledger_dir": ("Watching", _LOCAL),
+    "tp_group": ("Watching", _ALL),
+    "poll_interval_s": ("Watching", _ALL),
+    "stall_floor_s": ("Stall detection", _LOCAL),
+    "stall_multiplier": ("Stall detection", _LOCAL),
+    "cold_deadline_s": ("Stall detection", _LOCAL),
+    "incidents_dir": ("Incidents", _ALL),
+    "max_incidents": ("Incidents", _ALL),
+    "max_incidents_mb": ("Incidents", _ALL),
+    "host": ("HTTP API", _ALL),
+    "port": ("HTTP API", _ALL),
+    "api_token": ("HTTP API", _ALL),
+    "api_token_file": ("HTTP API", _ALL),
+    "diagnose_now_interval_s": ("HTTP API", _ALL),
+    "ranks": ("Multi-node", (AGENT,)),
+    "member": ("Multi-node", (AGENT,)),
+    "agents": ("Multi-node", (COORD,)),
+    "agent_timeout_s": ("Multi-node", (COORD,)),
+    "shm_dir": ("Evidence", _LOCAL),
+    "proc_root": ("Evidence", _LOCAL),
+    "stack_timeout_s": ("Evidence", _LOCAL),
+    "native_stacks": ("Evidence", _LOCAL),
+    "native_timeout_s": ("Evidence", _LOCAL),
+    "nvml": ("Evidence", _LOCAL),
+    "nvml_module": ("Evidence", _LOCAL),
+    "ladder": ("Fallback", (RUN,)),
+    "max_restarts": ("Fallback", (RUN,)),
+    "restart_window_s": ("Fallback", (RUN,)),
+    "ladder_state_file": ("Fallback", (RUN,)),
+    "observe": ("Fallback", (RUN,)),
+    "on_give_up": ("Fallback", (RUN,)),
+    "stop_grace_s": ("Fallback", (RUN,)),
+    "unexplained_stall_s": ("Fallback", (RUN,)),
+    "proxy_port": ("Resuming proxy", (RUN,)),
+    "proxy_host": ("Resuming proxy", (RUN,)),
+    "upstream": ("Resuming proxy", (RUN,)),
+    "resume_timeout_s": ("Resuming proxy", (RUN,)),
+    "on_deadlock": ("Kubernetes", _KUBE),
+    "kube_events": ("Kubernetes", _KUBE),
+    "kube_api": ("Kubernetes", _KUBE),
+    "kube_token_file": ("Kubernetes", _KUBE),
+    "kube_ca_file": ("Kubernetes", _KUBE),
+    "pod_name": ("Kubernetes", _KUBE),
+    "pod_namespace": ("Kubernetes", _KUBE),
+    "log_format": ("Logging", _ALL),
+    "log_level": ("Logging", _ALL),
+}
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def fields_of(command: str) -> list[str]:
+    """The settings ``command`` reads, in declaration order."""
+    return [name for name in FIELDS if command in SCOPE[name][1]]
 
 
 def parse_ranks(spec: str) -> frozenset[int] | None:
@@ -237,16 +312,21 @@ def validate(s: Settings) -> None:
         raise WatchdogError("on_deadlock=evict and kube_events need pod_name and pod_namespace (downward API)")
     if not 0 <= s.proxy_port <= 65535 or s.resume_timeout_s <= 0:
         raise WatchdogError("proxy_port must be within 0-65535 and resume_timeout_s positive")
+    if s.log_format not in ("text", "json"):
+        raise WatchdogError(f"log_format {s.log_format!r}: choose 'text' or 'json'")
+    if s.log_level.lower() not in LOG_LEVELS:
+        raise WatchdogError(f"log_level {s.log_level!r}: choose one of {', '.join(LOG_LEVELS)}")
+    if s.max_incidents < 1 or s.max_incidents_mb < 1 or s.diagnose_now_interval_s < 0:
+        raise WatchdogError("max_incidents and max_incidents_mb must be >= 1, diagnose_now_interval_s >= 0")
     if not s.upstream.startswith(("http://", "https://")):
         raise WatchdogError(f"upstream {s.upstream!r}: give the server's base URL, e.g. http://127.0.0.1:8000")
 
 
 def markdown_table() -> str:
     """The README's configuration table."""
-    rows = ["| Setting | Environment | Default | Meaning |", "|---|---|---|---|"]
+    rows = ["| Setting | Environment | Default | Commands | Meaning |", "|---|---|---|---|---|"]
     for f in dataclasses.fields(Settings):
         default = f.default if f.default is not None else ""
-        rows.append(
-            f"| `--{f.name.replace('_', '-')}` | `{ENV_PREFIX}{f.name.upper()}` | `{default}` | {HELP[f.name]} |"
-        )
+        flag, used = f"--{f.name.replace('_', '-')}", ", ".join(SCOPE[f.name][1])
+        rows.append(f"| `{flag}` | `{env_name(f.name)}` | `{default}` | {used} | {HELP[f.name]} |")
     return "\n".join(rows)

@@ -19,6 +19,7 @@ from watchdog.analyzer import AnalyzerConfig, diagnose
 from watchdog.bundle import page_context, write_bundle
 from watchdog.detector import DetectorConfig, StallDetector
 from watchdog.divergence import DivergenceMonitor
+from watchdog.logs import event
 from watchdog.report import render
 from watchdog.snapshot import Sources, find_ring_specs, gather, read_ledger_dir, read_rings
 from watchdog.types import Diagnosis, RingState, StallInfo
@@ -34,6 +35,7 @@ class Incident:
     stall: StallInfo | None
     detected_mono_ns: int
     diagnosed_mono_ns: int
+    timings: dict[str, float] = field(default_factory=dict)  # seconds: gather, analyze, write
 
 
 @dataclass
@@ -55,6 +57,7 @@ class Watcher:
     _fired: bool = False
     _alive: set[int] = field(default_factory=set)  # rank pids seen running (this agent can see them)
     _exited: set[int] = field(default_factory=set)  # pids already reported gone
+    _announced: bool = False
     progressed: bool = False  # the last poll saw new records
 
     def __post_init__(self) -> None:
@@ -64,6 +67,10 @@ class Watcher:
     def poll(self, now_ns: int | None = None) -> StallInfo | None:
         """Read new records and return a stall if one is open now (once per stall), or ranks out of step
         (kind "divergence", once: ``watchdog.divergence``)."""
+        if not self._announced:
+            self._announced = True
+            which = "all ranks" if self.ranks is None else "ranks " + ",".join(map(str, sorted(self.ranks)))
+            event("watching", f"watching {which} in {self.ledger_dir}", ledger_dir=str(self.ledger_dir))
         for path in ledger_paths(self.ledger_dir, self.ranks):
             self._tails.setdefault(path, LedgerTail(path))
         progressed = False
@@ -77,6 +84,16 @@ class Watcher:
                 continue
             assert tail.header is not None
             rank = None if tail.header.kind is ProcessKind.ENGINE else tail.header.rank
+            if tail.opens > opens:
+                who = "engine" if rank is None else f"rank {rank}"
+                event(
+                    "ledger",
+                    f"{'first ledger' if not opens else 'new incarnation'} of {who}: {path.name}, "
+                    f"pid {tail.header.pid}, world size {tail.header.world_size}",
+                    rank=rank,
+                    pid=tail.header.pid,
+                    path=str(path),
+                )
             if opens and tail.opens > opens:
                 # A new incarnation of the process (its ledger was replaced): the old one's open
                 # step died with it, and a fresh server counts as progress even before traffic.
@@ -155,11 +172,20 @@ class Watcher:
         """Gather, diagnose, write the bundle (``stall`` None: a diagnosis asked for by hand)."""
         detected = time.monotonic_ns()
         snapshot, ledgers, evidence = gather(self.ledger_dir, self.sources, stall, self.ranks)
+        gathered = time.monotonic_ns()
+        log_evidence(evidence, (gathered - detected) / 1e9)
         diagnosis = diagnose(snapshot, self.analyzer_cfg)
         report = render(diagnosis)
-        page = page_context(detected, time.monotonic_ns())
+        analyzed = time.monotonic_ns()
+        page = page_context(detected, analyzed)
         bundle = write_bundle(self.incidents_dir, ledgers, evidence, diagnosis, report, page)
-        return Incident(diagnosis, bundle, report, stall, detected, time.monotonic_ns())
+        done = time.monotonic_ns()
+        timings = {
+            "gather": (gathered - detected) / 1e9,
+            "analyze": (analyzed - gathered) / 1e9,
+            "write": (done - analyzed) / 1e9,
+        }
+        return Incident(diagnosis, bundle, report, stall, detected, done, timings)
 
     def rings(self) -> tuple[RingState | None, dict[int, RingState]]:
         """The flags of the deployment's shm rings: the broadcast ring, and each rank's response ring."""
@@ -181,6 +207,10 @@ class Watcher:
                 self._ring_retry_at = now + 10.0  # start-up, or discovery found nothing: not every second
                 return None, {}
             self._ring_specs = (ino, specs)
+            names = ", ".join(
+                f"{role} {spec.get('name', '?') if isinstance(spec, dict) else '?'}" for role, spec in specs
+            )
+            event("rings", f"watching vLLM shm rings: {names}", rings=len(specs))
         states, missing = read_rings(self._ring_specs[1], self.sources.shm_dir)
         for m in missing:
             log.debug("%s", m)
@@ -206,3 +236,14 @@ def _running(proc_root: str, pid: int) -> bool:
     except (OSError, IndexError):
         return False
     return state not in (b"Z", b"X")
+
+
+def log_evidence(evidence: dict[str, Any], seconds: float) -> None:
+    missing = evidence.get("missing") or []
+    event(
+        "evidence",
+        f"evidence gathered in {seconds:.2f} s: {len(evidence.get('pids') or {})} processes, "
+        f"{len(evidence.get('stacks') or {})} stacks, {len(evidence.get('rings') or [])} rings, {len(missing)} missing",
+        seconds=round(seconds, 3),
+        missing=missing[:20],
+    )

@@ -25,9 +25,8 @@ from typing import Any
 from collectors.format import ProcessKind
 from collectors.recorder import Recorder, open_recorder
 from watchdog.demo.faults import EngineBugs, FaultPlan
-from watchdog.demo.proc import die_with_parent
+from watchdog.demo.proc import die_with_parent, spawn_args, spawn_entry
 from watchdog.demo.shmring import ShmRing
-from watchdog.demo.worker import WorkerArgs, worker_main
 from watchdog.evidence.rings import RingLayout
 from watchdog.keys import DispatchConfig
 
@@ -187,6 +186,8 @@ class Engine:
             self.bites = None
 
     def start_workers(self) -> None:
+        from watchdog.demo.worker import WorkerArgs  # not at module level: it imports torch
+
         ctx = mp.get_context("spawn")
         store = Path(self.args.workdir) / f"pg-store-{os.getpid()}"
         store.unlink(missing_ok=True)
@@ -212,7 +213,9 @@ class Engine:
                 instance=self.args.instance,
                 device=self.args.device,
             )
-            p = ctx.Process(target=worker_main, args=(wargs, self._plan.worker_bugs(rank), self.bites), daemon=False)
+            # spawn_entry: the death signal is armed before the worker imports torch
+            args = spawn_args("watchdog.demo.worker:worker_main", (wargs, self._plan.worker_bugs(rank)), (self.bites,))
+            p = ctx.Process(target=spawn_entry, args=args, daemon=False)
             p.start()
             self.workers.append(p)
         for rank, resp in enumerate(self.resps):

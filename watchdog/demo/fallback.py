@@ -115,7 +115,7 @@ def server_argv(opts: Any, port: int, workdir: Path, fault_socket: Path) -> list
 
 def run_fallback(opts: Any, workdir: Path, say: Callable[[str], None]) -> dict[str, Any]:
     """Run the demo under the supervisor and proxy; returns the parts of the demo JSON it owns."""
-    from watchdog.demo.run import bites_json, incident_json
+    from watchdog.demo.run import Progress, bites_json, incident_json
 
     ledger_dir, incidents_dir = workdir / "ledgers", workdir / "incidents"
     state_file = workdir / "ladder.json"
@@ -152,8 +152,10 @@ def run_fallback(opts: Any, workdir: Path, say: Callable[[str], None]) -> dict[s
     client = start_http_client(opts.workload(), f"http://127.0.0.1:{proxy.port}", stop, opts.timeout_s)
     say(f"bench client: {opts.requests} streamed requests over HTTP through the proxy, fault {opts.fault}")
     deadline = time.monotonic() + opts.timeout_s
+    progress = Progress(say, time.monotonic())
     try:
         while not client.done.wait(0.1):
+            progress.tick(f"serving: {client.succeeded}/{opts.requests} requests done")
             if not runner.is_alive():
                 say("the supervisor ended: no server to send requests to")
                 break

@@ -21,10 +21,11 @@ from typing import Any
 import psutil
 
 from watchdog.demo.client import Workload, start_client
-from watchdog.demo.engine import EngineArgs, engine_main
+from watchdog.demo.engine import EngineArgs
 from watchdog.demo.faults import FaultPlan
+from watchdog.demo.proc import spawn_args, spawn_entry
 from watchdog.detector import DetectorConfig
-from watchdog.errors import DemoError
+from watchdog.errors import DemoError, UsageError
 from watchdog.evidence.gpus import Nvml
 from watchdog.keys import DispatchConfig, default_capture_sizes
 from watchdog.snapshot import Sources
@@ -73,24 +74,33 @@ class DemoOptions:
         )
 
     def validate(self) -> None:
+        """Wrong arguments raise UsageError (exit 2); a machine that cannot run them, DemoError."""
+        if self.cudagraph_mode not in ("FULL_AND_PIECEWISE", "FULL_DECODE_ONLY", "NONE"):
+            raise UsageError(
+                f"--cudagraph-mode {self.cudagraph_mode!r}: choose FULL_AND_PIECEWISE, FULL_DECODE_ONLY or NONE"
+            )
+        from watchdog.demo.faults import FAULTS
+
+        if self.fault not in FAULTS:
+            raise UsageError(f"--fault {self.fault!r}: unknown; choose one of {', '.join(FAULTS)}")
         if not 1 <= self.tp <= 16:
-            raise DemoError(f"--tp must be between 1 and 16, got {self.tp}")
+            raise UsageError(f"--tp must be between 1 and 16, got {self.tp}")
         if self.fault != "none" and not 0 <= self.fault_rank < self.tp:
-            raise DemoError(f"--fault-rank {self.fault_rank} is not a rank of a TP={self.tp} deployment")
+            raise UsageError(f"--fault-rank {self.fault_rank} is not a rank of a TP={self.tp} deployment")
         if self.requests < 1 or self.concurrency < 1 or self.output_len < 1 or self.input_len < 1:
-            raise DemoError("--requests, --concurrency, --input-len and --output-len must be at least 1")
+            raise UsageError("--requests, --concurrency, --input-len and --output-len must be at least 1")
         if not 0.0 <= self.range_ratio <= 1.0:
-            raise DemoError(f"--range-ratio must be within [0, 1], got {self.range_ratio}")
+            raise UsageError(f"--range-ratio must be within [0, 1], got {self.range_ratio}")
         if self.bursts < 1:
-            raise DemoError(f"--bursts must be at least 1, got {self.bursts}")
+            raise UsageError(f"--bursts must be at least 1, got {self.bursts}")
         if not 0.0 <= self.idle_gap_s < float("inf"):
-            raise DemoError(f"--idle-gap must be a finite number of seconds >= 0, got {self.idle_gap_s}")
+            raise UsageError(f"--idle-gap must be a finite number of seconds >= 0, got {self.idle_gap_s}")
         if not 0.0 < self.stall_floor_s < float("inf"):
-            raise DemoError(f"--stall-floor-s must be a positive number of seconds, got {self.stall_floor_s}")
+            raise UsageError(f"--stall-floor-s must be a positive number of seconds, got {self.stall_floor_s}")
         if self.max_restarts < 0:
-            raise DemoError(f"--max-restarts must be at least 0, got {self.max_restarts}")
+            raise UsageError(f"--max-restarts must be at least 0, got {self.max_restarts}")
         if self.device not in ("cpu", "cuda"):
-            raise DemoError(f"--device must be cpu or cuda, got {self.device!r}")
+            raise UsageError(f"--device must be cpu or cuda, got {self.device!r}")
         if self.device == "cuda":
             if self.fallback and self.watch:
                 raise DemoError("--device cuda runs the core loop only: add --no-fallback")
@@ -156,8 +166,10 @@ def run_demo(
     results_q: mp.Queue[Any] = ctx.Queue()
     bites_q: mp.Queue[Any] = ctx.Queue()
     ready_rx, ready_tx = ctx.Pipe(duplex=False)
-    engine = ctx.Process(
-        target=engine_main, args=(eargs, plan, requests_q, results_q, bites_q, ready_tx), name="demo-engine"
+    engine = ctx.Process(  # spawn_entry: dies with us from its first instruction, before heavy imports
+        target=spawn_entry,
+        args=spawn_args("watchdog.demo.engine:engine_main", (eargs, plan), (requests_q, results_q, bites_q, ready_tx)),
+        name="demo-engine",
     )
     say(
         f"starting TP={opts.tp} demo engine ({opts.cudagraph_mode}, MTP={opts.num_speculative_tokens}"
@@ -177,9 +189,15 @@ def run_demo(
     )
     healthy_exit = False
     client_result = None
+    deadline = started + opts.timeout_s  # --timeout covers start-up too
+    progress = Progress(say, started)
     try:
-        if not ready_rx.poll(240):
-            raise DemoError("the demo engine did not become ready within 240 s")
+        while not ready_rx.poll(0.5):
+            if time.monotonic() > deadline:
+                raise DemoError(f"the demo engine did not become ready within --timeout {opts.timeout_s:g} s")
+            if not engine.is_alive():
+                raise DemoError(f"the demo engine exited while starting (exit code {engine.exitcode})")
+            progress.tick("starting: engine and workers loading, capturing graphs")
         ready = ready_rx.recv()
         if "error" in ready:
             raise DemoError(f"the demo engine failed to start: {ready['error']}")
@@ -191,7 +209,6 @@ def run_demo(
             sizes = workload.burst_sizes()
             shape = f" in {len(sizes)} bursts of {min(sizes)}-{max(sizes)}, {opts.idle_gap_s:g} s idle between"
         say(f"bench client: {opts.requests} requests{shape}, max concurrency {opts.concurrency}, fault {opts.fault}")
-        deadline = time.monotonic() + opts.timeout_s
         while not client_result.done.is_set():
             stall = watcher.poll() if opts.watch else None
             if stall is not None:
@@ -212,6 +229,7 @@ def run_demo(
             if not engine.is_alive():
                 say("the demo engine exited unexpectedly")
                 break
+            progress.tick(f"serving: {client_result.succeeded}/{opts.requests} requests done")
             time.sleep(0.05)
         healthy_exit = client_result.done.is_set() and not incidents
     finally:
@@ -264,6 +282,20 @@ def _fallback_demo(opts: DemoOptions, workdir: Path, say: Callable[[str], None])
         "workdir": str(workdir),
         "elapsed_s": round(time.monotonic() - started, 3),
     }
+
+
+class Progress:
+    """One line every ``every_s`` while nothing else is said (a silent demo looks hung)."""
+
+    def __init__(self, say: Callable[[str], None], started: float, every_s: float = 10.0) -> None:
+        self.say, self.started, self.every_s = say, started, every_s
+        self.next = started + every_s
+
+    def tick(self, what: str) -> None:
+        now = time.monotonic()
+        if now >= self.next:
+            self.next = now + self.every_s
+            self.say(f"{what} ({now - self.started:.0f} s)")
 
 
 def _bites(bites: mp.Queue[Any]) -> list[tuple[int, int]]:

@@ -41,9 +41,9 @@ from fastapi import FastAPI, Request
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from watchdog.demo.engine import EngineArgs, engine_main
+from watchdog.demo.engine import EngineArgs
 from watchdog.demo.faults import FaultPlan
-from watchdog.demo.proc import die_with_parent
+from watchdog.demo.proc import die_with_parent, spawn_args, spawn_entry
 from watchdog.demo.tokens import model_text, prompt_tokens
 from watchdog.keys import LADDER, DispatchConfig, default_capture_sizes
 
@@ -368,8 +368,10 @@ def main(argv: list[str] | None = None) -> int:
     results_q: Any = ctx.Queue()
     bites_q: Any = ctx.Queue()
     ready_rx, ready_tx = ctx.Pipe(duplex=False)
-    engine = ctx.Process(
-        target=engine_main, args=(eargs, plan, requests_q, results_q, bites_q, ready_tx), name="demo-engine"
+    engine = ctx.Process(  # spawn_entry: dies with us from its first instruction, before heavy imports
+        target=spawn_entry,
+        args=spawn_args("watchdog.demo.engine:engine_main", (eargs, plan), (requests_q, results_q, bites_q, ready_tx)),
+        name="demo-engine",
     )
     engine.start()
     if fault_sock is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import http.client
+import logging
 import os
 import signal
 import threading
@@ -24,14 +25,15 @@ from urllib.parse import urlsplit
 
 from prometheus_client import Counter, Gauge
 
-from watchdog.agent import Agent, make_app
+from watchdog.agent import Agent, announce, is_loopback, make_app
 from watchdog.bundle import record_supervisor
 from watchdog.errors import WatchdogError
+from watchdog.logs import event as log_event
 from watchdog.metrics import AgentMetrics
 from watchdog.supervisor import ladder
 from watchdog.supervisor.cmdline import CmdlineError, with_cudagraph_mode
 from watchdog.supervisor.proxy import UpstreamGate
-from watchdog.supervisor.tree import start_tree, stop_tree, unlink_rings
+from watchdog.supervisor.tree import Tree, start_tree, stop_tree, unlink_rings
 from watchdog.watcher import Incident, Watcher
 
 EXIT_GAVE_UP = 5
@@ -94,6 +96,8 @@ class Supervisor:
         self._downtime_from: float | None = None
         self._why = ""  # why _watch handed back an incident with no deadlock verdict
         self._stop = threading.Event()
+        self.tree: Tree | None = None  # the running generation's process tree
+        self._next_track = 0.0
         g, r = metrics.tp_group, metrics.registry
         self.m_restarts = Counter(
             "watchdog_supervisor_restarts_total",
@@ -132,18 +136,32 @@ class Supervisor:
     def stop(self) -> None:
         self._stop.set()
 
+    def _note(self, name: str, message: str, level: int = logging.INFO, **fields: Any) -> None:
+        """A state change: one log line (JSON fields, Kubernetes Event where on) and the caller's ``say``."""
+        log_event(name, message, level, **fields)
+        self.say(message)
+
     # ---- the loop -----------------------------------------------------------------------------
 
     def run(self) -> int:
         if self.state.gave_up and not self.cfg.observe:
-            self.say(f"watchdog run: the ladder gave up earlier (see {self.cfg.state_file}); no more restarts")
+            self._note(
+                "give_up",
+                f"watchdog run: the ladder gave up earlier (see {self.cfg.state_file}); no more restarts",
+                logging.WARNING,
+            )
         while True:
             argv = self._argv()
             self._clear_ledgers()
             self.generation += 1
             mode = self.state.mode(self.cfg.policy)
             self._set_mode(mode)
-            self.say(f"watchdog run: generation {self.generation} at {mode}: {' '.join(argv)}")
+            self._note(
+                "generation",
+                f"watchdog run: generation {self.generation} at {mode}: {' '.join(argv)}",
+                generation=self.generation,
+                mode=mode,
+            )
             env = {**os.environ, "WATCHDOG_LEDGER_DIR": str(self.cfg.ledger_dir)}
             if self.gate is not None:
                 self.gate.going_down()  # requests wait (in the proxy) until the new server answers /health
@@ -153,22 +171,25 @@ class Supervisor:
             except OSError as exc:
                 self._close_gate()
                 raise WatchdogError(f"server command {argv[0]!r}: {exc.strerror or exc}") from None
+            self.tree = Tree(proc)
             self.agent.loop.close()
             self.agent.loop = self.make_watcher()
             try:
                 outcome = self._watch(proc)
             except BaseException:
                 self._close_gate()
-                stop_tree(proc, self.cfg.grace_s)
+                stop_tree(proc, self.cfg.grace_s, self.tree)
                 unlink_rings(self.cfg.ledger_dir)
                 raise
             if isinstance(outcome, int):
-                self.say(f"watchdog run: the server exited with {outcome}")
+                self._note("exited", f"watchdog run: the server exited with {outcome}", exit_code=outcome)
                 self._close_gate()
+                stop_tree(proc, self.cfg.grace_s, self.tree)  # what it left running (orphaned workers)
+                unlink_rings(self.cfg.ledger_dir)
                 return EXIT_GAVE_UP if self.state.gave_up else outcome
             if outcome is None:  # asked to stop
                 self._close_gate()
-                stop_tree(proc, self.cfg.grace_s)
+                stop_tree(proc, self.cfg.grace_s, self.tree)
                 unlink_rings(self.cfg.ledger_dir)
                 return 0
             self.incidents.append(outcome)
@@ -180,11 +201,11 @@ class Supervisor:
             stopped = time.monotonic()
             if self.gate is not None:
                 self.gate.going_down()  # before the stop: what the stop breaks is the restart's doing
-            stop_tree(proc, self.cfg.grace_s)
+            stop_tree(proc, self.cfg.grace_s, self.tree)
             unlink_rings(self.cfg.ledger_dir)
             if event.action == "give_up":
                 self._close_gate()
-                self.say(f"watchdog run: gave up ({event.reason}); the server stays down")
+                self._note("give_up", f"watchdog run: gave up ({event.reason}); the server stays down", logging.WARNING)
                 return EXIT_GAVE_UP
             self.restarts.append(Restart(event.from_mode, event.to_mode, event.incident, event.verdict))
             self.m_restarts.labels(self.agent.metrics.tp_group, event.to_mode).inc()
@@ -198,6 +219,13 @@ class Supervisor:
         except CmdlineError as exc:
             raise WatchdogError(f"server command: {exc}") from None
 
+    def _track(self) -> None:
+        """Remember the server tree's processes (about once a second: a /proc walk)."""
+        now = time.monotonic()
+        if self.tree is not None and now >= self._next_track:
+            self._next_track = now + 1.0
+            self.tree.track()
+
     def _watch(self, proc: Any) -> Incident | int | None:
         """Until the generation needs acting on: a deadlock diagnosed (the incident); a stall no rule
         explained that outlasts ``unexplained_stall_s``, or the server dying after any incident
@@ -209,6 +237,7 @@ class Supervisor:
         unexplained: Incident | None = None  # an inconclusive incident whose stall is still open
         since = 0.0
         while not self._stop.is_set():
+            self._track()
             rc = proc.poll()
             if rc is not None:
                 if seen is not None:
@@ -238,13 +267,15 @@ class Supervisor:
     def _wait_exit(self, proc: Any) -> int:
         """Observe mode after a deadlock: keep serving the API until the server ends (or we are stopped)."""
         while not self._stop.is_set():
+            self._track()
             rc = proc.poll()
             if rc is not None:
+                stop_tree(proc, self.cfg.grace_s, self.tree)  # what it left running
                 return int(rc)
             self._open_gate_when_ready()
             self.agent.step()
             self._stop.wait(self.cfg.poll_s)
-        stop_tree(proc, self.cfg.grace_s)
+        stop_tree(proc, self.cfg.grace_s, self.tree)
         return 0
 
     def _open_gate_when_ready(self) -> None:
@@ -256,7 +287,7 @@ class Supervisor:
             self._ready = True
             self._end_downtime()
             self.gate.up()
-            self.say(f"watchdog run: generation {self.generation} is serving")
+            self._note("serving", f"watchdog run: generation {self.generation} is serving", generation=self.generation)
 
     def _end_downtime(self) -> None:
         if self._downtime_from is not None and self.restarts:
@@ -290,9 +321,15 @@ class Supervisor:
         self._record(incident, event)
         if event.action == "give_up":
             self.m_gave_up.labels(self.agent.metrics.tp_group).set(1)
-        self.say(
+        self._note(
+            "restart" if event.action in ("climb", "restart") else "decision",
             f"watchdog run: {d.verdict.value} ({incident.bundle}) -> {event.action} {event.from_mode} -> "
-            f"{event.to_mode}: {event.reason}"
+            f"{event.to_mode}: {event.reason}",
+            logging.WARNING,
+            action=event.action,
+            from_mode=event.from_mode,
+            to_mode=event.to_mode,
+            incident=incident.bundle.name,
         )
         return event
 
@@ -337,9 +374,11 @@ def serve_api(agent: Agent, host: str, port: int) -> Callable[[], None]:
     """The agent's HTTP API in a background thread; returns a function that stops it."""
     import uvicorn
 
+    agent.public = not is_loopback(host)
     server = uvicorn.Server(uvicorn.Config(make_app(agent), host=host, port=port, workers=1, log_level="warning"))
     thread = threading.Thread(target=server.run, name="api", daemon=True)
     thread.start()
+    announce(server, agent, host, port)
 
     def stop() -> None:
         server.should_exit = True
@@ -350,7 +389,7 @@ def serve_api(agent: Agent, host: str, port: int) -> Callable[[], None]:
 
 def handle_signals(sup: Supervisor) -> None:
     def on_signal(signum: int, _frame: object) -> None:
-        sup.say(f"watchdog run: {signal.Signals(signum).name}: stopping the server")
+        sup._note("signal", f"watchdog run: {signal.Signals(signum).name}: stopping the server")
         sup.stop()
 
     signal.signal(signal.SIGTERM, on_signal)
