@@ -93,3 +93,20 @@ def test_a_peer_that_did_not_reach_the_collective_is_not_ahead(tmp_path: Path) -
     dep.decode_step(5, 16, open_on=[0], not_launched=[1])  # rank 1 never issued step 5's collectives
     d = diagnose(dep.snapshot(host={0: "gather", 1: "ring"}, stall=StallInfo("open_step", 5, 3.0, 1.0)))
     assert d.verdict is not Verdict.COLLECTIVE_MISMATCH or d.culprit_ranks != (1,)
+
+
+def test_a_stall_that_was_over_when_the_evidence_was_read_is_no_deadlock(tmp_path: Path) -> None:
+    """A step slowed past the stall floor (a saturated host) that every rank then finished: no verdict
+    against anyone, said plainly; a rank still inside the stalled step keeps it a stall."""
+    dep = Deployment(tmp_path, tp=2)
+    warm(dep)
+    dep.decode_step(5, 16)
+    dep.decode_step(6, 16, open_on=[0, 1])
+    stall = StallInfo("open_step", 5, 1.2, 1.0)
+    d = diagnose(dep.snapshot(host={0: "ring", 1: "ring"}, stall=stall))
+    assert d.verdict is Verdict.NO_DEADLOCK and "was over" in d.summary
+    dep2 = Deployment(tmp_path / "b", tp=2)
+    warm(dep2)
+    dep2.decode_step(5, 16, open_on=[1])
+    d2 = diagnose(dep2.snapshot(host={0: "ring", 1: "host"}, stall=stall))
+    assert d2.verdict is not Verdict.NO_DEADLOCK

@@ -240,9 +240,15 @@ def test_watchdog_run_restarts_a_hung_vllm_and_every_stream_survives(tmp_path: P
         status = json.loads(urllib_get(api, "/v1/status"))
         restarts = status["supervisor"]["restarts"]
         assert len(restarts) == 1 and restarts[0]["verdict"] == "host_hang", restarts
-        (bundle,) = [p for p in incidents.iterdir() if p.is_dir() and not p.name.startswith(".")]
-        d = json.loads((bundle / "diagnosis.json").read_text())
-        assert d["verdict"] == "host_hang" and d["culprit_ranks"] == [1]
+        # One incident: the hang. Steps slowed past the stall floor by this loaded 2-core machine are
+        # stalls that were over when the evidence was read: no_deadlock, never another verdict.
+        verdicts = {}
+        for p in incidents.iterdir():
+            if p.is_dir() and not p.name.startswith("."):
+                verdicts[p] = json.loads((p / "diagnosis.json").read_text())
+        hangs = [d for d in verdicts.values() if d["verdict"] != "no_deadlock"]
+        assert len(hangs) == 1, [d["summary"] for d in hangs]
+        assert hangs[0]["verdict"] == "host_hang" and hangs[0]["culprit_ranks"] == [1]
         # the reference: the same requests on the restarted server, directly, one at a time
         with ThreadPoolExecutor(8) as pool:
             want = list(pool.map(lambda r: stream_complete(server.port, r[0], r[1], timeout=300), requests))

@@ -128,12 +128,15 @@ def diagnose(snapshot: Snapshot, cfg: AnalyzerConfig | None = None) -> Diagnosis
         verdict, step, culprits, summary = top.verdict, top.step, top.culprit_ranks, top.summary
     else:
         stuck = _stuck(ctx)
+        passed = _stall_passed(ctx) if complete.complete and have["ledgers"] else None
         # Missing evidence never reads as healthy: an incomplete set is inconclusive even when the
         # ranks that could be read look idle.
         unsure = stuck or snapshot.stall is not None or not have["ledgers"] or not complete.complete
-        verdict = Verdict.INCONCLUSIVE if unsure else Verdict.NO_DEADLOCK
+        verdict = Verdict.NO_DEADLOCK if passed or not unsure else Verdict.INCONCLUSIVE
         step, culprits = None, ()
-        if verdict is Verdict.NO_DEADLOCK:
+        if passed:
+            summary = passed
+        elif verdict is Verdict.NO_DEADLOCK:
             summary = "no rank is inside an unfinished step and the engine has nothing pending"
         else:
             summary = "a stall, but no rule could explain it"
@@ -166,6 +169,24 @@ def diagnose(snapshot: Snapshot, cfg: AnalyzerConfig | None = None) -> Diagnosis
         findings=tuple(findings),
         rings=rings,
         no_stall_yet=no_stall,
+    )
+
+
+def _stall_passed(ctx: Context) -> str:
+    """A step stall that was over by the time the evidence was read: every rank finished the stalled
+    step (its end record, or a later step begun). A slow step (a loaded host, a long prefill), not a
+    hang; "" when that is not what every rank's ledger shows."""
+    stall = ctx.snapshot.stall
+    if stall is None or stall.kind != "open_step" or stall.step is None or not ctx.facts:
+        return ""
+    for f in ctx.facts.values():
+        t = f.steps.get(stall.step)
+        ended = t is not None and t.end is not None
+        if not ended and not (f.last_begun is not None and f.last_begun > stall.step):
+            return ""
+    return (
+        f"the stall at step {stall.step} (open {stall.age_s:.2f} s, deadline {stall.deadline_s:.2f} s) was over "
+        "by the time the evidence was read: every rank finished that step (a slow step, not a hang)"
     )
 
 

@@ -34,6 +34,7 @@ from watchdog.supervisor import ladder
 from watchdog.supervisor.cmdline import CmdlineError, with_cudagraph_mode
 from watchdog.supervisor.proxy import UpstreamGate
 from watchdog.supervisor.tree import Tree, start_tree, stop_tree, unlink_rings
+from watchdog.types import Verdict
 from watchdog.watcher import Incident, Watcher
 
 EXIT_GAVE_UP = 5
@@ -253,9 +254,11 @@ class Supervisor:
             if incident is not None:
                 if incident.diagnosis.verdict.is_deadlock:
                     return incident
-                seen = incident
-                if incident.stall is not None and unexplained is None:
-                    unexplained, since = incident, time.monotonic()
+                # (no_deadlock: a stall that was over by the time the evidence was read)
+                if incident.diagnosis.verdict is Verdict.INCONCLUSIVE:
+                    seen = incident
+                    if incident.stall is not None and unexplained is None:
+                        unexplained, since = incident, time.monotonic()
             if unexplained is not None and time.monotonic() - since >= self.cfg.unexplained_stall_s:
                 self._why = (
                     f"a stall no rule explained lasted {self.cfg.unexplained_stall_s:g} s with no progress"
