@@ -314,6 +314,15 @@ def test_continuation_by_token_ids_is_exact_and_ids_stay_hidden() -> None:
     # a chunk without ids (another server): back to the text rule, which needs a string prompt
     s.observe({"id": "c", "choices": [{"text": "b"}]})
     assert s.token_prompt() is None and s.total_tokens == 4
+    # vLLM primes its detokenizer with the continuation's prompt ids; where they end inside a
+    # character its first delta can carry the whole decoded prompt: taken off, once
+    s.begin_continuation(("p" + "a\u00e9b",))
+    echoed = {"choices": [{"text": "pa\u00e9b x", "token_ids": [9]}]}
+    s.strip_echo(echoed)
+    assert echoed["choices"][0]["text"] == " x" and s.echo_guard == ()
+    later = {"choices": [{"text": "pa\u00e9b", "token_ids": [9]}]}
+    s.strip_echo(later)
+    assert later["choices"][0]["text"] == "pa\u00e9b"  # only the first chunk of a continuation
     shown = {"choices": [{"text": "a", "token_ids": [7], "prompt_token_ids": [1, 2]}]}
     _hide_ids(shown)
     assert shown == {"choices": [{"text": "a", "token_ids": None, "prompt_token_ids": None}]}

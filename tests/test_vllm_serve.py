@@ -254,7 +254,12 @@ def test_watchdog_run_restarts_a_hung_vllm_and_every_stream_survives(tmp_path: P
             want = list(pool.map(lambda r: stream_complete(server.port, r[0], r[1], timeout=300), requests))
         assert all(not why for _, why in want)
         wrong = [i for i, ((a, _), (b, _)) in enumerate(zip(got, want, strict=True)) if a != b]
-        assert not wrong, f"{len(wrong)} completions differ from an uninterrupted run, e.g. #{wrong[0]}"
+        (tmp_path / "texts.json").write_text(json.dumps({"got": got, "want": want, "requests": requests}))
+        if wrong:
+            a, b = got[wrong[0]][0], want[wrong[0]][0]
+            same = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+            detail = f"#{wrong[0]}: {len(a)} vs {len(b)} chars, equal for the first {same}"
+            raise AssertionError(f"{len(wrong)} completions differ from an uninterrupted run, {detail}")
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(run.pid, signal.SIGTERM)

@@ -465,6 +465,10 @@ class _Stream:
     prompt_ids: list[int] | None = None  # the prompt's token ids, if the server returned them
     ids: list[int] = field(default_factory=list)  # token ids streamed so far (all attempts)
     ids_complete: bool = True  # every token-carrying chunk came with its token ids
+    # Texts a token-id continuation's first chunk may start with, to be taken off: vLLM primes its
+    # detokenizer (tokenizers' DecodeStream) with the prompt's ids, and where those end inside a
+    # character its first delta can hold the whole decoded prompt.
+    echo_guard: tuple[str, ...] = ()
 
     @property
     def total_tokens(self) -> int:
@@ -517,10 +521,27 @@ class _Stream:
             return None
         return self.prompt_ids + self.ids
 
-    def begin_continuation(self) -> None:
+    def begin_continuation(self, echo_guard: tuple[str, ...] = ()) -> None:
         self.tokens += self.attempt_tokens
         self.attempt_tokens = 0
         self.continuing = True
+        self.echo_guard = tuple(g for g in echo_guard if g)
+
+    def strip_echo(self, obj: Any) -> None:
+        """Take an echoed prompt off a continuation's first token-carrying chunk (then stop looking)."""
+        if not self.echo_guard or not isinstance(obj, dict):
+            return
+        choices = obj.get("choices")
+        choice = choices[0] if isinstance(choices, list) and choices else None
+        if not isinstance(choice, dict) or not (choice.get("text") or choice.get("token_ids")):
+            return
+        text = choice.get("text")
+        if isinstance(text, str):
+            for g in sorted(self.echo_guard, key=len, reverse=True):
+                if text.startswith(g):
+                    choice["text"] = text[len(g) :]
+                    break
+        self.echo_guard = ()
 
 
 _Done = Literal["done", "interrupted"]
@@ -605,7 +626,12 @@ class _Exchange:
                     return
                 if not await self._wait_up():
                     return
-                self.stream.begin_continuation()
+                streamed = "".join(self.stream.text)
+                guard: tuple[str, ...] = ()
+                if isinstance(cont.get("prompt"), list):  # continued by token ids
+                    prompt = self.json.get("prompt") if isinstance(self.json, dict) else None
+                    guard = (prompt + streamed,) if isinstance(prompt, str) else ()
+                self.stream.begin_continuation(guard)
                 body = json.dumps(cont).encode()
                 self.proxy._count("resumed_mid_stream")
             else:
@@ -770,8 +796,10 @@ class _Exchange:
             obj = json.loads(data)
         if isinstance(obj, dict) and "error" in obj and self._restart_caused(gen):
             return "interrupted"  # e.g. vLLM's EngineDeadError event while the watchdog stops it
+        echo = bool(self.stream.echo_guard)
+        self.stream.strip_echo(obj)
         self.stream.observe(obj)
-        if isinstance(obj, dict) and (self.stream.continuing or self.hide_ids):
+        if isinstance(obj, dict) and (self.stream.continuing or self.hide_ids or echo):
             if self.stream.continuing:
                 self.stream.rewrite(obj)
             if self.hide_ids:
