@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import http.client
 import json
 import os
 import random
@@ -233,39 +232,9 @@ def complete(port: int, prompt: str, max_tokens: int, timeout: float = 60.0) -> 
 
 def stream_complete(port: int, prompt: str, max_tokens: int, timeout: float = 120.0) -> tuple[str, str]:
     """One streamed completion (temperature 0, exactly ``max_tokens``): (text, "") or (text so far, why not)."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    body = {
-        "model": MODEL_NAME,
-        "prompt": prompt,
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        "ignore_eos": True,
-        "stream": True,
-    }
-    text = ""
-    try:
-        conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
-        resp = conn.getresponse()
-        if resp.status != 200:
-            return text, f"http {resp.status}"
-        while True:
-            line = resp.readline()
-            if not line:
-                return text, "stream ended without [DONE]"
-            if not line.startswith(b"data: "):
-                continue
-            data = line[6:].strip()
-            if data == b"[DONE]":
-                return text, ""
-            event = json.loads(data)
-            if "error" in event:
-                return text, f"error event: {event['error'].get('type', '?')}"
-            for choice in event.get("choices", []):
-                text += choice.get("text") or ""
-    except (OSError, http.client.HTTPException, ValueError) as exc:
-        return text, type(exc).__name__
-    finally:
-        conn.close()
+    from watchdog.demo.httpclient import complete as http_complete
+
+    return http_complete(f"http://127.0.0.1:{port}", prompt, max_tokens, timeout, model=MODEL_NAME)
 
 
 def workload(n: int, output_len: int, range_ratio: float, seed: int = 0) -> list[tuple[str, int]]:

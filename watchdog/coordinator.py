@@ -21,11 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from watchdog.analyzer import AnalyzerConfig, diagnose
-from watchdog.bundle import page_context, write_bundle
+from watchdog.analyzer import AnalyzerConfig
 from watchdog.divergence import DivergenceMonitor
 from watchdog.logs import event
-from watchdog.report import render
 from watchdog.snapshot import assemble, read_ledger_files
 from watchdog.types import EVIDENCE_SCHEMA, StallInfo
 from watchdog.watcher import Incident
@@ -136,26 +134,14 @@ class Coordinator:
             log.debug("agent %s: unreadable step digests: %s", url, exc)
 
     def handle(self, stall: StallInfo | None) -> Incident:
-        from watchdog.watcher import log_evidence
+        from watchdog.watcher import conclude
 
         detected = time.monotonic_ns()
         pulled = self._fan_out("/v1/snapshot", self.timeout_s)
         files, evidence = merge(pulled, stall)
-        gathered = time.monotonic_ns()
-        log_evidence(evidence, (gathered - detected) / 1e9)
         ledgers = read_ledger_files(files)
-        diagnosis = diagnose(assemble(ledgers, evidence), self.analyzer_cfg)
-        report = render(diagnosis)
-        analyzed = time.monotonic_ns()
-        page = page_context(detected, analyzed)
-        bundle = write_bundle(self.incidents_dir, ledgers, evidence, diagnosis, report, page)
-        done = time.monotonic_ns()
-        timings = {
-            "gather": (gathered - detected) / 1e9,
-            "analyze": (analyzed - gathered) / 1e9,
-            "write": (done - analyzed) / 1e9,
-        }
-        return Incident(diagnosis, bundle, report, stall, detected, done, timings)
+        snapshot = assemble(ledgers, evidence)
+        return conclude(self.incidents_dir, snapshot, ledgers, evidence, stall, detected, self.analyzer_cfg)
 
     def close(self) -> None:
         pass

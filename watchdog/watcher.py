@@ -21,8 +21,8 @@ from watchdog.detector import DetectorConfig, StallDetector
 from watchdog.divergence import DivergenceMonitor
 from watchdog.logs import event
 from watchdog.report import render
-from watchdog.snapshot import Sources, find_ring_specs, gather, read_ledger_dir, read_rings
-from watchdog.types import Diagnosis, RingState, StallInfo
+from watchdog.snapshot import LedgerSet, Sources, find_ring_specs, gather, read_ledger_dir, read_rings
+from watchdog.types import Diagnosis, RingState, Snapshot, StallInfo
 
 log = logging.getLogger("watchdog")
 
@@ -172,20 +172,7 @@ class Watcher:
         """Gather, diagnose, write the bundle (``stall`` None: a diagnosis asked for by hand)."""
         detected = time.monotonic_ns()
         snapshot, ledgers, evidence = gather(self.ledger_dir, self.sources, stall, self.ranks)
-        gathered = time.monotonic_ns()
-        log_evidence(evidence, (gathered - detected) / 1e9)
-        diagnosis = diagnose(snapshot, self.analyzer_cfg)
-        report = render(diagnosis)
-        analyzed = time.monotonic_ns()
-        page = page_context(detected, analyzed)
-        bundle = write_bundle(self.incidents_dir, ledgers, evidence, diagnosis, report, page)
-        done = time.monotonic_ns()
-        timings = {
-            "gather": (gathered - detected) / 1e9,
-            "analyze": (analyzed - gathered) / 1e9,
-            "write": (done - analyzed) / 1e9,
-        }
-        return Incident(diagnosis, bundle, report, stall, detected, done, timings)
+        return conclude(self.incidents_dir, snapshot, ledgers, evidence, stall, detected, self.analyzer_cfg)
 
     def rings(self) -> tuple[RingState | None, dict[int, RingState]]:
         """The flags of the deployment's shm rings: the broadcast ring, and each rank's response ring."""
@@ -247,3 +234,29 @@ def log_evidence(evidence: dict[str, Any], seconds: float) -> None:
         seconds=round(seconds, 3),
         missing=missing[:20],
     )
+
+
+def conclude(
+    incidents_dir: Path,
+    snapshot: Snapshot,
+    ledgers: LedgerSet,
+    evidence: dict[str, Any],
+    stall: StallInfo | None,
+    detected: int,
+    cfg: AnalyzerConfig,
+) -> Incident:
+    """Evidence gathered (since ``detected``, monotonic ns) -> diagnosis, report, bundle, timings: the
+    end of an incident, the same for an agent and a coordinator."""
+    gathered = time.monotonic_ns()
+    log_evidence(evidence, (gathered - detected) / 1e9)
+    diagnosis = diagnose(snapshot, cfg)
+    report = render(diagnosis)
+    analyzed = time.monotonic_ns()
+    bundle = write_bundle(incidents_dir, ledgers, evidence, diagnosis, report, page_context(detected, analyzed))
+    done = time.monotonic_ns()
+    timings = {
+        "gather": (gathered - detected) / 1e9,
+        "analyze": (analyzed - gathered) / 1e9,
+        "write": (done - analyzed) / 1e9,
+    }
+    return Incident(diagnosis, bundle, report, stall, detected, done, timings)

@@ -46,7 +46,14 @@ def complete(base_url: str, prompt: str, max_tokens: int, timeout_s: float, mode
     """Stream one completion; returns (text, "") or (text so far, failure reason)."""
     url = urlsplit(base_url)
     conn = http.client.HTTPConnection(url.hostname or "127.0.0.1", url.port or 80, timeout=timeout_s)
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "stream": True, "ignore_eos": True}
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "stream": True,
+        "ignore_eos": True,  # exactly max_tokens (vLLM)
+        "temperature": 0,  # greedy: a resumed stream can be checked against an uninterrupted run (vLLM)
+    }
     text = ""
     try:
         conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
@@ -66,7 +73,7 @@ def complete(base_url: str, prompt: str, max_tokens: int, timeout_s: float, mode
             if "error" in event:
                 return text, f"error event: {event['error'].get('type', '?')}"
             for choice in event.get("choices", []):
-                text += choice.get("text", "")
+                text += choice.get("text") or ""
     except (OSError, http.client.HTTPException, ValueError) as exc:
         return text, type(exc).__name__
     finally:
