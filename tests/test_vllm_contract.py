@@ -82,7 +82,7 @@ def test_a_half_extracted_environment_is_not_used(tmp_path: Path) -> None:
     (site / "vllm" / "plugins").mkdir(parents=True)
     (env / "bin").mkdir()
     (env / "bin" / "python").touch()
-    (env / "pyvenv.cfg").write_text("include-system-site-packages = true\n")
+    (env / "pyvenv.cfg").write_text("include-system-site-packages = false\n")
     (env / "watchdog-stamp").write_text(vllm_envs._stamp(version))
     files = ["vllm/__init__.py", "vllm/plugins/__init__.py"]
     record = [f"{f},sha256=x,1" for f in files] + [f"vllm-{version}.dist-info/RECORD,,"]
