@@ -110,3 +110,34 @@ def test_a_stall_that_was_over_when_the_evidence_was_read_is_no_deadlock(tmp_pat
     dep2.decode_step(5, 16, open_on=[1])
     d2 = diagnose(dep2.snapshot(host={0: "ring", 1: "host"}, stall=stall))
     assert d2.verdict is not Verdict.NO_DEADLOCK
+
+
+def test_a_failed_step_is_compared_as_far_as_it_went(tmp_path: Path) -> None:
+    """vLLM's shm all-gather fed shards of different sizes may raise on both ranks instead of hanging
+    (both workers die, the step ends ok=False): the sizes in the ledgers are still the divergence. A
+    failed step that merely stopped early is no divergence."""
+    from collectors.format import CUDAGraphMode, GraphKey
+
+    dep = Deployment(tmp_path, tp=2, mode="NONE", num_spec=0)
+    warm(dep)
+    key = GraphKey(CUDAGraphMode.NONE, 16)
+    dep.engine_step(5, 16, 16, 16, running=16)
+    for r, rec in enumerate(dep.ranks):
+        rec.step_begin(5, key, unpadded_tokens=16, unpadded_reqs=16, launch_manifest=0)
+        rec.collective(5, "tp", "all_gather", "float32", 256 * 16 - (16 if r == 0 else 0))
+        rec.step_end(5, False)
+    d = diagnose(dep.snapshot(dead=[0, 1], stall=StallInfo("process_exit", 5, 0.0, 0.0, (0, 1))))
+    assert d.verdict is Verdict.COLLECTIVE_MISMATCH, d.summary
+    assert d.first_divergence is not None and d.first_divergence.step == 5
+    assert {op.numel for op in d.first_divergence.per_rank.values() if op is not None} == {4080, 4096}
+
+    dep2 = Deployment(tmp_path / "b", tp=2, mode="NONE", num_spec=0)
+    warm(dep2)
+    dep2.engine_step(5, 16, 16, 16, running=16)
+    for r, rec in enumerate(dep2.ranks):
+        rec.step_begin(5, key, unpadded_tokens=16, unpadded_reqs=16, launch_manifest=0)
+        for _ in range(2 if r == 0 else 1):  # rank 1 failed after its first collective
+            rec.collective(5, "tp", "all_reduce", "float32", 4096)
+        rec.step_end(5, r == 0)
+    d2 = diagnose(dep2.snapshot(host={0: "ring", 1: "ring"}))
+    assert d2.verdict is not Verdict.COLLECTIVE_MISMATCH, d2.summary

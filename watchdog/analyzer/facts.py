@@ -103,8 +103,9 @@ class RankFacts:
         trace = self.steps.get(step)
         if trace is None or trace.begin is None or trace.gap:
             return None
-        if trace.end is not None and not trace.end.ok:
-            return None  # a failed step may stop anywhere: its sequence proves nothing
+        # A failed step may stop anywhere: what it issued is evidence, what it did not is not (it is
+        # compared like a step still open: a shorter failed sequence is never a divergence).
+        failed = trace.end is not None and not trace.end.ok
         items: list[SeqItem] = []
         unknown = False
         manifests = self.manifests()
@@ -118,7 +119,7 @@ class RankFacts:
                     continue
                 role = ev.role.name.lower()
                 items.extend(SeqItem(op, f"{role} graph {ev.key.label()} #{i}") for i, op in enumerate(m.collectives))
-        return Sequence(tuple(items), complete=trace.end is not None, unknown_manifest=unknown)
+        return Sequence(tuple(items), complete=trace.end is not None and not failed, unknown_manifest=unknown)
 
     def describe_activity(self) -> str:
         parts = []

@@ -2,8 +2,8 @@
 
 Compared step by step over the steps every rank still holds: first the collectives each rank
 issued (eager, and those of the graphs it replayed, from their capture manifests), then the graph
-keys it launched. A step with unreadable records, a failed step and a replay whose manifest the
-ledger lacks are not compared (``RankFacts.sequence``).
+keys it launched. A step with unreadable records and a replay whose manifest the ledger lacks are
+not compared; a failed step is compared as far as it went (``RankFacts.sequence``).
 """
 
 from __future__ import annotations
