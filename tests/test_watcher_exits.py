@@ -50,6 +50,15 @@ def start_rank(rank: int, world: int, ledgers: Path) -> subprocess.Popen[str]:
     return p
 
 
+def stop(ranks: list[subprocess.Popen[str]]) -> None:
+    for p in ranks:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p.pid, signal.SIGKILL)
+        p.wait()
+        assert p.stdout is not None
+        p.stdout.close()
+
+
 def watcher(tmp: Path) -> Watcher:
     """Stall deadlines far away (a loaded machine starts processes slowly): only exits can fire."""
     cfg = DetectorConfig(floor_s=120.0, cold_deadline_s=120.0)
@@ -74,12 +83,7 @@ def test_the_first_rank_to_die_is_reported_at_once_and_the_teardown_is_not_a_new
         assert w.poll() is None
     finally:
         w.close()
-        for p in ranks:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(p.pid, signal.SIGKILL)
-            p.wait()
-            assert p.stdout is not None
-            p.stdout.close()
+        stop(ranks)
 
 
 def test_a_rank_that_dies_inside_a_step_is_reported_alone(tmp_path: Path) -> None:
@@ -109,12 +113,7 @@ def test_a_rank_dead_before_the_first_look_is_reported_when_its_peers_are_visibl
         assert stall is not None and stall.kind == "process_exit" and stall.ranks == (1,)
     finally:
         w.close()
-        for p in ranks:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(p.pid, signal.SIGKILL)
-            p.wait()
-            assert p.stdout is not None
-            p.stdout.close()
+        stop(ranks)
 
 
 def test_pids_of_another_namespace_are_never_reported(tmp_path: Path) -> None:
