@@ -1,0 +1,145 @@
+"""``watchdog bench ...``: the benchmarks, each printing its figures (medians, ratios) as text or ``--json``.
+
+Speed and memory targets live here rather than in timed unit tests; the heavy modules are imported
+only when their command runs.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from watchdog.cli_options import GroupedCommand
+from watchdog.errors import UsageError, WatchdogError
+
+EXIT_OK, EXIT_ERROR = 0, 1
+
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print figures.", rich_markup_mode=None)
+
+
+def _err(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+@bench_app.command(cls=GroupedCommand, name="recorder")
+def bench_recorder(
+    records: Annotated[int, typer.Option(help="Records per timing run.")] = 20000,
+    repeats: Annotated[int, typer.Option(help="Timing runs (median reported).")] = 7,
+    tp: Annotated[int, typer.Option(help="TP size of the demo steps/s comparison (0 skips it).")] = 2,
+    steps: Annotated[int, typer.Option(help="Demo steps per on/off run.")] = 300,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
+) -> int:
+    """Ledger cost: ns per record (median), and demo steps/s with the ledger on vs off."""
+    from watchdog.bench import bench_recorder as run
+
+    result = run(records=records, repeats=repeats, tp=tp, steps=steps, say=_err)
+    print(json.dumps(result) if as_json else "\n".join(f"{k}: {v}" for k, v in result.items()))
+    return EXIT_OK
+
+
+@bench_app.command(cls=GroupedCommand, name="plugin")
+def bench_plugin(
+    steps: Annotated[int, typer.Option(help="Timed decode steps per run.")] = 20000,
+    repeats: Annotated[int, typer.Option(help="Timing runs (median reported).")] = 7,
+    reqs: Annotated[int, typer.Option(help="Requests in the decode step (x 2 tokens, MTP=1).")] = 15,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
+) -> int:
+    """The vLLM plugin's hot path: microseconds per decode step per rank, and per eager collective."""
+    from watchdog.bench_plugin import bench_plugin as run
+
+    result = run(steps=steps, repeats=repeats, reqs=reqs)
+    print(json.dumps(result) if as_json else "\n".join(f"{k}: {v}" for k, v in result.items()))
+    return EXIT_OK
+
+
+@bench_app.command(cls=GroupedCommand, name="fuzz")
+def bench_fuzz(
+    cases: Annotated[int, typer.Option(help="Mutated ledgers and bundles to read.")] = 100_000,
+    seed: Annotated[int, typer.Option(help="Seed of the mutations (a case is reproducible from it).")] = 0,
+    first: Annotated[int, typer.Option(help="Number of the first case (to split a run).")] = 0,
+    jobs: Annotated[int, typer.Option(help="Processes sharing the cases.")] = 1,
+    scenarios: Annotated[Path, typer.Option(help="Directory of scenario bundles to mutate.")] = Path("tests/scenarios"),
+    as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
+) -> int:
+    """Damaged ledgers and bundles through diagnose and the live tail: failures (anything but a one-line
+    error), the slowest case and the peak RSS. Exit 1 if any case failed."""
+    from watchdog.bench_fuzz import bench_fuzz as run
+
+    if not scenarios.is_dir():
+        raise WatchdogError(f"--scenarios {scenarios}: not a directory")
+    try:
+        result = run(root=str(scenarios), cases=cases, seed=seed, jobs=jobs, first=first)
+    except ValueError as exc:
+        raise WatchdogError(str(exc)) from None
+    print(json.dumps(result) if as_json else json.dumps(result, indent=2))
+    return EXIT_ERROR if result["failed"] else EXIT_OK
+
+
+@bench_app.command(cls=GroupedCommand, name="torn")
+def bench_torn(
+    seconds: Annotated[float, typer.Option(help="Seconds of live reading per copy mode (0 skips it).")] = 10.0,
+    slots: Annotated[int, typer.Option(help="Ring slots of the hammered ledger.")] = 16,
+    chunk: Annotated[list[int], typer.Option(help="Copy sizes in bytes for the live runs (0: whole file).")] = [0, 8],  # noqa: B006
+    schedules: Annotated[int, typer.Option(help="Replayed interleavings of one write with one read.")] = 20000,
+    seed: Annotated[int, typer.Option(help="Seed of the replayed interleavings.")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
+) -> int:
+    """Torn records accepted by the old reader (checks on a copy) and by read_ledger, under a writer process
+    hammering the ledger, and over seeded interleavings of one write with one read replayed store by store."""
+    from watchdog.bench_torn import interleavings, stress
+
+    result: dict[str, object] = {"interleavings": interleavings(schedules=schedules, seed=seed)}
+    if seconds > 0:
+        result["live"] = [stress(seconds=seconds, n_slots=slots, chunk=c) for c in chunk]
+    print(json.dumps(result) if as_json else json.dumps(result, indent=2))
+    return EXIT_OK
+
+
+@bench_app.command(cls=GroupedCommand, name="detect")
+def bench_detect(
+    tp: Annotated[list[int], typer.Option(help="TP sizes to measure (repeat the option).")] = [2, 4, 8],  # noqa: B006
+    fault: Annotated[list[str] | None, typer.Option(help="Fault classes (repeat; default: every fault).")] = None,
+    repeats: Annotated[int, typer.Option(help="Injections per fault class and TP size.")] = 3,
+    requests: Annotated[int, typer.Option(help="Requests per demo run.")] = 64,
+    cpu_seconds: Annotated[float, typer.Option(help="Seconds the agent's CPU share is sampled (0 skips it).")] = 30.0,
+    fault_rank: Annotated[
+        int | None, typer.Option(help="Culprit rank of rank faults (default 1; capped at each TP size's last rank).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
+) -> int:
+    """Detection latency per fault class and TP size (median, max), and the agent's CPU share while healthy."""
+    from watchdog.bench import bench_detect as run
+
+    result = run(
+        tps=tp,
+        faults=fault,
+        repeats=repeats,
+        requests=requests,
+        cpu_seconds=cpu_seconds,
+        say=_err,
+        fault_rank=fault_rank,
+    )
+    print(json.dumps(result) if as_json else json.dumps(result, indent=2))
+    return EXIT_OK
+
+
+@bench_app.command(cls=GroupedCommand, name="agent")
+def bench_agent(
+    tp: Annotated[list[int], typer.Option(help="TP sizes of the ledgers written (repeat the option).")] = [2, 8],  # noqa: B006
+    rate: Annotated[float, typer.Option(help="Decode steps per second written to the ledgers.")] = 100.0,
+    seconds: Annotated[float, typer.Option(help="Measurement window per TP size.")] = 30.0,
+    warmup: Annotated[float, typer.Option(help="Seconds before the window (start-up, first reads).")] = 5.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
+) -> int:
+    """The agent's own cost while the server is healthy: CPU share of one core and RSS, per TP size."""
+    from watchdog.bench_agent import bench_agent as run
+
+    if rate <= 0 or seconds <= 0 or warmup < 0 or any(t < 1 for t in tp):
+        raise UsageError("--rate, --seconds and every --tp must be positive, --warmup >= 0")
+    result = run(tps=tp, rate=rate, seconds=seconds, warmup_s=warmup, say=_err)
+    print(json.dumps(result) if as_json else json.dumps(result, indent=2))
+    return EXIT_OK
