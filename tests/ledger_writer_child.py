@@ -74,9 +74,7 @@ def expected(seq: int) -> Record:
         return Launch(seq, seq, 0, Role(seq & 1), key_of(seq), (seq * 2654435761) & M32)
     if kind == 2:
         nth = seq // KINDS  # the nth collective overall; groups take turns
-        return Collective(
-            seq, seq, 0, GROUPS[nth % 3], OPS[1 + seq % 8], DTYPES[1 + seq % 9], seq * 17, nth // 3
-        )
+        return Collective(seq, seq, 0, GROUPS[nth % 3], OPS[1 + seq % 8], DTYPES[1 + seq % 9], seq * 17, nth // 3)
     if kind == 3:
         return StepEnd(seq, seq, 0, bool(seq & 4))
     if kind == 4:

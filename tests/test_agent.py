@@ -3,73 +3,18 @@ over real HTTP: it catches the hang, /livez turns 503, the incident and metrics 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
-import time
-import urllib.error
-import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.helpers import free_port, get, start, stop, wait_for
+
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def get(port: int, path: str, token: str = "", method: str = "GET") -> tuple[int, str]:
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers=headers, method=method)
-    try:
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
-
-
-def start(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "watchdog.cli", *args],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-        env={**os.environ, **(env or {})},
-    )
-
-
-def stop(p: subprocess.Popen[bytes]) -> None:
-    # SIGINT first: the demo's cleanup (kill its process tree, unlink its shm rings) runs on
-    # KeyboardInterrupt; SIGKILL then makes sure nothing outlives the test.
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(p.pid, signal.SIGINT)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        p.wait(15)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(p.pid, signal.SIGKILL)
-    p.wait()
-
-
-def wait_for(fn: Any, timeout: float) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError, ValueError):
-            got = fn()
-            if got:
-                return got
-        time.sleep(0.3)
-    raise AssertionError("timed out")
 
 
 class FakeKubeApi:

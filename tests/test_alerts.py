@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.test_prometheus import need
+from tests.helpers import need
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "dashboards" / "watchdog-rules.yaml"

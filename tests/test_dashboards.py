@@ -35,9 +35,7 @@ from typing import Any
 
 import pytest
 
-from tests.test_agent import free_port, get, wait_for
-from tests.test_prometheus import need, prom_query
-from tests.test_soak import agent_up, leftover_rings, spawn, stop, tail
+from tests.helpers import agent_up, free_port, get, leftover_rings, need, prom_query, spawn, stop, tail, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "dashboards"))

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from .demo_util import demo, run_cli
+from tests.helpers import demo, run_cli
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 

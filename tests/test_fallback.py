@@ -22,7 +22,7 @@ from typing import Any
 import psutil
 import pytest
 
-from tests.demo_util import demo
+from tests.helpers import demo
 from watchdog.demo.client import Workload
 from watchdog.demo.fallback import FaultBroker, free_port
 from watchdog.demo.faults import FaultPlan
@@ -254,7 +254,7 @@ def test_observe_diagnoses_and_never_restarts(tmp_path: Path, runs: list[Run]) -
 
 @pytest.mark.timeout(60)
 def test_a_server_command_that_cannot_start_is_one_line(tmp_path: Path) -> None:
-    from tests.demo_util import run_cli
+    from tests.helpers import run_cli
 
     cp = run_cli(
         ["run", "--ledger-dir", str(tmp_path / "l"), "--incidents-dir", str(tmp_path / "i"), "--port",

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from .demo_util import demo, run_cli
+from tests.helpers import demo, run_cli
 
 
 def _gpus() -> tuple[int, str]:

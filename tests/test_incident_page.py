@@ -19,8 +19,8 @@ import pytest
 
 from collectors.format import CUDAGraphMode, GraphKey
 from tests import browser
-from tests.demo_util import demo, run_cli
 from tests.factory import Deployment
+from tests.helpers import demo, run_cli
 from watchdog.analyzer import diagnose
 from watchdog.bundle import load_snapshot, load_supervisor, record_supervisor
 from watchdog.cli import main

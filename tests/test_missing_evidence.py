@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.test_agent import start, stop
+from tests.helpers import start, stop
 from watchdog.analyzer import diagnose
 from watchdog.evidence.gpus import Nvml
 from watchdog.evidence.procs import PsutilProcs

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_agent import free_port, get, start, stop, wait_for
+from tests.helpers import free_port, get, start, stop, wait_for
 from watchdog.coordinator import AgentUnreachable, merge
 from watchdog.types import StallInfo
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.test_agent import free_port, get, stop, wait_for
+from tests.helpers import free_port, get, stop, wait_for
 from watchdog import logs
 
 

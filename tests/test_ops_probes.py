@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_agent import free_port, get, stop, wait_for
+from tests.helpers import free_port, get, stop, wait_for
 from watchdog.retention import Retention, remove_tmp, sweep
 
 

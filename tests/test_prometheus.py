@@ -9,32 +9,30 @@ skip, unless WATCHDOG_CI=1 (CI installs it), where they fail.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import signal
 import subprocess
-import urllib.parse
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.test_agent import free_port, get, wait_for
-from tests.test_soak import agent_up, leftover_rings, metric, spawn, stop, tail
+from tests.helpers import (
+    agent_up,
+    free_port,
+    get,
+    leftover_rings,
+    metric,
+    need,
+    prom_query,
+    spawn,
+    stop,
+    tail,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.slow]
 
 STALLS = 'watchdog_stalls_detected_total{job="watchdog"}'
-
-
-def need(tool: str) -> str:
-    path = shutil.which(tool)
-    if path is None:
-        reason = f"{tool} is not on PATH (Debian/Ubuntu: apt-get install prometheus)"
-        if os.environ.get("WATCHDOG_CI") == "1":
-            pytest.fail(f"WATCHDOG_CI=1 and {reason}")
-        pytest.skip(reason)
-    return path
 
 
 def start_agent(tmp_path: Path, port: int) -> tuple[subprocess.Popen[bytes], Path]:
@@ -90,16 +88,6 @@ def test_promtool_accepts_the_agents_metrics(tmp_path: Path) -> None:
             stop(demo)
         stop(agent)
     assert leftover_rings(work / "ledgers") == [], "the demo left its shm rings in /dev/shm"
-
-
-def prom_query(prom_port: int, query: str) -> list[dict[str, Any]]:
-    url = f"/api/v1/query?query={urllib.parse.quote(query)}"
-    status, body = get(prom_port, url)
-    assert status == 200, f"{url}: {status} {body}"
-    data = json.loads(body)
-    assert data["status"] == "success", data
-    result: list[dict[str, Any]] = data["data"]["result"]
-    return result
 
 
 def prom_value(prom_port: int, query: str) -> float | None:

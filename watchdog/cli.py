@@ -132,15 +132,55 @@ def demo(
     ] = "cpu",
     list_faults: Annotated[bool, typer.Option("--list-faults", help="List the fault catalogue and exit.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the demo result as JSON (last line).")] = False,
+    engine: Annotated[
+        str, typer.Option(help="demo (the embedded engine) or vllm (a real `vllm serve` under `watchdog run`).")
+    ] = "demo",
+    vllm_exe: Annotated[
+        str | None, typer.Option(help="--engine vllm: the `vllm` executable (default: `vllm` on PATH).")
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option(help="--engine vllm: a model directory (default: a tiny Llama built offline).")
+    ] = None,
 ) -> int:
-    """Run a real TP deployment (engine + workers, gloo collectives), inject a fault, watch it get diagnosed."""
+    """Run a real TP deployment (engine + workers, gloo collectives), inject a fault, watch it get diagnosed.
+    With --engine vllm: a real `vllm serve` behind `watchdog run`, a fault inside real vLLM code."""
     from watchdog.demo.faults import DESCRIPTIONS, FAULTS
     from watchdog.demo.run import DemoOptions, missed, run_demo
 
+    if engine not in ("demo", "vllm"):
+        raise UsageError(f"--engine {engine}: demo or vllm")
     if list_faults:
+        if engine == "vllm":
+            from watchdog.demo.vllm.faults import DESCRIPTIONS as VLLM_FAULTS
+
+            for name, text in VLLM_FAULTS.items():
+                print(f"{name:<26} {text}")
+            return EXIT_OK
         for name in FAULTS:
             print(f"{name:<26} {DESCRIPTIONS[name]}")
         return EXIT_OK
+    if engine == "vllm":
+        from watchdog.demo.vllm.run import VllmDemoOptions
+
+        vopts = VllmDemoOptions(
+            workdir=Path(workdir or "."),
+            vllm=vllm_exe,
+            model=model,
+            tp=tp,
+            fault=fault,
+            fault_rank=fault_rank,
+            fault_step=30 if fault_step is None else fault_step,
+            requests=requests,
+            concurrency=concurrency,
+            output_len=output_len,
+            range_ratio=range_ratio,
+            seed=seed,
+            timeout_s=timeout,
+            max_restarts=max_restarts,
+            stall_floor_s=stall_floor_s,
+            native_stacks=native,
+        )
+        return _demo_vllm(vopts, temporary=workdir is None, keep=keep, as_json=as_json)
     temporary = workdir is None
     opts = DemoOptions(
         tp=tp,
@@ -189,6 +229,40 @@ def demo(
         return EXIT_GAVE_UP
     if miss is not None:
         _err(f"watchdog: {miss}")
+        return EXIT_ERROR
+    return EXIT_DEADLOCK if result["incidents"] else EXIT_OK
+
+
+def _demo_vllm(opts: Any, *, temporary: bool, keep: bool, as_json: bool) -> int:
+    from watchdog import logs
+    from watchdog.demo.run import missed
+    from watchdog.demo.vllm.run import run_vllm_demo
+
+    opts.validate()
+    _sigterm_interrupts()
+    logs.setup("text", "error")
+    if temporary:
+        opts = dataclasses.replace(opts, workdir=Path(tempfile.mkdtemp(prefix="watchdog-demo-vllm-")))
+    try:
+        result = run_vllm_demo(opts, say=_err)
+        _print_demo(result, kept=keep or not temporary)
+    finally:
+        if temporary and not keep:
+            shutil.rmtree(opts.workdir, ignore_errors=True)
+    if as_json:
+        slim = dict(result)
+        slim["incidents"] = [{k: v for k, v in i.items() if k != "report"} for i in result["incidents"]]
+        print(json.dumps(slim))
+    miss = missed(result)
+    if result.get("gave_up"):
+        from watchdog.supervisor.run import EXIT_GAVE_UP
+
+        return EXIT_GAVE_UP
+    if miss is not None:
+        _err(f"watchdog: {miss}")
+        return EXIT_ERROR
+    if result["requests"]["failed"]:
+        _err(f"watchdog: {result['requests']['failed']} of {result['requests']['total']} requests failed or differ")
         return EXIT_ERROR
     return EXIT_DEADLOCK if result["incidents"] else EXIT_OK
 

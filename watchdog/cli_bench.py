@@ -46,9 +46,39 @@ def bench_plugin(
     steps: Annotated[int, typer.Option(help="Timed decode steps per run.")] = 20000,
     repeats: Annotated[int, typer.Option(help="Timing runs (median reported).")] = 7,
     reqs: Annotated[int, typer.Option(help="Requests in the decode step (x 2 tokens, MTP=1).")] = 15,
+    vllm: Annotated[
+        bool, typer.Option("--vllm", help="On a real `vllm serve` instead: decode tokens/s with the plugin on vs off.")
+    ] = False,
+    vllm_exe: Annotated[str | None, typer.Option(help="--vllm: the `vllm` executable (default: on PATH).")] = None,
+    blocks: Annotated[int, typer.Option(help="--vllm: alternating blocks per arm (a server start each).")] = 3,
+    requests: Annotated[int, typer.Option(help="--vllm: requests per timed block.")] = 64,
+    concurrency: Annotated[int, typer.Option(help="--vllm: requests in flight.")] = 16,
+    output_len: Annotated[int, typer.Option(help="--vllm: output tokens per request (ignore_eos).")] = 64,
+    tp: Annotated[int, typer.Option(help="--vllm: tensor-parallel size.")] = 2,
     as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
 ) -> int:
-    """The vLLM plugin's hot path: microseconds per decode step per rank, and per eager collective."""
+    """The vLLM plugin's hot path: microseconds per decode step per rank, and per eager collective; with
+    --vllm, throughput on a real server with the plugin on and off (alternating blocks, medians, ratio)."""
+    if vllm:
+        import tempfile
+
+        from watchdog.bench_vllm import bench_vllm_plugin
+
+        if blocks < 1 or requests < 1 or concurrency < 1 or output_len < 1 or tp < 1:
+            raise UsageError("--blocks, --requests, --concurrency, --output-len and --tp must be positive")
+        with tempfile.TemporaryDirectory(prefix="watchdog-bench-vllm-") as tmp:
+            vresult = bench_vllm_plugin(
+                vllm=vllm_exe,
+                workdir=Path(tmp),
+                blocks=blocks,
+                requests=requests,
+                concurrency=concurrency,
+                output_len=output_len,
+                tp=tp,
+                say=_err,
+            )
+        print(json.dumps(vresult) if as_json else "\n".join(f"{k}: {v}" for k, v in vresult.items()))
+        return EXIT_OK
     from watchdog.bench_plugin import bench_plugin as run
 
     result = run(steps=steps, repeats=repeats, reqs=reqs)
@@ -142,4 +172,30 @@ def bench_agent(
         raise UsageError("--rate, --seconds and every --tp must be positive, --warmup >= 0")
     result = run(tps=tp, rate=rate, seconds=seconds, warmup_s=warmup, say=_err)
     print(json.dumps(result) if as_json else json.dumps(result, indent=2))
+    return EXIT_OK
+
+
+@bench_app.command(cls=GroupedCommand, name="soak")
+def bench_soak(
+    seconds: Annotated[float, typer.Option(help="How long the healthy deployment is watched.")] = 600.0,
+    tp: Annotated[int, typer.Option(help="TP size of the demo deployment.")] = 2,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
+) -> int:
+    """A real agent watching a healthy demo deployment (bursts of long prefills and decodes, idle gaps):
+    zero incidents, stalls and divergences, /livez 200 throughout; the agent's CPU share and RSS.
+    Exit 1 on any false alarm or failed request."""
+    import tempfile
+
+    from watchdog.bench_soak import bench_soak as run
+    from watchdog.bench_soak import failures
+
+    if seconds <= 0 or tp < 1:
+        raise UsageError("--seconds and --tp must be positive")
+    with tempfile.TemporaryDirectory(prefix="watchdog-soak-") as tmp:
+        result = run(seconds=seconds, workdir=Path(tmp), tp=tp, say=_err)
+    print(json.dumps(result) if as_json else json.dumps(result, indent=2))
+    failed = failures(result, tp)
+    if failed:
+        _err(f"watchdog: the soak failed: {'; '.join(failed)}")
+        return EXIT_ERROR
     return EXIT_OK

@@ -17,7 +17,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,6 +71,8 @@ class SupervisorConfig:
     unexplained_stall_s: float = 30.0  # an inconclusive stall that lasts this long is restarted anyway
     poll_s: float = 0.1
     upstream: str = ""  # the server's base URL: its /health opens the proxy's gate
+    env: Mapping[str, str] | None = None  # the server's environment (default: this process's)
+    output: Path | None = None  # the server's stdout and stderr go to this file (default: ours)
 
 
 class Supervisor:
@@ -163,12 +165,15 @@ class Supervisor:
                 generation=self.generation,
                 mode=mode,
             )
-            env = {**os.environ, "WATCHDOG_LEDGER_DIR": str(self.cfg.ledger_dir)}
+            env = {
+                **(os.environ if self.cfg.env is None else self.cfg.env),
+                "WATCHDOG_LEDGER_DIR": str(self.cfg.ledger_dir),
+            }
             if self.gate is not None:
                 self.gate.going_down()  # requests wait (in the proxy) until the new server answers /health
             self._ready = False
             try:
-                proc = start_tree(argv, env)
+                proc = start_tree(argv, env, self.cfg.output)
             except OSError as exc:
                 self._close_gate()
                 raise WatchdogError(f"server command {argv[0]!r}: {exc.strerror or exc}") from None
@@ -260,9 +265,7 @@ class Supervisor:
                     if incident.stall is not None and unexplained is None:
                         unexplained, since = incident, time.monotonic()
             if unexplained is not None and time.monotonic() - since >= self.cfg.unexplained_stall_s:
-                self._why = (
-                    f"a stall no rule explained lasted {self.cfg.unexplained_stall_s:g} s with no progress"
-                )
+                self._why = f"a stall no rule explained lasted {self.cfg.unexplained_stall_s:g} s with no progress"
                 return unexplained
             self._stop.wait(self.cfg.poll_s)
         return None

@@ -28,13 +28,20 @@ from watchdog.demo.proc import become_subreaper, die_with_parent
 from watchdog.snapshot import ring_specs
 
 
-def start_tree(argv: Sequence[str], env: Mapping[str, str]) -> subprocess.Popen[bytes]:
-    """The server in its own session (so its whole tree can be signalled), killed if we die."""
+def start_tree(argv: Sequence[str], env: Mapping[str, str], output: Path | None = None) -> subprocess.Popen[bytes]:
+    """The server in its own session (so its whole tree can be signalled), killed if we die; its
+    stdout and stderr appended to ``output`` if given (else ours)."""
     become_subreaper()
     parent = os.getpid()
-    return subprocess.Popen(
-        list(argv), env=dict(env), start_new_session=True, preexec_fn=lambda: die_with_parent(parent)
-    )
+    with open(output, "ab") if output is not None else contextlib.nullcontext() as out:
+        return subprocess.Popen(
+            list(argv),
+            env=dict(env),
+            start_new_session=True,
+            preexec_fn=lambda: die_with_parent(parent),
+            stdout=out,
+            stderr=None if out is None else subprocess.STDOUT,
+        )
 
 
 def _session(pid: int) -> int | None:

@@ -1,8 +1,9 @@
-"""Test-only vLLM general plugin: real defects switched on inside real vLLM code.
+"""The vLLM demo's fault plugin: real defects switched on inside real vLLM code.
 
 Loaded by vLLM like the watchdog's own plugin (entry point group ``vllm.general_plugins``, name
-``watchdog_test_faults``; tests/vllm_serve.py puts it on the path) in the API server, EngineCore and
-every worker. It does nothing unless ``VLLM_TEST_FAULT`` is set to ``KIND:RANK:STEP``; the watchdog
+``watchdog_demo_faults``; ``watchdog.demo.vllm.serve.overlay`` puts it on the server's path for
+``watchdog demo --engine vllm`` and the tests) in the API server, EngineCore and every worker.
+Nothing in the product imports it. It does nothing unless ``VLLM_TEST_FAULT`` is set to ``KIND:RANK:STEP``; the watchdog
 never reads that variable (its settings are ``WATCHDOG_*``), and nothing it reads (ledgers, rings,
 stacks, process state) names the fault. Each kind switches on a bug in one code path, and what
 follows (a hang, a crash, ranks out of step) comes from vLLM's own mechanism:
@@ -36,7 +37,15 @@ from typing import Any
 
 ENV = "VLLM_TEST_FAULT"
 ONCE_ENV = "VLLM_TEST_FAULT_ONCE"
-KINDS = ("host-hang", "skip-allreduce", "size-mismatch", "worker-killed", "engine-stall")
+DESCRIPTIONS = {
+    "none": "no fault: a healthy server (any incident is a false alarm)",
+    "host-hang": "rank R blocks on a leaked lock in its input preparation at step S (host code)",
+    "skip-allreduce": "rank R skips the first tensor-parallel all-reduce of step S (inside the compiled model)",
+    "size-mismatch": "rank R's logits all-gather at step S sends a shard one column short",
+    "worker-killed": "rank R is SIGKILLed inside the first all-reduce of step S",
+    "engine-stall": "the scheduler re-enters its own lock at the first step >= S with requests waiting",
+}
+KINDS = tuple(k for k in DESCRIPTIONS if k != "none")
 # The faults that wrap the all-reduce in a custom op change the compiled graph: their servers need a
 # compile cache of their own (a cached graph calling the op cannot load where it is not registered).
 WRAPS_ALLREDUCE = ("skip-allreduce", "worker-killed")

