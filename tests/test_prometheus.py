@@ -62,31 +62,26 @@ def wait_incident(port: int, demo_log: Path, timeout: float = 150) -> list[dict[
 
 
 @pytest.mark.timeout(300)
-def test_promtool_accepts_the_agents_metrics(tmp_path: Path) -> None:
+def test_promtool_accepts_the_agents_metrics(tmp_path: Path, port: int, spawned: Any) -> None:
     promtool = need("promtool")
-    port = free_port()
     agent, work = start_agent(tmp_path, port)
-    demo = None
-    try:
-        agent_up(agent, port, tmp_path / "agent.log")
-        demo = start_hanging_demo(tmp_path, work)
-        incidents = wait_incident(port, tmp_path / "demo.log")
-        assert incidents[0]["verdict"] == "host_hang", incidents
-        status, text = get(port, "/metrics")
-        assert status == 200
-        # the labelled series exist now
-        assert metric(text, "watchdog_incidents_total", 'verdict="host_hang"') == 1, text
-        assert metric(text, "watchdog_stalls_detected_total") >= 1, text
-        scraped = tmp_path / "metrics.txt"
-        scraped.write_text(text)
-        with open(scraped, "rb") as stdin:
-            cp = subprocess.run([promtool, "check", "metrics"], stdin=stdin, capture_output=True, timeout=60)
-        lint = (cp.stdout + cp.stderr).decode(errors="replace")
-        assert cp.returncode == 0 and lint.strip() == "", f"promtool check metrics (exit {cp.returncode}):\n{lint}"
-    finally:
-        if demo is not None:
-            stop(demo)
-        stop(agent)
+    spawned(agent)
+    agent_up(agent, port, tmp_path / "agent.log")
+    demo = spawned(start_hanging_demo(tmp_path, work))
+    incidents = wait_incident(port, tmp_path / "demo.log")
+    assert incidents[0]["verdict"] == "host_hang", incidents
+    status, text = get(port, "/metrics")
+    assert status == 200
+    # the labelled series exist now
+    assert metric(text, "watchdog_incidents_total", 'verdict="host_hang"') == 1, text
+    assert metric(text, "watchdog_stalls_detected_total") >= 1, text
+    scraped = tmp_path / "metrics.txt"
+    scraped.write_text(text)
+    with open(scraped, "rb") as stdin:
+        cp = subprocess.run([promtool, "check", "metrics"], stdin=stdin, capture_output=True, timeout=60)
+    lint = (cp.stdout + cp.stderr).decode(errors="replace")
+    assert cp.returncode == 0 and lint.strip() == "", f"promtool check metrics (exit {cp.returncode}):\n{lint}"
+    stop(demo)  # (again at teardown, a no-op then): its rings must be gone once it has stopped
     assert leftover_rings(work / "ledgers") == [], "the demo left its shm rings in /dev/shm"
 
 

@@ -323,6 +323,15 @@ def test_continuation_by_token_ids_is_exact_and_ids_stay_hidden() -> None:
     later = {"choices": [{"text": "pa\u00e9b", "token_ids": [9]}]}
     s.strip_echo(later)
     assert later["choices"][0]["text"] == "pa\u00e9b"  # only the first chunk of a continuation
+    # a first token that ends inside a character comes with no text; the echo (and that token's
+    # text) come with the next one: still taken off (seen on a real vllm serve)
+    s.begin_continuation(("p" + "a\u00e9b",))
+    held = {"choices": [{"text": "", "token_ids": [9]}]}
+    s.strip_echo(held)
+    assert held["choices"][0]["text"] == "" and s.echo_guard == ("pa\u00e9b",)
+    echoed = {"choices": [{"text": "pa\u00e9b\u00e9 x", "token_ids": [10]}]}
+    s.strip_echo(echoed)
+    assert echoed["choices"][0]["text"] == "\u00e9 x" and s.echo_guard == ()
     shown = {"choices": [{"text": "a", "token_ids": [7], "prompt_token_ids": [1, 2]}]}
     _hide_ids(shown)
     assert shown == {"choices": [{"text": "a", "token_ids": None, "prompt_token_ids": None}]}

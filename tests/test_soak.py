@@ -20,6 +20,7 @@ SOAK_S = float(os.environ.get("WATCHDOG_SOAK_S", "60"))  # `watchdog bench soak`
 
 
 @pytest.mark.slow
+@pytest.mark.soak
 @pytest.mark.timeout(SOAK_S + 400)
 def test_healthy_soak_has_no_incident() -> None:
     """`watchdog bench soak`: a real agent watching a healthy demo deployment for SOAK_S seconds of

@@ -30,17 +30,12 @@ from vllm_serve import VllmServer, complete, free_port, get_json
 
 from collectors.format import ProcessKind, StepBegin, StepEnd
 from collectors.reader import read_ledger
+from tests.helpers import last_json_line, run_cli
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.timeout(900)]
 
 FAULT_STEP = 20  # late enough that every rank has run steps the detector can learn from
 INCIDENT_TIMEOUT_S = 90.0
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """vLLM's and Inductor's caches, shared by this module's servers (the first one compiles)."""
-    return tmp_path_factory.mktemp("vllm-cache")
 
 
 def start_agent(ledgers: Path, incidents: Path, log: Path) -> subprocess.Popen[bytes]:
@@ -112,8 +107,8 @@ class Load:
 
 
 @contextlib.contextmanager
-def deployment(tmp: Path, cache: Path, fault: str = "") -> Iterator[tuple[VllmServer, Path]]:
-    server = VllmServer(tmp / "server", fault=fault, cache=cache)
+def deployment(tmp: Path, fault: str = "") -> Iterator[tuple[VllmServer, Path]]:
+    server = VllmServer(tmp / "server", fault=fault)
     incidents = tmp / "incidents"
     agent: subprocess.Popen[bytes] | None = None
     try:
@@ -151,8 +146,8 @@ def diagnose_again(bundle: Path) -> dict[str, Any]:
     return json.loads(cp.stdout)  # type: ignore[no-any-return]
 
 
-def run_fault(tmp: Path, cache: Path, fault: str) -> tuple[dict[str, Any], dict[str, Any], Path]:
-    with deployment(tmp, cache, fault) as (server, incidents), Load(server.port):
+def run_fault(tmp: Path, fault: str) -> tuple[dict[str, Any], dict[str, Any], Path]:
+    with deployment(tmp, fault) as (server, incidents), Load(server.port):
         bundle = wait_incident(incidents)
     diagnosis = json.loads((bundle / "diagnosis.json").read_text())
     evidence = json.loads((bundle / "evidence.json").read_text())
@@ -160,8 +155,8 @@ def run_fault(tmp: Path, cache: Path, fault: str) -> tuple[dict[str, Any], dict[
     return diagnosis, evidence, bundle
 
 
-def test_healthy_server_records_every_step_and_raises_no_incident(tmp_path: Path, cache: Path) -> None:
-    with deployment(tmp_path, cache) as (server, incidents):
+def test_healthy_server_records_every_step_and_raises_no_incident(tmp_path: Path) -> None:
+    with deployment(tmp_path) as (server, incidents):
         with Load(server.port) as load:
             deadline = time.monotonic() + 20
             while time.monotonic() < deadline and load.done < 12:
@@ -184,8 +179,8 @@ def test_healthy_server_records_every_step_and_raises_no_incident(tmp_path: Path
 
 
 @pytest.mark.parametrize("rank", [0, 1])
-def test_host_hang(tmp_path: Path, cache: Path, rank: int) -> None:
-    d, ev, _ = run_fault(tmp_path, cache, f"host-hang:{rank}:{FAULT_STEP}")
+def test_host_hang(tmp_path: Path, rank: int) -> None:
+    d, ev, _ = run_fault(tmp_path, f"host-hang:{rank}:{FAULT_STEP}")
     assert d["verdict"] == "host_hang", d["summary"]
     assert d["culprit_ranks"] == [rank]
     peer = 1 - rank
@@ -197,14 +192,14 @@ def test_host_hang(tmp_path: Path, cache: Path, rank: int) -> None:
 
 
 @pytest.mark.parametrize("rank", [1])
-def test_worker_killed(tmp_path: Path, cache: Path, rank: int) -> None:
-    d, ev, _ = run_fault(tmp_path, cache, f"worker-killed:{rank}:{FAULT_STEP}")
+def test_worker_killed(tmp_path: Path, rank: int) -> None:
+    d, ev, _ = run_fault(tmp_path, f"worker-killed:{rank}:{FAULT_STEP}")
     assert d["verdict"] == "worker_dead", d["summary"]
     assert d["culprit_ranks"] == [rank]
     assert ev["stall"]["kind"] == "process_exit"
 
 
-def test_watchdog_run_restarts_a_hung_vllm_and_every_stream_survives(tmp_path: Path, cache: Path) -> None:
+def test_watchdog_run_restarts_a_hung_vllm_and_every_stream_survives(tmp_path: Path) -> None:
     """``watchdog run`` with the resuming proxy in front of vLLM's own OpenAI server: rank 1 hangs on
     the host mid-run under 512 streamed requests (SGLang-shaped lengths, range ratio 0.5); the
     watchdog names it, restarts vLLM, and every completion equals an uninterrupted run's text."""
@@ -212,7 +207,7 @@ def test_watchdog_run_restarts_a_hung_vllm_and_every_stream_survives(tmp_path: P
 
     from vllm_serve import pids_with_env, stream_complete, workload
 
-    server = VllmServer(tmp_path / "server", fault=f"host-hang:1:{FAULT_STEP * 3}", cache=cache)
+    server = VllmServer(tmp_path / "server", fault=f"host-hang:1:{FAULT_STEP * 3}")
     server.env["VLLM_TEST_FAULT_ONCE"] = str(tmp_path / "fault-bit")
     proxy, api = free_port(), free_port()
     assert server.ledgers is not None
@@ -287,18 +282,18 @@ def urllib_get(port: int, path: str) -> str:
 
 
 @pytest.mark.parametrize("rank", [1])
-def test_rank_skips_an_allreduce_inside_the_compiled_model(tmp_path: Path, cache: Path, rank: int) -> None:
+def test_rank_skips_an_allreduce_inside_the_compiled_model(tmp_path: Path, rank: int) -> None:
     """The skipped all-reduce runs in compiled code the ledger does not see; the rank that skipped it
     runs ahead and its peer is left waiting in a collective it already completed."""
-    d, _, _ = run_fault(tmp_path, cache, f"skip-allreduce:{rank}:{FAULT_STEP}")
+    d, _, _ = run_fault(tmp_path, f"skip-allreduce:{rank}:{FAULT_STEP}")
     assert d["verdict"] == "collective_mismatch", d["summary"]
     assert d["culprit_ranks"] == [rank]
     assert d["ranks"][str(1 - rank)]["state"] == "waiting_collective"
 
 
 @pytest.mark.parametrize("rank", [0])
-def test_size_mismatch_in_the_logits_gather(tmp_path: Path, cache: Path, rank: int) -> None:
-    d, _, _ = run_fault(tmp_path, cache, f"size-mismatch:{rank}:{FAULT_STEP}")
+def test_size_mismatch_in_the_logits_gather(tmp_path: Path, rank: int) -> None:
+    d, _, _ = run_fault(tmp_path, f"size-mismatch:{rank}:{FAULT_STEP}")
     assert d["verdict"] == "collective_mismatch", d["summary"]
     assert d["culprit_ranks"] == [rank] or len(d["culprit_ranks"]) == 2, d["summary"]
     div = d["first_divergence"]
@@ -306,8 +301,50 @@ def test_size_mismatch_in_the_logits_gather(tmp_path: Path, cache: Path, rank: i
     assert div["per_rank"]["0"]["numel"] != div["per_rank"]["1"]["numel"]
 
 
-def test_engine_stall_in_the_scheduler(tmp_path: Path, cache: Path) -> None:
-    d, _, _ = run_fault(tmp_path, cache, f"engine-stall:0:{FAULT_STEP}")
+def test_engine_stall_in_the_scheduler(tmp_path: Path) -> None:
+    d, _, _ = run_fault(tmp_path, f"engine-stall:0:{FAULT_STEP}")
     assert d["verdict"] == "engine_stall", d["summary"]
     assert d["culprit_ranks"] == []
     assert all(r["state"] == "idle" for r in d["ranks"].values())
+
+
+def test_the_vllm_demo_names_the_culprit_restarts_and_every_text_survives(
+    tmp_path: Path, vllm_serve_python: Path
+) -> None:
+    """`watchdog demo --engine vllm`: rank 0 skips an all-reduce inside the compiled model of a real
+    vllm serve; the demo's supervisor names it, restarts vLLM, and every streamed completion equals the
+    reference run's text."""
+    python = vllm_serve_python
+    cp = run_cli(
+        ["demo", "--engine", "vllm", "--vllm-exe", str(python.parent / "vllm"), "--fault", "skip-allreduce",
+         "--fault-rank", "0", "--fault-step", str(FAULT_STEP), "--requests", "48", "--concurrency", "16",
+         "--output-len", "24", "--workdir", str(tmp_path / "demo"), "--timeout", "600", "--json"],
+        timeout=840,
+    )  # fmt: skip
+    assert cp.returncode == 3, cp.stderr[-3000:]
+    r = last_json_line(cp.stdout)
+    assert r["engine"] == "vllm" and len(r["fault_bites"]) == 1 and r["fault_bites"][0]["rank"] == 0, r
+    deadlocks = [i for i in r["incidents"] if i["diagnosis"]["verdict"] != "no_deadlock"]
+    assert len(deadlocks) == 1, [i["diagnosis"]["summary"] for i in r["incidents"]]
+    d = deadlocks[0]["diagnosis"]
+    assert d["verdict"] == "collective_mismatch" and d["culprit_ranks"] == [0], d["summary"]
+    assert [x["verdict"] for x in r["restarts"]] == ["collective_mismatch"], r["restarts"]
+    req = r["requests"]
+    assert req["checked_against_reference"] and req["succeeded"] == req["total"] == 48, req
+    assert "VERDICT  collective_mismatch" in cp.stdout
+    assert (tmp_path / "demo" / "vllm.log").stat().st_size > 0  # vLLM's output, kept out of the demo's
+
+
+def test_bench_plugin_vllm_prints_on_and_off_throughput(vllm_serve_python: Path) -> None:
+    """`watchdog bench plugin --vllm` on the real server, one block per arm (the figures, not a target)."""
+    python = vllm_serve_python
+    cp = run_cli(
+        ["bench", "plugin", "--vllm", "--vllm-exe", str(python.parent / "vllm"), "--blocks", "1",
+         "--requests", "8", "--concurrency", "4", "--output-len", "16", "--json"],
+        timeout=840,
+    )  # fmt: skip
+    assert cp.returncode == 0, cp.stderr[-3000:]
+    r = last_json_line(cp.stdout)
+    assert len(r["tokens_per_s_on"]) == len(r["tokens_per_s_off"]) == 1, r
+    assert r["median_on"] > 0 and r["median_off"] > 0 and r["ratio_off_on"] > 0, r
+    assert r["steps_per_block"] >= 16, r  # at least one decode step per output token, from the ledger

@@ -24,7 +24,7 @@ from typing import Any
 from collectors.format import StepBegin
 from collectors.reader import read_ledger
 from watchdog.demo.httpclient import complete
-from watchdog.demo.vllm.serve import MODEL_NAME, VllmServer, cache_root, find_vllm, tiny_model, vllm_python
+from watchdog.demo.vllm.serve import MODEL_NAME, VllmServer, find_vllm, tiny_model, vllm_python
 from watchdog.errors import WatchdogError
 
 
@@ -64,7 +64,6 @@ def bench_vllm_plugin(
 ) -> dict[str, Any]:
     exe = find_vllm(vllm)
     model = tiny_model(vllm_python(exe))
-    cache = cache_root() / "vllm-demo-cache" / "plain"
     words = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog"]
     prompts = [" ".join(words[(i + j) % len(words)] for j in range(8)) + f" {i}" for i in range(requests)]
     tput: dict[str, list[float]] = {"on": [], "off": []}
@@ -73,7 +72,7 @@ def bench_vllm_plugin(
     for b in range(blocks):
         for arm in ("on", "off") if b % 2 == 0 else ("off", "on"):
             work = workdir / f"block{b}-{arm}"
-            with VllmServer(exe, model, work, tp=tp, cache=cache, plugin=arm == "on") as server:
+            with VllmServer(exe, model, work, tp=tp, plugin=arm == "on") as server:
                 server.wait_ready()
                 before = _steps(server.ledgers)
                 seconds, tokens = _block(server, prompts, output_len, concurrency)

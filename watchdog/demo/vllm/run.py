@@ -27,10 +27,10 @@ from typing import Any
 
 from watchdog.demo.httpclient import complete
 from watchdog.demo.run import Progress, bites_json, incident_json
-from watchdog.demo.vllm.faults import KINDS, WRAPS_ALLREDUCE
+from watchdog.demo.vllm.faults import KINDS
 from watchdog.demo.vllm.serve import (
     MODEL_NAME,
-    cache_root,
+    compile_cache,
     find_vllm,
     remove_leftovers,
     serve_cmd,
@@ -117,10 +117,7 @@ def run_vllm_demo(opts: VllmDemoOptions, say: Callable[[str], None]) -> dict[str
     bit.unlink(missing_ok=True)
     state_file = work / "ladder.json"
     state_file.unlink(missing_ok=True)
-    # vLLM's and Inductor's compile caches are kept between demos (a warm start takes seconds, not a
-    # minute); a fault that wraps the all-reduce in a custom op compiles another graph: its own cache.
-    cache = cache_root() / "vllm-demo-cache" / ("allreduce-wrapped" if opts.fault in WRAPS_ALLREDUCE else "plain")
-    env = server_env(work / "server", None, fault=opts.fault_spec(), tp=opts.tp, cache=cache)
+    env = server_env(work / "server", None, fault=opts.fault_spec(), tp=opts.tp, cache=compile_cache(opts.fault))
     env["VLLM_TEST_FAULT_ONCE"] = str(bit)
     port = _free_port()
     upstream = f"http://127.0.0.1:{port}"

@@ -40,6 +40,20 @@ def cache_root() -> Path:
     return Path(os.environ.get("WATCHDOG_VLLM_ENVS") or Path.home() / ".cache" / "tp-deadlock-watchdog")
 
 
+def compile_cache(fault: str = "", plugin: bool = True) -> Path:
+    """vLLM's and Inductor's compile caches, kept between runs (a warm start takes seconds, not a
+    minute; vLLM keys them on its config and its own code, not on plugins). A fault that wraps the
+    all-reduce in a custom op compiles another graph, which cannot load where the op is not
+    registered: a cache of its own; so does a server without the watchdog's plugin (Dynamo traces
+    through the plugin's collective wrappers, so the two may compile differently)."""
+    from watchdog.demo.vllm.faults import WRAPS_ALLREDUCE
+
+    root = cache_root() / "vllm-compile-cache"
+    if not plugin:
+        root = root / "no-plugin"
+    return root / "allreduce-wrapped" if fault.split(":")[0] in WRAPS_ALLREDUCE else root
+
+
 def find_vllm(given: str | None) -> Path:
     """The ``vllm`` executable: ``given``, else ``vllm`` on PATH. One-line error when there is none."""
     path = given or shutil.which("vllm")
@@ -248,20 +262,17 @@ class VllmServer:
         ledgers: bool = True,
         tp: int = 2,
         extra: tuple[str, ...] = (),
-        cache: Path | None = None,
         plugin: bool = True,
     ) -> None:
-        from watchdog.demo.vllm.faults import WRAPS_ALLREDUCE
-
         self.exe, self.model = exe, model
         self.work = work.resolve()  # the server runs in it: every path it is given must be absolute
         self.work.mkdir(parents=True, exist_ok=True)
         self.ledgers = self.work / "ledgers" if ledgers and plugin else None
         self.port = free_port()
         self.tp = tp
-        if cache is not None and fault.split(":")[0] in WRAPS_ALLREDUCE:
-            cache = cache / "allreduce-wrapped"
-        self.env = server_env(self.work, self.ledgers, fault=fault, tp=tp, cache=cache, plugin=plugin)
+        self.env = server_env(
+            self.work, self.ledgers, fault=fault, tp=tp, cache=compile_cache(fault, plugin), plugin=plugin
+        )
         self.cmd = serve_cmd(exe, model, self.port, tp=tp, extra=extra)
         self.log_path = self.work / "vllm.log"
         self.proc: subprocess.Popen[bytes] | None = None

