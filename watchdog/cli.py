@@ -297,11 +297,15 @@ def _watchers(s: AgentSettings | RunSettings, metrics: AgentMetrics) -> Callable
     """A factory of Watchers over ``s.ledger_dir`` sharing one set of evidence sources and metrics."""
     from watchdog.detector import DetectorConfig
     from watchdog.evidence.gpus import Nvml
+    from watchdog.evidence.procs import PsutilProcs
     from watchdog.snapshot import Sources
     from watchdog.watcher import Watcher
 
+    # Every reader of /proc gets the root as an argument (wchan, comm, maps, fds, stat); psutil's own
+    # status and CPU counters read the live /proc, which shows the same pids in a shared namespace.
     sources = Sources(
         gpus=Nvml(module=s.nvml_module) if s.nvml else None,
+        procs=PsutilProcs(str(s.proc_root)),
         shm_dir=str(s.shm_dir),
         proc_root=str(s.proc_root),
         native=s.native_stacks,
