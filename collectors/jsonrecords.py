@@ -17,7 +17,9 @@ Decoding reads the field types (``int``, ``float``, ``str``, ``bool``, enums, ``
 from the field's default, ignores keys it does not know, and raises ``ValueError`` naming the
 record and key on anything else, so a damaged file is one precise line.
 
-Standard library only: the analyzer's records use it and the analyzer stays cheap to import.
+Standard library only: the analyzer's records use it and the analyzer stays cheap to import. It
+lives in ``collectors`` because the ledger records (``GraphKey``, ``Header``) use it too, and
+``collectors`` imports nothing from ``watchdog``.
 """
 
 from __future__ import annotations
