@@ -32,8 +32,10 @@ import enum
 import struct
 import zlib
 from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Final
+from dataclasses import dataclass, field
+from typing import ClassVar, Final
+
+from collectors.jsonrecords import JsonRecord, decode_record, fields_json, json_as
 
 MAGIC: Final = b"TPWDLDG1"
 FORMAT_VERSION: Final = 1
@@ -163,7 +165,7 @@ assert W_STEP_BEGIN.size == P_STEP_BEGIN_LAUNCH.size and W_COLLECTIVE.size == P_
 
 
 @dataclass(frozen=True, slots=True)
-class GraphKey:
+class GraphKey(JsonRecord):
     """What vLLM's dispatcher chose for one forward pass: (runtime mode, BatchDescriptor)."""
 
     mode: CUDAGraphMode
@@ -179,28 +181,6 @@ class GraphKey:
         lora = f" lora={self.num_active_loras}" if self.has_lora else ""
         return f"{self.mode.value}(tokens={self.num_tokens}{reqs}{tail}{lora})"
 
-    def to_json(self) -> dict[str, object]:
-        return {
-            "mode": self.mode.value,
-            "num_tokens": self.num_tokens,
-            "num_reqs": self.num_reqs,
-            "uniform": self.uniform,
-            "has_lora": self.has_lora,
-            "num_active_loras": self.num_active_loras,
-        }
-
-    @classmethod
-    def from_json(cls, data: dict[str, object]) -> GraphKey:
-        num_reqs = data.get("num_reqs")
-        return cls(
-            mode=CUDAGraphMode(str(data["mode"])),
-            num_tokens=int(str(data["num_tokens"])),
-            num_reqs=None if num_reqs is None else int(str(num_reqs)),
-            uniform=bool(data.get("uniform", False)),
-            has_lora=bool(data.get("has_lora", False)),
-            num_active_loras=int(str(data.get("num_active_loras", 0))),
-        )
-
 
 @dataclass(frozen=True, slots=True)
 class CollectiveOp:
@@ -211,15 +191,14 @@ class CollectiveOp:
     dtype: str
     numel: int
 
-    def to_json(self) -> list[object]:
-        return [self.op, self.group, self.dtype, self.numel]
+    def to_json(self) -> list[object]:  # a list, not an object: manifests hold thousands
+        return list(fields_json(self).values())
 
     @classmethod
     def from_json(cls, data: object) -> CollectiveOp:
         if not isinstance(data, list) or len(data) != 4:
             raise ValueError(f"collective entry must be [op, group, dtype, numel], got {data!r}")
-        op, group, dtype, numel = data
-        return cls(str(op), str(group), str(dtype), int(numel))
+        return decode_record(cls, dict(zip(("op", "group", "dtype", "numel"), data, strict=True)), "collective")
 
 
 def _key_fields(key: GraphKey) -> tuple[int, bool, bool, int, int, int]:
@@ -388,16 +367,25 @@ class Manifest:
     hash: int
 
 
+def _kind_name(kind: ProcessKind) -> str:
+    return kind.name.lower()
+
+
 @dataclass(frozen=True, slots=True)
-class Header:
+class Header(JsonRecord):
+    JSON_ORDER: ClassVar[tuple[str, ...]] = (
+        "version", "kind", "rank", "world_size", "pid", "n_slots", "host", "instance", "boot_id",
+        "start_wall_ns", "start_mono_ns",
+    )  # fmt: skip
+
     version: int
-    kind: ProcessKind
+    kind: ProcessKind = field(metadata=json_as(encode=_kind_name))
     rank: int
     world_size: int
     pid: int
     n_slots: int
-    slot_size: int
-    meta_size: int
+    slot_size: int = field(metadata=json_as(omit=True))  # layout, not identity
+    meta_size: int = field(metadata=json_as(omit=True))
     start_wall_ns: int
     start_mono_ns: int
     host: str
@@ -411,18 +399,3 @@ class Header:
     @property
     def file_size(self) -> int:
         return self.ring_offset + self.n_slots * self.slot_size
-
-    def to_json(self) -> dict[str, object]:
-        return {
-            "version": self.version,
-            "kind": self.kind.name.lower(),
-            "rank": self.rank,
-            "world_size": self.world_size,
-            "pid": self.pid,
-            "n_slots": self.n_slots,
-            "host": self.host,
-            "instance": self.instance,
-            "boot_id": self.boot_id,
-            "start_wall_ns": self.start_wall_ns,
-            "start_mono_ns": self.start_mono_ns,
-        }

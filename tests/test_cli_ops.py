@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from watchdog.cli import EXIT_OK, EXIT_USAGE, main
-from watchdog.settings import FIELDS, SCOPE, Settings, fields_of
+from watchdog.settings import FIELDS, GROUP, Settings, commands_of, fields_of
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -44,15 +44,22 @@ def test_each_command_lists_only_its_own_settings_grouped_with_defaults(
         assert listed == (name in own), (command, name)
         if name in own:
             assert f"env: WATCHDOG_{name.upper()}]" in flat, name
-            assert f"{SCOPE[name][0]}:\n" in text  # its group's heading
+            assert f"{GROUP[name]}:\n" in text  # its group's heading
     assert f"[default: {defaults.host}; env: WATCHDOG_HOST]" in flat
     assert f"[default: {defaults.port}; env: WATCHDOG_PORT]" in flat
     assert "<bool>" not in text
 
 
 def test_every_setting_is_read_by_some_command() -> None:
-    assert set(SCOPE) == set(FIELDS)
-    assert all(SCOPE[n][1] for n in FIELDS)
+    assert set(GROUP) == set(FIELDS) == set(Settings.model_fields)
+    assert all(commands_of(n) for n in FIELDS)
+
+
+def test_choices_are_listed_and_checked_before_anything_starts(capsys: pytest.CaptureFixture[str]) -> None:
+    assert "--on-give-up <stop|up>" in help_of(capsys, "run")
+    assert "--on-deadlock <report|evict>" in help_of(capsys, "coordinator")
+    assert main(["run", "--on-give-up", "later", "--", "true"]) == EXIT_USAGE
+    assert "'later' is not one of 'stop', 'up'" in capsys.readouterr().err
 
 
 def test_help_is_printed_as_written(capsys: pytest.CaptureFixture[str]) -> None:
@@ -70,6 +77,8 @@ def test_help_is_printed_as_written(capsys: pytest.CaptureFixture[str]) -> None:
         ["demo", "--tp", "2", "--fault", "host-hang", "--fault-rank", "5"],
         ["demo", "--range-ratio", "2"],
         ["agent", "--no-such-option"],
+        ["agent", "--port", "x"],
+        ["agent", "--log-format", "yaml"],
         ["diagnose"],
         ["nonsense"],
     ],

@@ -23,7 +23,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -36,7 +36,14 @@ from collectors.reader import LedgerError
 from watchdog.cli_bench import bench_app
 from watchdog.cli_options import GroupedCommand, version_callback, with_settings
 from watchdog.errors import UsageError, WatchdogError
+from watchdog.settings import AgentSettings, CoordinatorSettings, RunSettings
 from watchdog.types import Verdict
+
+if TYPE_CHECKING:
+    from watchdog.agent import Agent
+    from watchdog.metrics import AgentMetrics
+    from watchdog.retention import Retention
+    from watchdog.watcher import Incident, Watcher
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_DEADLOCK, EXIT_INCONCLUSIVE = 0, 1, 2, 3, 4
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
@@ -302,25 +309,22 @@ def _print_demo(result: dict[str, Any], kept: bool) -> None:
         print("the fallback gave up: the restart bound was hit (exit code 5)")
 
 
-def _settings(values: dict[str, Any]) -> Any:
+def _logging(s: AgentSettings | RunSettings | CoordinatorSettings) -> None:
     from watchdog import logs
-    from watchdog.settings import load
 
-    s = load(values.pop("config", None), cli=values)
     logs.setup(s.log_format, s.log_level)
-    return s
 
 
 @app.command(cls=GroupedCommand)
-@with_settings("agent")
-def agent(**values: Any) -> int:
+@with_settings(AgentSettings)
+def agent(s: AgentSettings) -> int:
     """Watch this node's ranks as a long-running sidecar: HTTP API, /livez, /metrics.
 
     Single-node TP (the default) diagnoses here; with --member, a `watchdog coordinator` does."""
     from watchdog.agent import Agent, serve
     from watchdog.metrics import AgentMetrics
 
-    s = _settings(values)
+    _logging(s)
     try:  # the ranks may start after the agent: make the directory they will write to, as run does
         s.ledger_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -335,7 +339,7 @@ def agent(**values: Any) -> int:
     return EXIT_OK
 
 
-def _bounds(agent: Any, s: Any) -> Any:
+def _bounds(agent: Agent, s: AgentSettings | RunSettings | CoordinatorSettings) -> Retention:
     """Disk and rate bounds: incident retention, diagnose-now at most once per interval."""
     from watchdog.retention import Retention
 
@@ -344,7 +348,7 @@ def _bounds(agent: Any, s: Any) -> Any:
     return agent.retention
 
 
-def _kube_actions(s: Any, metrics: Any) -> Callable[[Any], None] | None:
+def _kube_actions(s: AgentSettings | CoordinatorSettings, metrics: AgentMetrics) -> Callable[[Incident], None] | None:
     """Kubernetes Events on incidents and/or evicting this pod on a deadlock, as configured; with
     kube_events, the log's state changes (start, rings, stall, ...) become Events too."""
     if s.on_deadlock != "evict" and not s.kube_events:
@@ -363,19 +367,19 @@ def _kube_actions(s: Any, metrics: Any) -> Callable[[Any], None] | None:
     return incident_actions(kube, s.kube_events, s.on_deadlock == "evict", failed)
 
 
-def _watchers(s: Any, metrics: Any) -> Callable[[], Any]:
+def _watchers(s: AgentSettings | RunSettings, metrics: AgentMetrics) -> Callable[[], Watcher]:
     """A factory of Watchers over ``s.ledger_dir`` sharing one set of evidence sources and metrics."""
     from watchdog.detector import DetectorConfig
     from watchdog.evidence.gpus import Nvml
+    from watchdog.evidence.procs import PsutilProcs
     from watchdog.snapshot import Sources
     from watchdog.watcher import Watcher
 
-    if s.proc_root != Path("/proc"):
-        import psutil
-
-        psutil.PROCFS_PATH = str(s.proc_root)
+    # Every reader of /proc gets the root as an argument (wchan, comm, maps, fds, stat); psutil's own
+    # status and CPU counters read the live /proc, which shows the same pids in a shared namespace.
     sources = Sources(
         gpus=Nvml(module=s.nvml_module) if s.nvml else None,
+        procs=PsutilProcs(str(s.proc_root)),
         shm_dir=str(s.shm_dir),
         proc_root=str(s.proc_root),
         native=s.native_stacks,
@@ -390,7 +394,7 @@ def _watchers(s: Any, metrics: Any) -> Callable[[], Any]:
             s.incidents_dir,
             sources,
             detector,
-            ranks=s.owned_ranks(),
+            ranks=s.owned_ranks() if isinstance(s, AgentSettings) else None,  # run watches every ledger
             on_records=metrics.observe,
             on_error=lambda source: metrics.scrape_errors.labels(s.tp_group, source).inc(),
         )
@@ -399,8 +403,11 @@ def _watchers(s: Any, metrics: Any) -> Callable[[], Any]:
 
 
 @app.command(cls=GroupedCommand, context_settings={"allow_interspersed_args": False})
-@with_settings("run")
-def run(command: list[str], **values: Any) -> int:
+@with_settings(RunSettings)
+def run(
+    s: RunSettings,
+    command: Annotated[list[str], typer.Argument(help="The server command, after --.", show_default=False)],
+) -> int:
     """Run a server (`watchdog run [OPTIONS] -- vllm serve ...`), watch it, and on a diagnosed deadlock
     restart it one rung safer on the cudagraph ladder (bounded; --observe never restarts).
 
@@ -411,7 +418,7 @@ def run(command: list[str], **values: Any) -> int:
     from watchdog.supervisor.proxy import ResumingProxy, UpstreamGate
     from watchdog.supervisor.run import Supervisor, SupervisorConfig, handle_signals, serve_api
 
-    s = _settings(values)
+    _logging(s)
     if not command:
         raise WatchdogError("give the server command after --, e.g. watchdog run -- vllm serve MODEL")
     metrics = AgentMetrics(s.tp_group)
@@ -454,14 +461,14 @@ def run(command: list[str], **values: Any) -> int:
 
 
 @app.command(cls=GroupedCommand)
-@with_settings("coordinator")
-def coordinator(**values: Any) -> int:
+@with_settings(CoordinatorSettings)
+def coordinator(s: CoordinatorSettings) -> int:
     """Correlate the member agents of one TP group spread over nodes (--agents URL,URL): one diagnosis, one bundle."""
     from watchdog.agent import Agent, serve
     from watchdog.coordinator import Coordinator
     from watchdog.metrics import AgentMetrics
 
-    s = _settings(values)
+    _logging(s)
     urls = s.agent_urls()
     if not urls:
         raise WatchdogError(

@@ -8,9 +8,15 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Concatenate, Literal, ParamSpec, TypeVar, get_origin, get_type_hints
 
 import typer
+
+if TYPE_CHECKING:
+    from watchdog.settings import CommandSettings
+
+S = TypeVar("S", bound="CommandSettings")
+P = ParamSpec("P")
 
 EXIT_OK = 0
 
@@ -43,60 +49,61 @@ def version_callback(value: bool) -> None:
         raise typer.Exit(EXIT_OK)
 
 
-def with_settings(command: str) -> Callable[[Callable[..., int]], Callable[..., int]]:
-    """Give a command one ``--<name>`` option per setting it reads (see watchdog/settings.py), grouped,
-    each defaulting to None so that the file and the environment fill what the command line leaves out;
-    the help shows the real default and the environment variable."""
-    from watchdog.settings import FIELDS, HELP, SCOPE, Settings, env_name, fields_of
+def with_settings(model: type[S]) -> Callable[[Callable[Concatenate[S, P], int]], Callable[..., int]]:
+    """Make ``func(settings, *own)`` a command with one ``--<name>`` option per field of ``model``
+    (see watchdog/settings.py), grouped, each defaulting to None so that the file and the
+    environment fill what the command line leaves out; the help shows the real default and the
+    environment variable. The command receives the loaded, validated ``model``.
 
-    kinds: dict[str, Any] = {"bool": bool, "int": int, "float": float, "str": str, "Path": Path, "Path | None": Path}
-    defaults = Settings()
+    typer reads a command's options from its signature, so the signature is built here from the
+    model's fields (their own types: a ``Literal`` becomes a choice) instead of written out three
+    times."""
+    from watchdog.settings import FIELDS, GROUP, env_name, load
 
     def shown(name: str) -> str:
-        value = getattr(defaults, name)
+        value = FIELDS[name].default
         if value is None or value == "":
             return "none"
         return str(value).lower() if isinstance(value, bool) else str(value)
 
-    def wrap(func: Callable[..., int]) -> Callable[..., int]:
+    def option(name: str) -> inspect.Parameter:
+        kind = FIELDS[name].annotation
+        assert kind is not None  # every field is annotated
+        flag = "--" + name.replace("_", "-")
+        decls = [f"{flag}/--no-{flag[2:]}"] if kind is bool else []  # --no-x undoes a file or environment value
+        text = f"{FIELDS[name].description}  [default: {shown(name)}; env: {env_name(name)}]"
+        choice = get_origin(kind) is Literal
+        info = typer.Option(
+            *decls, help=text, show_default=False, rich_help_panel=GROUP[name], case_sensitive=not choice
+        )
+        return inspect.Parameter(
+            name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[kind | None, info]
+        )
+
+    def wrap(func: Callable[Concatenate[S, P], int]) -> Callable[..., int]:
+        hints = get_type_hints(func, include_extras=True)
         own = [
-            p.replace(
-                annotation=Annotated[
-                    list[str], typer.Argument(help="The server command, after --.", show_default=False)
-                ]
-            )
-            for p in inspect.signature(func).parameters.values()
-            if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+            p.replace(annotation=hints[p.name])
+            for p in list(inspect.signature(func).parameters.values())[1:]  # the first one takes the settings
         ]
-        params = [
-            *own,
-            inspect.Parameter(
-                "config",
-                inspect.Parameter.KEYWORD_ONLY,
-                default=None,
-                annotation=Annotated[
-                    Path | None, typer.Option(help="TOML settings file.  [env: WATCHDOG_CONFIG]", show_default=False)
-                ],
-            ),
-        ]
-        for name in fields_of(command):
-            kind = kinds[str(FIELDS[name].type)]
-            text = f"{HELP[name]}  [default: {shown(name)}; env: {env_name(name)}]"
-            option = typer.Option(help=text, show_default=False, rich_help_panel=SCOPE[name][0])
-            if kind is bool:  # --x / --no-x, so a command line can undo a file or environment value
-                option = typer.Option(
-                    f"--{name.replace('_', '-')}/--no-{name.replace('_', '-')}",
-                    help=text,
-                    show_default=False,
-                    rich_help_panel=SCOPE[name][0],
-                )
-            params.append(
-                inspect.Parameter(
-                    name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[kind | None, option]
-                )
-            )
-        func.__signature__ = inspect.Signature(params, return_annotation=int)  # type: ignore[attr-defined]
-        func.__annotations__ = {p.name: p.annotation for p in params} | {"return": int}
-        return func
+        config = inspect.Parameter(
+            "config",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=None,
+            annotation=Annotated[
+                Path | None, typer.Option(help="TOML settings file.  [env: WATCHDOG_CONFIG]", show_default=False)
+            ],
+        )
+        params = [*own, config, *(option(name) for name in FIELDS if name in model.model_fields)]
+
+        def command(**given: Any) -> int:
+            args = {p.name: given.pop(p.name) for p in own}
+            call: Callable[..., int] = func  # its own arguments come by keyword, as typer passes them
+            return call(load(given.pop("config"), cli=given, model=model), **args)
+
+        command.__name__, command.__qualname__, command.__doc__ = func.__name__, func.__qualname__, func.__doc__
+        command.__signature__ = inspect.Signature(params, return_annotation=int)  # type: ignore[attr-defined]
+        command.__annotations__ = {p.name: p.annotation for p in params} | {"return": int}
+        return command
 
     return wrap

@@ -24,9 +24,10 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from collectors.format import Collective, GraphKey, Launch, Record, Role, StepBegin, StepEnd
+from collectors.jsonrecords import JsonRecord
 
 KEEP_STEPS = 512  # digests kept per rank: far more than ranks ever drift apart on a healthy server
 
@@ -34,7 +35,9 @@ LaunchId = tuple[str, str, int]  # role, key label, manifest hash (0: unknown)
 
 
 @dataclass
-class StepDigest:
+class StepDigest(JsonRecord):
+    JSON_NAME: ClassVar[str] = "step digest"
+
     step: int
     begun_ns: int
     launches: list[LaunchId] = field(default_factory=list)
@@ -42,29 +45,6 @@ class StepDigest:
     ended_ns: int | None = None
     ok: bool = True
     gap: bool = False  # a record of this step may be missing: not compared
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "step": self.step,
-            "begun_ns": self.begun_ns,
-            "launches": [list(x) for x in self.launches],
-            "eager": dict(self.eager),
-            "ended_ns": self.ended_ns,
-            "ok": self.ok,
-            "gap": self.gap,
-        }
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> StepDigest:
-        return cls(
-            step=int(d["step"]),
-            begun_ns=int(d["begun_ns"]),
-            launches=[(str(r), str(k), int(h)) for r, k, h in d["launches"]],
-            eager=Counter({str(g): int(n) for g, n in dict(d["eager"]).items()}),
-            ended_ns=None if d["ended_ns"] is None else int(d["ended_ns"]),
-            ok=bool(d["ok"]),
-            gap=bool(d["gap"]),
-        )
 
 
 @dataclass(frozen=True)

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
-from typing import Any
+from typing import ClassVar
 
 from collectors.format import CUDAGraphMode, GraphKey
+from collectors.jsonrecords import JsonRecord
 
 LADDER = ("FULL_AND_PIECEWISE", "FULL_DECODE_ONLY", "NONE")
 MODES = ("FULL_AND_PIECEWISE", "FULL_DECODE_ONLY", "PIECEWISE", "FULL", "NONE")
@@ -36,7 +37,9 @@ def default_capture_sizes(max_size: int, uniform_decode_query_len: int = 1) -> t
 
 
 @dataclass(frozen=True)
-class DispatchConfig:
+class DispatchConfig(JsonRecord):
+    JSON_NAME: ClassVar[str] = "dispatch config"
+
     cudagraph_mode: str
     capture_sizes: tuple[int, ...]
     uniform_decode_query_len: int = 1
@@ -65,21 +68,6 @@ class DispatchConfig:
         """The capture size a batch of num_tokens pads to, or None if it runs eagerly."""
         i = bisect.bisect_left(self.capture_sizes, num_tokens)
         return self.capture_sizes[i] if i < len(self.capture_sizes) else None
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "cudagraph_mode": self.cudagraph_mode,
-            "capture_sizes": list(self.capture_sizes),
-            "uniform_decode_query_len": self.uniform_decode_query_len,
-        }
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> DispatchConfig:
-        return cls(
-            cudagraph_mode=str(data["cudagraph_mode"]),
-            capture_sizes=tuple(int(s) for s in data["capture_sizes"]),
-            uniform_decode_query_len=int(data.get("uniform_decode_query_len", 1)),
-        )
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,10 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from collectors.format import CollectiveOp, GraphKey
+from collectors.jsonrecords import JsonRecord, fields_json, json_as
 from collectors.reader import Ledger
 
 DIAGNOSIS_SCHEMA = "watchdog.diagnosis/v1"
@@ -122,7 +123,7 @@ class RingState:
 
 
 @dataclass(frozen=True)
-class RingVerdict:
+class RingVerdict(JsonRecord):
     """What the rings alone say about where a stalled engine <-> workers exchange stopped.
 
     kind, most telling first:
@@ -144,9 +145,6 @@ class RingVerdict:
     readers: tuple[int, ...]  # broadcast readers (local worker indexes) that did not read
     ranks: tuple[int, ...]  # response rings (by worker rank) holding unread replies
     summary: str
-
-    def to_json(self) -> dict[str, Any]:
-        return {"kind": self.kind, "readers": list(self.readers), "ranks": list(self.ranks), "summary": self.summary}
 
 
 @dataclass(frozen=True)
@@ -193,61 +191,42 @@ class Snapshot:
 # ---- analysis -------------------------------------------------------------------------
 
 
+def _ops_as_objects(per_rank: Mapping[int, CollectiveOp | None]) -> dict[str, Any]:
+    # In a diagnosis a collective is an object; in a capture manifest, a list (CollectiveOp.to_json).
+    return {str(r): None if c is None else fields_json(c) for r, c in sorted(per_rank.items())}
+
+
+def _key_without_lora(key: GraphKey) -> dict[str, Any]:
+    return {k: v for k, v in key.to_json().items() if k not in ("has_lora", "num_active_loras")}
+
+
 @dataclass(frozen=True)
-class Divergence:
+class Divergence(JsonRecord):
     """The first collective at which ranks' expected sequences differ."""
 
     step: int
     index: int
-    per_rank: Mapping[int, CollectiveOp | None]  # None: that rank has no collective there
+    # None: that rank has no collective there
+    per_rank: Mapping[int, CollectiveOp | None] = field(metadata=json_as(encode=_ops_as_objects))
     sources: Mapping[int, str]  # per rank: which graph key / eager call it came from
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "step": self.step,
-            "index": self.index,
-            "per_rank": {
-                str(r): None if c is None else {"op": c.op, "group": c.group, "dtype": c.dtype, "numel": c.numel}
-                for r, c in sorted(self.per_rank.items())
-            },
-            "sources": {str(r): s for r, s in sorted(self.sources.items())},
-        }
 
 
 @dataclass(frozen=True)
-class RankReport:
-    rank: int
+class RankReport(JsonRecord):
+    rank: int = field(metadata=json_as(omit=True))  # the key it is listed under
     state: RankState
     step: int | None  # the step this rank is in (open) or last finished
-    graph_key: GraphKey | None
-    drafter_key: GraphKey | None = None
+    graph_key: GraphKey | None = field(metadata=json_as(encode=_key_without_lora))
+    drafter_key: GraphKey | None = field(default=None, metadata=json_as(encode=_key_without_lora))
     padded_reqs: int = 0
     detail: str = ""
 
-    def to_json(self) -> dict[str, Any]:
-        def key(k: GraphKey | None) -> dict[str, Any] | None:
-            if k is None:
-                return None
-            return {"mode": k.mode.value, "num_tokens": k.num_tokens, "num_reqs": k.num_reqs, "uniform": k.uniform}
-
-        return {
-            "state": self.state.value,
-            "step": self.step,
-            "graph_key": key(self.graph_key),
-            "drafter_key": key(self.drafter_key),
-            "padded_reqs": self.padded_reqs,
-            "detail": self.detail,
-        }
-
 
 @dataclass(frozen=True)
-class Recommendation:
+class Recommendation(JsonRecord):
     action: str  # "restart_safer_mode", "restart", "none", "collect_more_evidence"
     cudagraph_mode: str | None = None
     reason: str = ""
-
-    def to_json(self) -> dict[str, Any]:
-        return {"action": self.action, "cudagraph_mode": self.cudagraph_mode, "reason": self.reason}
 
 
 @dataclass(frozen=True)
@@ -264,8 +243,18 @@ class Finding:
     novelty: tuple[str, ...] = ()
 
 
+def _rules(findings: tuple[Finding, ...]) -> list[str]:
+    return [f.rule for f in findings]
+
+
 @dataclass(frozen=True)
-class Diagnosis:
+class Diagnosis(JsonRecord):
+    JSON_SCHEMA: ClassVar[str] = DIAGNOSIS_SCHEMA
+    JSON_ORDER: ClassVar[tuple[str, ...]] = (
+        "verdict", "step", "culprit_ranks", "ranks", "first_divergence", "novelty", "missing", "evidence",
+        "summary", "recommendation", "rules_fired", "rings", "no_stall_yet",
+    )  # fmt: skip
+
     verdict: Verdict
     step: int | None
     culprit_ranks: tuple[int, ...]
@@ -276,24 +265,6 @@ class Diagnosis:
     novelty: tuple[str, ...] = ()
     missing: tuple[str, ...] = ()
     evidence: tuple[str, ...] = ()
-    findings: tuple[Finding, ...] = ()
+    findings: tuple[Finding, ...] = field(default=(), metadata=json_as(key="rules_fired", encode=_rules))
     rings: RingVerdict | None = None  # what vLLM's shm rings say (None: no ring was read)
     no_stall_yet: bool = False  # caught as the ranks' steps completed out of step, before any hang
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "schema": DIAGNOSIS_SCHEMA,
-            "verdict": self.verdict.value,
-            "step": self.step,
-            "culprit_ranks": list(self.culprit_ranks),
-            "ranks": {str(r): rep.to_json() for r, rep in sorted(self.ranks.items())},
-            "first_divergence": None if self.first_divergence is None else self.first_divergence.to_json(),
-            "novelty": list(self.novelty),
-            "missing": list(self.missing),
-            "evidence": list(self.evidence),
-            "summary": self.summary,
-            "recommendation": self.recommendation.to_json(),
-            "rules_fired": [f.rule for f in self.findings],
-            "rings": None if self.rings is None else self.rings.to_json(),
-            "no_stall_yet": self.no_stall_yet,
-        }

@@ -57,6 +57,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from collectors.jsonrecords import JsonRecord
 from watchdog.evidence.rings import RingError, RingLayout, inspect_ring
 
 MiB = 1024 * 1024
@@ -76,7 +77,7 @@ _DELETED = " (deleted)"
 
 
 @dataclass(frozen=True)
-class DiscoveredRing:
+class DiscoveredRing(JsonRecord):
     name: str
     layout: RingLayout
     role: str  # "broadcast", "response" or "unknown"
@@ -84,24 +85,11 @@ class DiscoveredRing:
     rank: int | None  # the writing worker's rank, for a response ring
     reason: str  # how the role was decided (or why it could not be)
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "layout": self.layout.to_json(),
-            "role": self.role,
-            "owners": list(self.owners),
-            "rank": self.rank,
-            "reason": self.reason,
-        }
-
 
 @dataclass(frozen=True)
-class Discovery:
+class Discovery(JsonRecord):
     rings: tuple[DiscoveredRing, ...]
     skipped: tuple[str, ...]  # "<name>: <why it is not taken for a ring>"
-
-    def to_json(self) -> dict[str, Any]:
-        return {"rings": [r.to_json() for r in self.rings], "skipped": list(self.skipped)}
 
 
 def solve_layouts(size: int, layouts: Sequence[tuple[int, int]] = DEFAULT_CANDIDATES) -> list[RingLayout]:

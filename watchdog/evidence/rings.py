@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import ClassVar
 
-from watchdog.evidence import json_field
+from collectors.jsonrecords import JsonRecord
 from watchdog.types import RingChunk, RingState
 
 
@@ -26,7 +26,9 @@ class RingError(Exception):
 
 
 @dataclass(frozen=True)
-class RingLayout:
+class RingLayout(JsonRecord):
+    JSON_NAME: ClassVar[str] = "ring layout"  # extra keys (the engine ledger adds ``name``) are ignored
+
     n_readers: int
     max_chunks: int
     max_chunk_bytes: int
@@ -58,18 +60,6 @@ class RingLayout:
         if not 0 <= chunk < self.max_chunks:
             raise IndexError(f"chunk {chunk} outside a ring of {self.max_chunks}")
         return chunk
-
-    def to_json(self) -> dict[str, int]:
-        return {"n_readers": self.n_readers, "max_chunks": self.max_chunks, "max_chunk_bytes": self.max_chunk_bytes}
-
-    @classmethod
-    def from_json(cls, d: Any) -> RingLayout:
-        """Inverse of ``to_json``; extra keys (the engine ledger adds ``name``) are ignored. ValueError if damaged."""
-        return cls(
-            json_field(d, "n_readers", int, "ring layout"),
-            json_field(d, "max_chunks", int, "ring layout"),
-            json_field(d, "max_chunk_bytes", int, "ring layout"),
-        )
 
 
 def inspect_ring(name: str, layout: RingLayout, role: str, shm_dir: str = "/dev/shm") -> RingState:

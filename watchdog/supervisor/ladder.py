@@ -16,10 +16,11 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from collectors.jsonrecords import decode_record, fields_json
 from watchdog.errors import WatchdogError
 from watchdog.keys import LADDER, MODES
 
@@ -65,9 +66,7 @@ class LadderState:
             "schema": STATE_SCHEMA,
             "ladder": list(policy.ladder),
             "mode": self.mode(policy),
-            "rung": self.rung,
-            "gave_up": self.gave_up,
-            "events": [asdict(e) for e in self.events],
+            **fields_json(self),  # rung, gave_up, events
         }
 
 
@@ -108,7 +107,7 @@ def load(path: Path, policy: Policy) -> LadderState:
         if raw["schema"] != STATE_SCHEMA:
             raise ValueError(f"schema {raw['schema']!r}")
         mode = str(raw["mode"])
-        events = [Event(**e) for e in raw["events"]]
+        events = [decode_record(Event, e, "events") for e in raw["events"]]
         gave_up = bool(raw["gave_up"])
     except (KeyError, TypeError, ValueError) as exc:
         raise WatchdogError(f"ladder state {path}: damaged ({exc}); fix or remove it") from None

@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 
 from prometheus_client import Counter, Gauge
 
+from collectors.jsonrecords import JsonRecord, json_as
 from watchdog.agent import Agent, announce, is_loopback, make_app
 from watchdog.bundle import record_supervisor
 from watchdog.errors import WatchdogError
@@ -40,22 +41,18 @@ from watchdog.watcher import Incident, Watcher
 EXIT_GAVE_UP = 5
 
 
+def _ms(seconds: float) -> float:
+    return round(seconds, 3)
+
+
 @dataclass
-class Restart:
-    from_mode: str
-    to_mode: str
+class Restart(JsonRecord):
+    from_mode: str = field(metadata=json_as(key="from"))
+    to_mode: str = field(metadata=json_as(key="to"))
     after_incident: str
     verdict: str
-    downtime_s: float | None = None  # stop began -> the new server answers /health (no proxy: its first record)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "from": self.from_mode,
-            "to": self.to_mode,
-            "after_incident": self.after_incident,
-            "verdict": self.verdict,
-            "downtime_s": None if self.downtime_s is None else round(self.downtime_s, 3),
-        }
+    # stop began -> the new server answers /health (no proxy: its first record)
+    downtime_s: float | None = field(default=None, metadata=json_as(encode=_ms))
 
 
 @dataclass
