@@ -352,7 +352,7 @@ def test_hook_wrappers_cache_keys_and_pick_up_manifests(tmp_path: Path, monkeypa
         t("d"),
         lambda self, num_tokens, *a, **k: (_PIECEWISE, 32, None) if num_tokens <= 32 else (_NONE, num_tokens, None),
     )
-    ar = hooks._collective("all_reduce")(t("c"), lambda self, input_, *a, **k: input_)
+    ar = hooks._collective("all_reduce", "_all_reduce_out_place")(t("c"), lambda self, input_, *a, **k: input_)
 
     def forward(self: Any, n: int, r: int) -> None:
         model(self, n, r)

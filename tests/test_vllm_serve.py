@@ -28,7 +28,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from vllm_serve import VllmServer, complete, free_port, get_json
 
-from collectors.format import ProcessKind, StepBegin, StepEnd
+from collectors.format import Collective, ProcessKind, StepBegin, StepEnd
 from collectors.reader import read_ledger
 from tests.helpers import last_json_line, run_cli
 
@@ -165,7 +165,7 @@ def test_healthy_server_records_every_step_and_raises_no_incident(tmp_path: Path
         assert load.done >= 12 and load.errors == 0
         assert not [p for p in incidents.glob("*") if not p.name.startswith(".")], "incident on a healthy server"
         assert server.ledgers is not None
-        ranks = {}
+        ranks, reduces = {}, {}
         for path in sorted(server.ledgers.glob("rank*.ledger")):
             ledger = read_ledger(path)
             assert ledger.header.kind is ProcessKind.WORKER and ledger.header.world_size == 2
@@ -173,7 +173,15 @@ def test_healthy_server_records_every_step_and_raises_no_incident(tmp_path: Path
             ended = {r.step for r in ledger.records if isinstance(r, StepEnd)}
             ranks[ledger.header.rank] = begun
             assert begun and begun - ended <= {max(begun)}
+            per_step: dict[int, int] = {}
+            for r in ledger.records:
+                if isinstance(r, Collective) and r.op == "all_reduce" and r.group == "tp" and r.step in ended:
+                    per_step[r.step] = per_step.get(r.step, 0) + 1
+            reduces[ledger.header.rank] = per_step
         assert sorted(ranks) == [0, 1] and ranks[0] == ranks[1]  # the same steps on every rank
+        # The model's all-reduces, run inside torch.compile'd code, are in the ledger (recorded by the
+        # plugin's own op in the compiled graph on the CPU): two per layer, every step, every rank.
+        assert reduces[0] == reduces[1] and set(reduces[0].values()) == {4}, reduces
         engine = read_ledger(server.ledgers / "engine.ledger")
         assert any(m.get("t") == "rings" for m in engine.meta)  # vLLM's broadcast and response rings
 

@@ -145,7 +145,7 @@ def bench_plugin(*, steps: int = 20000, repeats: int = 7, reqs: int = 15) -> dic
             sample = hooks._sample_tokens(Hook(t("sample_tokens")), sample_tokens)
             model = hooks._v1_model_dispatch(Hook(t("model")), determine_batch)
             drafter = hooks._v1_drafter_dispatch(Hook(t("drafter")), drafter_determine_batch)
-            coll = hooks._collective("all_reduce")(Hook(t("coll")), all_reduce)
+            coll = hooks._collective("all_reduce", "_all_reduce_out_place")(Hook(t("coll")), all_reduce)
             owner, out, tensor = _Owner(), _SchedulerOutput(reqs), _Tensor()
 
             def step_through(execute: Any, model: Any, drafter: Any, sample: Any) -> Callable[[], None]:

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from collectors.format import GraphKey, Role, pack_collective
+from collectors.vllm import compiled
 from collectors.vllm.state import (
     STATE,
     WorkerState,
@@ -460,7 +461,7 @@ def _group(unique_name: Any) -> str:
     return name
 
 
-def _collective(op_name: str) -> Callable[[Hook, Any], Callable[..., Any]]:
+def _collective(op_name: str, method: str) -> Callable[[Hook, Any], Callable[..., Any]]:
     def make(hook: Hook, orig: Any) -> Callable[..., Any]:
         # (group's unique_name, torch dtype) -> (group, packed group/op/dtype): one lookup per eager call
         idents: dict[tuple[Any, Any], tuple[str, bytes]] = {}
@@ -485,7 +486,9 @@ def _collective(op_name: str) -> Callable[[Hook, Any], Callable[..., Any]]:
                         idents[ck] = ident
                 ws.rec.collective_packed(ws.step, ident[0], ident[1], input_.numel())
 
-        return exact(hook, orig, ("input_",), before=before)
+        # where Dynamo traces through the method (the CPU platform), the compiled graph calls a
+        # watchdog op instead, which records at run time (compiled.py)
+        return compiled.route(method, orig, exact(hook, orig, ("input_",), before=before), before)
 
     return make
 
@@ -584,7 +587,7 @@ _MAKERS: dict[str, Callable[[Hook, Any], Callable[..., Any]]] = {
     "MultiprocExecutor.execute_model": _engine_execute,
     "Scheduler.schedule": _schedule,
     "Scheduler.update_from_output": _update_from_output,
-    **{f"GroupCoordinator.{m}": _collective(op) for m, op in COLLECTIVE_OPS.items()},
+    **{f"GroupCoordinator.{m}": _collective(op, m) for m, op in COLLECTIVE_OPS.items()},
 }
 
 

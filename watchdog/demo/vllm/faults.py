@@ -11,8 +11,9 @@ follows (a hang, a crash, ranks out of step) comes from vLLM's own mechanism:
 - ``host-hang``: rank RANK's input preparation (``GPUModelRunner._update_states``, which the CPU
   runner inherits) takes a bookkeeping lock it leaked at step STEP: the host thread blocks forever
   while its peer waits for it inside the step's first all-reduce.
-- ``skip-allreduce``: rank RANK's tensor-parallel all-reduce returns its input unreduced for the
-  first all-reduce of step STEP (one collective fewer on that rank).
+- ``skip-allreduce``: rank RANK's model skips its first tensor-parallel all-reduce of step STEP
+  (``GroupCoordinator.all_reduce``, the call model code makes, returns its input unreduced: one
+  collective fewer on that rank, as a rank-dependent branch in a model would).
 - ``size-mismatch``: rank RANK's logits all-gather at step STEP (eager: after the compiled model)
   sends its shard one vocabulary column short.
 - ``worker-killed``: rank RANK is SIGKILLed inside the first all-reduce of step STEP.
@@ -24,9 +25,9 @@ created then): a server restarted after the incident runs clean, as one whose bu
 configuration avoided would.
 
 Steps count the model runner's ``execute_model`` calls with a forward pass, from 1, on each rank
-(the engine counts its ``schedule`` calls). The all-reduce faults wrap vLLM's CPU communicator in a
-``torch.library`` custom op so they run at run time inside torch.compile'd code (the compiled graph
-calls the op; Dynamo does not trace into it).
+(the engine counts its ``schedule`` calls). The all-reduce faults wrap the tensor-parallel group's
+``all_reduce`` in a ``torch.library`` custom op so they decide at run time inside torch.compile'd
+code (the compiled graph calls the op; Dynamo does not trace into it).
 """
 
 # No ``from __future__ import annotations``: torch.library reads the custom op's annotations as types.
@@ -40,7 +41,7 @@ ONCE_ENV = "VLLM_TEST_FAULT_ONCE"
 DESCRIPTIONS = {
     "none": "no fault: a healthy server (any incident is a false alarm)",
     "host-hang": "rank R blocks on a leaked lock in its input preparation at step S (host code)",
-    "skip-allreduce": "rank R skips the first tensor-parallel all-reduce of step S (inside the compiled model)",
+    "skip-allreduce": "rank R's model skips its first tensor-parallel all-reduce of step S (compiled code)",
     "size-mismatch": "rank R's logits all-gather at step S sends a shard one column short",
     "worker-killed": "rank R is SIGKILLed inside the first all-reduce of step S",
     "engine-stall": "the scheduler re-enters its own lock at the first step >= S with requests waiting",
@@ -156,35 +157,31 @@ def _gather_fault(rank: int, step: int) -> None:
 
 def _allreduce_fault(kind: str, rank: int, step: int) -> None:
     import torch
-    from vllm.distributed.device_communicators.cpu_communicator import CpuCommunicator
-    from vllm.distributed.parallel_state import get_tp_group
+    from vllm.distributed.parallel_state import GroupCoordinator, get_tp_group
 
-    orig = CpuCommunicator.all_reduce
+    orig = GroupCoordinator.all_reduce
 
     @torch.library.custom_op("watchdog_test::all_reduce", mutates_args=())
     def all_reduce(x: torch.Tensor) -> torch.Tensor:
-        # Looked up here, at run time: a compiled graph loaded from vLLM's compile cache calls this
-        # op without ever running the Python method that traced it.
-        comm = get_tp_group().device_communicator
-        out = x.clone()
+        # Decided here, at run time: a compiled graph (traced once, or loaded from vLLM's compile
+        # cache) calls this op on every step without running the Python that traced it.
         _Worker.reduces += 1
         bites = _Worker.rank == rank and _Worker.steps == step and _Worker.reduces == 1
         if bites:
             _bit()
         if bites and kind == "skip-allreduce":
-            return out
+            return x.clone()  # the defect: the model's all-reduce not issued on this rank
         if bites and kind == "worker-killed":
             os.kill(os.getpid(), signal.SIGKILL)
-        orig(comm, out)
-        return out
+        return orig(get_tp_group(), x)  # type: ignore[no-any-return]  # vLLM from here on, hooks included
 
     @all_reduce.register_fake
     def _(x: torch.Tensor) -> torch.Tensor:
         return torch.empty_like(x)
 
     def patched(self: Any, input_: torch.Tensor) -> torch.Tensor:
-        if str(getattr(self, "unique_name", "")).split(":")[0] != "tp":
+        if str(getattr(self, "unique_name", "")).split(":")[0] != "tp" or self.world_size == 1:
             return orig(self, input_)  # type: ignore[no-any-return]
         return torch.ops.watchdog_test.all_reduce(input_)  # type: ignore[no-any-return]
 
-    CpuCommunicator.all_reduce = patched
+    GroupCoordinator.all_reduce = patched

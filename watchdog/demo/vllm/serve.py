@@ -42,16 +42,20 @@ def cache_root() -> Path:
 
 def compile_cache(fault: str = "", plugin: bool = True) -> Path:
     """vLLM's and Inductor's compile caches, kept between runs (a warm start takes seconds, not a
-    minute; vLLM keys them on its config and its own code, not on plugins). A fault that wraps the
-    all-reduce in a custom op compiles another graph, which cannot load where the op is not
-    registered: a cache of its own; so does a server without the watchdog's plugin (Dynamo traces
-    through the plugin's collective wrappers, so the two may compile differently)."""
-    from watchdog.demo.vllm.faults import WRAPS_ALLREDUCE
+    minute). vLLM keys them on its config and its own code, not on plugins, and both plugins put ops
+    into the compiled graph (the watchdog's collective ops on the CPU, ``collectors/vllm/compiled.py``;
+    the all-reduce faults' op): a graph cached under other plugins would load without them. So the
+    cache is one per plugin set, named by a hash of those plugins' sources."""
+    import hashlib
 
-    root = cache_root() / "vllm-compile-cache"
-    if not plugin:
-        root = root / "no-plugin"
-    return root / "allreduce-wrapped" if fault.split(":")[0] in WRAPS_ALLREDUCE else root
+    from collectors.vllm import compiled
+    from watchdog.demo.vllm import faults
+
+    sources = [compiled.__file__] if plugin else []
+    if fault.split(":")[0] in faults.WRAPS_ALLREDUCE:
+        sources.append(faults.__file__)
+    digest = hashlib.sha256(b"".join(Path(f).read_bytes() for f in sources if f)).hexdigest()[:12]
+    return cache_root() / "vllm-compile-cache" / digest
 
 
 def find_vllm(given: str | None) -> Path:
@@ -203,15 +207,22 @@ def mapped_paths() -> set[str]:
     return out
 
 
-def remove_leftovers(before: set[str]) -> list[str]:
-    """Unlink the shm segments and vLLM files that appeared since ``before`` and nothing maps (vLLM
-    leaves ``/dev/shm/vllm_dist_*``, ``/tmp/vllm_dist_*`` and, when killed, its ``psm_*`` rings)."""
+def remove_leftovers(before: set[str], min_age_s: float = 5.0) -> list[str]:
+    """Unlink the shm segments and vLLM files that appeared since ``before``, are older than
+    ``min_age_s`` and nothing maps (vLLM leaves ``/dev/shm/vllm_dist_*``, ``/tmp/vllm_dist_*`` and,
+    when killed, its ``psm_*`` rings). Another server starting meanwhile is left alone: the candidates
+    are listed before the maps are read (a segment created since is no candidate), and one created
+    moments ago may not be mapped yet (a semaphore its creator's children are about to open)."""
+    candidates = sorted(shm_entries() - before)
     mapped = mapped_paths()
+    now = time.time()
     gone = []
-    for path in sorted(shm_entries() - before):
+    for path in candidates:
         if path in mapped:
             continue
         with contextlib.suppress(OSError):
+            if now - os.stat(path).st_mtime < min_age_s:
+                continue
             if os.path.isdir(path):
                 shutil.rmtree(path, ignore_errors=True)
             else:
