@@ -13,7 +13,7 @@ import threading
 import zlib
 from collections import OrderedDict
 from collections.abc import Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -49,6 +49,7 @@ from collectors.format import (
     GraphKey,
     Header,
     Launch,
+    Ledger,
     Manifest,
     ProcessKind,
     Record,
@@ -114,33 +115,6 @@ def decode_slot(slot: bytes, expected_seq: int) -> Record | None:
     except (KeyError, IndexError, ValueError):
         return None  # a valid checksum over values this version cannot name
     return None
-
-
-@dataclass(frozen=True)
-class Ledger:
-    """A consistent read of one ledger file."""
-
-    path: str
-    header: Header
-    meta: tuple[dict[str, Any], ...]
-    manifests: dict[int, Manifest]
-    records: tuple[Record, ...]
-    cursor: int
-    skipped: int = 0  # slots inside the live window that failed validation (torn or damaged)
-    lost: int = 0  # records already overwritten by the ring wrapping
-    problems: tuple[str, ...] = field(default=())
-
-    @property
-    def rank(self) -> int:
-        return self.header.rank
-
-    @property
-    def config(self) -> dict[str, Any]:
-        merged: dict[str, Any] = {}
-        for entry in self.meta:
-            if entry.get("t") == "config":
-                merged.update({k: v for k, v in entry.items() if k != "t"})
-        return merged
 
 
 Hashes = dict[tuple[Role, GraphKey], int]  # the last manifest hash per captured graph

@@ -23,7 +23,8 @@ from collectors.format import launches as format_launches
 from collectors.reader import read_ledger
 from collectors.vllm import register
 from collectors.vllm import state as st
-from collectors.vllm.hooks import COLLECTIVE_OPS, TARGETS, Hook, Target, _wrap, exact
+from collectors.vllm.hooks import COLLECTIVE_OPS, TARGETS, Hook, Target, exact
+from collectors.vllm.install import _wrap
 
 
 def _worker(tmp_path: Path) -> st.WorkerState:
@@ -323,13 +324,13 @@ class _Owner:
 def test_hook_wrappers_cache_keys_and_pick_up_manifests(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Keys translated before a capture carry its manifest hashes afterwards; eager collectives, capture
     collectives and steps go through the wrappers' fast paths into the same ledger the analyzer reads."""
-    from collectors.vllm import hooks
+    from collectors.vllm import worker as wrappers
 
     monkeypatch.setenv(st.ENV_LEDGER_DIR, str(tmp_path))
     proc = st.ProcessState()
-    monkeypatch.setattr(hooks, "STATE", proc)
-    monkeypatch.setattr(hooks, "_describe", lambda cfg: lambda: (1, 2, st.dispatch_config("FULL", [2, 4], 2, 1)))
-    monkeypatch.setattr(hooks, "_capturing", lambda: True)
+    monkeypatch.setattr(wrappers, "STATE", proc)
+    monkeypatch.setattr(wrappers, "_describe", lambda cfg: lambda: (1, 2, st.dispatch_config("FULL", [2, 4], 2, 1)))
+    monkeypatch.setattr(wrappers, "_capturing", lambda: True)
 
     made: list[Hook] = []
 
@@ -341,18 +342,18 @@ def test_hook_wrappers_cache_keys_and_pick_up_manifests(tmp_path: Path, monkeypa
         32: SimpleNamespace(num_tokens=32, num_reqs=16, uniform=True, has_lora=False, num_active_loras=0),
         300: SimpleNamespace(num_tokens=300, num_reqs=None, uniform=False, has_lora=False, num_active_loras=0),
     }
-    model = hooks._v1_model_dispatch(
+    model = wrappers._v1_model_dispatch(
         t("m"),
         lambda self, num_tokens, num_reqs, *a, **k: (
             _FULL if num_tokens <= 32 else _NONE,
             desc[32 if num_tokens <= 32 else 300],
         ),
     )
-    drafter = hooks._v1_drafter_dispatch(
+    drafter = wrappers._v1_drafter_dispatch(
         t("d"),
         lambda self, num_tokens, *a, **k: (_PIECEWISE, 32, None) if num_tokens <= 32 else (_NONE, num_tokens, None),
     )
-    ar = hooks._collective("all_reduce")(t("c"), lambda self, input_, *a, **k: input_)
+    ar = wrappers._collective("all_reduce")(t("c"), lambda self, input_, *a, **k: input_)
 
     def forward(self: Any, n: int, r: int) -> None:
         model(self, n, r)
@@ -363,9 +364,9 @@ def test_hook_wrappers_cache_keys_and_pick_up_manifests(tmp_path: Path, monkeypa
     def capture_body(self: Any) -> None:
         forward(self, 32, 16)
 
-    capture = hooks._v1_capture(t("cap"), capture_body)
-    execute = hooks._execute_model(t("e"), lambda self, scheduler_output: None)
-    sample = hooks._sample_tokens(t("s"), lambda self, grammar_output: object())
+    capture = wrappers._v1_capture(t("cap"), capture_body)
+    execute = wrappers._execute_model(t("e"), lambda self, scheduler_output: None)
+    sample = wrappers._sample_tokens(t("s"), lambda self, grammar_output: object())
     w = _Owner()
     so = SimpleNamespace(scheduled_spec_decode_tokens={i: [-1] for i in range(15)})
 
@@ -437,12 +438,12 @@ def test_v2_dispatch_hook_both_descriptor_shapes(
     """``CudaGraphManager.dispatch``: the model's and the drafter's managers (vLLM's class names) are
     told apart, other managers are ignored; 0.20.x's ``BatchExecutionDescriptor`` has no
     ``num_active_loras``, 0.33.x's has."""
-    from collectors.vllm import hooks
+    from collectors.vllm import worker as wrappers
 
     monkeypatch.setenv(st.ENV_LEDGER_DIR, str(tmp_path))
     proc = st.ProcessState()
-    monkeypatch.setattr(hooks, "STATE", proc)
-    monkeypatch.setattr(hooks, "_describe", lambda cfg: lambda: (0, 1, {}))
+    monkeypatch.setattr(wrappers, "STATE", proc)
+    monkeypatch.setattr(wrappers, "_describe", lambda cfg: lambda: (0, 1, {}))
 
     def desc(mode: _Mode, tokens: int, reqs: int | None, uniform: int | None) -> Any:
         fields = {"cg_mode": mode, "num_tokens": tokens, "num_reqs": reqs, "uniform_token_count": uniform}
@@ -463,7 +464,7 @@ def test_v2_dispatch_hook_both_descriptor_shapes(
 
     def dispatch(out: Any) -> Any:
         made.append(Hook(Target("test", "dispatch", (), "test")))
-        return hooks._v2_dispatch(made[-1], lambda self, num_reqs, num_tokens, *a, **k: out)
+        return wrappers._v2_dispatch(made[-1], lambda self, num_reqs, num_tokens, *a, **k: out)
 
     model, drafter, encoder = dispatch(full), dispatch(pw), dispatch(pw)
 
@@ -473,7 +474,7 @@ def test_v2_dispatch_hook_both_descriptor_shapes(
         drafter(EagleCudaGraphManager(), 15, 30)
         return object()  # sampled in the same call: execute_model ends the step
 
-    execute = hooks._execute_model(Hook(Target("test", "e", (), "test")), forward)
+    execute = wrappers._execute_model(Hook(Target("test", "e", (), "test")), forward)
     so = SimpleNamespace(scheduled_spec_decode_tokens={i: [-1] for i in range(15)})
     for _ in range(2):
         execute(_Owner(), so)

@@ -11,8 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from collectors.format import CollectiveOp, GraphKey
-from collectors.reader import Ledger
+from collectors.format import CollectiveOp, GraphKey, Ledger
 
 DIAGNOSIS_SCHEMA = "watchdog.diagnosis/v1"
 EVIDENCE_SCHEMA = "watchdog.evidence/v1"

@@ -24,7 +24,7 @@ def register() -> None:
     if ledger_dir() is None:
         return
     try:
-        from collectors.vllm.hooks import install
+        from collectors.vllm.install import install
 
         installed = install()
         log.info("watchdog: %d vLLM hooks installed, ledgers in %s", len(installed.hooks), ledger_dir())

@@ -27,9 +27,8 @@ from collectors.format import (
     ProcessKind,
     Role,
     key_code,
-    pack_key,
-    pack_launch,
 )
+from collectors.packing import pack_key, pack_launch
 from collectors.recorder import Recorder, open_recorder
 
 log = logging.getLogger("watchdog.vllm")
