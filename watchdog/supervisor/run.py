@@ -28,6 +28,7 @@ from prometheus_client import Counter, Gauge
 from watchdog.agent import Agent, announce, is_loopback, make_app
 from watchdog.bundle import record_supervisor
 from watchdog.errors import WatchdogError
+from watchdog.incident import Incident
 from watchdog.logs import event as log_event
 from watchdog.metrics import AgentMetrics
 from watchdog.supervisor import ladder
@@ -35,7 +36,7 @@ from watchdog.supervisor.cmdline import CmdlineError, with_cudagraph_mode
 from watchdog.supervisor.proxy import UpstreamGate
 from watchdog.supervisor.tree import Tree, start_tree, stop_tree, unlink_rings
 from watchdog.types import Verdict
-from watchdog.watcher import Incident, Watcher
+from watchdog.watcher import Watcher
 
 EXIT_GAVE_UP = 5
 
