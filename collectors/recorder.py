@@ -2,6 +2,12 @@
 
 Contract with its host process: it never raises. Any failure (unwritable directory, full
 disk, a bug) disables the recorder with one logged warning and every later call is a no-op.
+
+Why one module: it is one class, ``Recorder``, whose methods share the mapping, the cursor and the
+open STEP slot; split across modules they would only reach into each other's state. Its two write
+paths (the general ``step_begin``/``launch``/``step_end`` and the plugin's packed ``step_open``/
+``drafter_launch``, which stores into the open STEP slot) stay until the real-vLLM measurement of
+issue 16 point 5 decides whether the packed one still buys a measurable share; then one of them goes.
 """
 
 from __future__ import annotations

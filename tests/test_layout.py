@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import itertools
+import json
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -227,6 +228,9 @@ def test_expected_verdicts_live_with_the_fault_catalogue() -> None:
 
     assert set(EXPECTED_VERDICTS) == set(FAULTS) - {"none"}
     assert {Verdict(v) for v in EXPECTED_VERDICTS.values()}  # each one a verdict the analyzer can give
+    # and the golden scenario of each fault class, captured from a real demo hang, says the same
+    for expected in (ROOT / "tests" / "scenarios").glob("*/expected.json"):
+        assert json.loads(expected.read_text())["verdict"] == EXPECTED_VERDICTS[expected.parent.name]
 
 
 def _mine(name: str) -> bool:

@@ -23,6 +23,7 @@ from collectors.format import launches as format_launches
 from collectors.reader import read_ledger
 from collectors.vllm import register
 from collectors.vllm import state as st
+from collectors.vllm import translate as tr
 from collectors.vllm.hooks import COLLECTIVE_OPS, TARGETS, Hook, Target, exact
 from collectors.vllm.install import _wrap
 
@@ -31,7 +32,7 @@ def _worker(tmp_path: Path) -> st.WorkerState:
     p = st.ProcessState()
     os.environ[st.ENV_LEDGER_DIR] = str(tmp_path)
     try:
-        ws = p.worker(lambda: (1, 2, st.dispatch_config("FULL_AND_PIECEWISE", [8, 2, 4], 2, 1)))
+        ws = p.worker(lambda: (1, 2, tr.dispatch_config("FULL_AND_PIECEWISE", [8, 2, 4], 2, 1)))
     finally:
         del os.environ[st.ENV_LEDGER_DIR]
     assert ws is not None
@@ -41,16 +42,16 @@ def _worker(tmp_path: Path) -> st.WorkerState:
 def test_descriptor_translation() -> None:
     mode = SimpleNamespace(name="FULL")
     desc = SimpleNamespace(num_tokens=32, num_reqs=16, uniform=True, has_lora=False, num_active_loras=0)
-    key = st.key_from_descriptor(mode, desc)
+    key = tr.key_from_descriptor(mode, desc)
     assert key == GraphKey(CUDAGraphMode.FULL, 32, 16, uniform=True)
-    assert st.padded_slots(key, 15) == 1
-    assert st.padded_slots(GraphKey(CUDAGraphMode.PIECEWISE, 32), 15) == 0
+    assert tr.padded_slots(key, 15) == 1
+    assert tr.padded_slots(GraphKey(CUDAGraphMode.PIECEWISE, 32), 15) == 0
     v2 = SimpleNamespace(cg_mode=SimpleNamespace(name="PIECEWISE"), num_tokens=48, num_reqs=None, num_active_loras=2)
-    assert st.key_from_execution_descriptor(v2) == GraphKey(
+    assert tr.key_from_execution_descriptor(v2) == GraphKey(
         CUDAGraphMode.PIECEWISE, 48, None, uniform=False, has_lora=True, num_active_loras=2
     )
     with pytest.raises(KeyError):
-        st.mode_of(SimpleNamespace(name="FULL_AND_PIECEWISE"))  # not a runtime mode
+        tr.mode_of(SimpleNamespace(name="FULL_AND_PIECEWISE"))  # not a runtime mode
 
 
 def test_engine_batch_counts_shapes_only() -> None:
@@ -59,7 +60,7 @@ def test_engine_batch_counts_shapes_only() -> None:
         scheduled_spec_decode_tokens={"a": [-1], "b": [-1]},
         total_num_scheduled_tokens=34,
     )
-    b = st.engine_batch(out)
+    b = tr.engine_batch(out)
     assert (b.total_tokens, b.num_reqs, b.num_decode_reqs, b.placeholders) == (34, 3, 2, 2)
     assert (b.max_query_len, b.min_query_len) == (30, 2)
 
@@ -76,7 +77,7 @@ def test_engine_batch_counts_what_the_definition_says(per_req: dict[str, int], s
     out = SimpleNamespace(
         num_scheduled_tokens=per_req, scheduled_spec_decode_tokens=drafts, total_num_scheduled_tokens=0
     )
-    b = st.engine_batch(out)
+    b = tr.engine_batch(out)
     assert b.placeholders == sum(len(drafts.get(rid, ())) for rid in per_req)
     assert b.num_decode_reqs == sum(n == 1 + len(drafts.get(rid, ())) for rid, n in per_req.items())
     assert b.num_reqs == len(per_req)
@@ -329,7 +330,7 @@ def test_hook_wrappers_cache_keys_and_pick_up_manifests(tmp_path: Path, monkeypa
     monkeypatch.setenv(st.ENV_LEDGER_DIR, str(tmp_path))
     proc = st.ProcessState()
     monkeypatch.setattr(wrappers, "STATE", proc)
-    monkeypatch.setattr(wrappers, "_describe", lambda cfg: lambda: (1, 2, st.dispatch_config("FULL", [2, 4], 2, 1)))
+    monkeypatch.setattr(wrappers, "_describe", lambda cfg: lambda: (1, 2, tr.dispatch_config("FULL", [2, 4], 2, 1)))
     monkeypatch.setattr(wrappers, "_capturing", lambda: True)
 
     made: list[Hook] = []

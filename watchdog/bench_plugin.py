@@ -95,7 +95,7 @@ def bench_plugin(*, steps: int = 20000, repeats: int = 7, reqs: int = 15) -> dic
     from collectors.format import CollectiveOp, CUDAGraphMode, GraphKey, Role, key_code
     from collectors.packing import pack_launch
     from collectors.reader import read_ledger
-    from collectors.vllm import state
+    from collectors.vllm import state, translate
     from collectors.vllm import worker as wrappers
     from collectors.vllm.hooks import Hook, Target, exact
 
@@ -142,7 +142,7 @@ def bench_plugin(*, steps: int = 20000, repeats: int = 7, reqs: int = 15) -> dic
         proc = state.ProcessState()
         setattr(wrappers, "STATE", proc)  # noqa: B010
         try:
-            proc.worker(lambda: (0, 2, state.dispatch_config("FULL_AND_PIECEWISE", (2, 4, 8, 16, 32), 2, 1)))
+            proc.worker(lambda: (0, 2, translate.dispatch_config("FULL_AND_PIECEWISE", (2, 4, 8, 16, 32), 2, 1)))
             execute = wrappers._execute_model(Hook(t("execute_model")), execute_model)
             sample = wrappers._sample_tokens(Hook(t("sample_tokens")), sample_tokens)
             model = wrappers._v1_model_dispatch(Hook(t("model")), determine_batch)

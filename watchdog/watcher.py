@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from collectors.format import ProcessKind, Record
-from collectors.reader import LedgerError, LedgerTail, ledger_paths
+from collectors.reader import LedgerError, ledger_paths
 from collectors.recorder import ledger_name
+from collectors.tail import LedgerTail
 from watchdog.analyzer import AnalyzerConfig, diagnose
 from watchdog.bundle import page_context, write_bundle
 from watchdog.detector import DetectorConfig, StallDetector

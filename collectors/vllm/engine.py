@@ -10,7 +10,8 @@ from collections.abc import Callable
 from typing import Any
 
 from collectors.vllm.exact import Hook, exact
-from collectors.vllm.state import STATE, engine_batch
+from collectors.vllm.state import STATE
+from collectors.vllm.translate import engine_batch
 
 
 def _mq_spec(mq: Any) -> dict[str, Any] | None:

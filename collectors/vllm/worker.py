@@ -14,9 +14,9 @@ from typing import Any
 from collectors.format import GraphKey, Role
 from collectors.packing import pack_collective
 from collectors.vllm.exact import Hook, exact
-from collectors.vllm.state import (
-    STATE,
-    WorkerState,
+from collectors.vllm.state import STATE, WorkerState
+from collectors.vllm.targets import COLLECTIVE_OPS, PARALLEL_STATE
+from collectors.vllm.translate import (
     dispatch_config,
     dtype_name,
     key_from_descriptor,
@@ -24,7 +24,6 @@ from collectors.vllm.state import (
     mode_of,
     tensor_op,
 )
-from collectors.vllm.targets import COLLECTIVE_OPS, PARALLEL_STATE
 
 # ---- worker-side description (rank, TP size, dispatcher config) -----------------------
 
