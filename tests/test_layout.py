@@ -176,6 +176,19 @@ def test_the_product_never_imports_the_demo_or_the_benches() -> None:
     assert not bad, "\n".join(bad)
 
 
+def test_the_demo_never_imports_the_benches() -> None:
+    """The benches drive the demo (bench detect, bench recorder); the demo (the GPU checks included)
+    takes what it measures from the demo's own modules, so the two never import each other both ways."""
+    bad = [
+        f"{m} imports {t} (line {line})"
+        for m, targets in EDGES.items()
+        if m.startswith("watchdog.demo")
+        for t, line in targets.items()
+        if t.startswith("watchdog.bench")
+    ]
+    assert not bad, "\n".join(bad)
+
+
 def test_nothing_imports_the_command_line() -> None:
     bad = [f"{m} imports {t}" for m, ts in EDGES.items() if m not in ENTRY_POINTS for t in ts if t in ENTRY_POINTS]
     assert not bad, "\n".join(bad)
