@@ -258,7 +258,7 @@ class Recorder:
         placeholders: int,
         launch_manifest: int | None = None,
     ) -> None:
-        """A STEP_BEGIN (or STEP_BEGIN_LAUNCH) record, the key packed (``format.pack_key``)."""
+        """A STEP_BEGIN (or STEP_BEGIN_LAUNCH) record, the key packed (``packing.pack_key``)."""
         self._put(
             W_STEP_BEGIN,
             _K_STEP_BEGIN if launch_manifest is None else _K_STEP_BEGIN_LAUNCH,
@@ -336,7 +336,7 @@ class Recorder:
 
     def drafter_launch(self, step: int, code: int, launch: bytes) -> None:
         """The drafter's launch in ``step``: stored into the step's STEP record (its time, then its key
-        code); a LAUNCH record (``launch``, from ``format.pack_launch``) when the step has no open STEP
+        code); a LAUNCH record (``launch``, from ``packing.pack_launch``) when the step has no open STEP
         record, that record already holds a drafter launch or ``code`` (from ``drafter_code``) is 0."""
         try:
             words = self._ring_words
@@ -353,7 +353,7 @@ class Recorder:
         self.launch_packed(step, launch)
 
     def launch_packed(self, step: int, launch: bytes) -> None:
-        """``launch`` with role, key and manifest hash already packed (``format.pack_launch``)."""
+        """``launch`` with role, key and manifest hash already packed (``packing.pack_launch``)."""
         self._put(W_LAUNCH, _K_LAUNCH, step, _mono(), launch)
 
     def collective(self, step: int, group: str, op: str, dtype: str, numel: int) -> None:
@@ -361,7 +361,7 @@ class Recorder:
         self.collective_packed(step, group, pack_collective(group, op, dtype), numel)
 
     def collective_packed(self, step: int, group: str, ident: bytes, numel: int) -> None:
-        """``collective`` with group, op and dtype already packed (``format.pack_collective``)."""
+        """``collective`` with group, op and dtype already packed (``packing.pack_collective``)."""
         if not self.enabled:
             return
         seq = self._group_seq.get(group, 0)
