@@ -1,4 +1,4 @@
-"""Where the plugin hooks real vLLM: every hook target, named once.
+"""Where the plugin hooks real vLLM.
 
 Every hook target is named once, in ``TARGETS``, with the parameters the wrapper relies on; the
 contract tests (tests/test_vllm_contract.py) check that list against each supported vLLM, so a
