@@ -1,23 +1,6 @@
 """Per-rank ledgers: the recorder that runs inside vLLM processes and the reader the sidecar uses.
 
-Stdlib only, no torch: this package is imported inside every TP worker.
+Stdlib only, no torch: this package is imported inside every TP worker. The package itself imports
+nothing: ``collectors.format`` (the format and the records, no I/O) is the root of the import graph,
+and what does I/O (``collectors.recorder``, ``collectors.reader``) is imported only where it is used.
 """
-
-from collectors.format import CollectiveOp, CUDAGraphMode, GraphKey, ProcessKind, Role
-from collectors.reader import Ledger, LedgerError, LedgerTail, ledger_paths, read_ledger
-from collectors.recorder import Recorder, open_recorder
-
-__all__ = [
-    "CUDAGraphMode",
-    "CollectiveOp",
-    "GraphKey",
-    "Ledger",
-    "LedgerError",
-    "LedgerTail",
-    "ProcessKind",
-    "Recorder",
-    "Role",
-    "ledger_paths",
-    "open_recorder",
-    "read_ledger",
-]

@@ -33,7 +33,7 @@ import struct
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import ClassVar, Final
+from typing import Any, ClassVar, Final
 
 from collectors.jsonrecords import JsonRecord, decode_record, fields_json, json_as
 
@@ -145,24 +145,6 @@ _LAYOUTS = (P_STEP_BEGIN, P_STEP_BEGIN_LAUNCH, P_STEP, P_STEP_END, P_LAUNCH, P_C
 for _s in (*_LAYOUTS, P_ENGINE_STEP, P_ENGINE_RESULT, P_ENGINE_QUEUE):
     assert _s.size <= TRAILER_OFFSET, _s.format
 
-# What the writer packs: the same bytes, but the fields a graph key fixes come pre-packed (once per
-# key) and are copied per record. KEY_FIELDS: mode, uniform, has_lora, num_tokens, num_reqs (-1 =
-# None), active_loras. LAUNCH_FIELDS: role, then the key's fields, then the manifest hash.
-KEY_FIELDS: Final = struct.Struct("<BBBxIiHxx")
-LAUNCH_FIELDS: Final = struct.Struct("<BBBBIiHxxI")
-# STEP_BEGIN and STEP_BEGIN_LAUNCH: the 5th u32 is the folded launch's manifest hash (unused in STEP_BEGIN)
-W_STEP_BEGIN: Final = struct.Struct(f"<QH6xqq{KEY_FIELDS.size}sIIIII")
-W_LAUNCH: Final = struct.Struct(f"<QH6xqq{LAUNCH_FIELDS.size}s")
-W_STEP_END: Final = struct.Struct("<QH6xqq1s")  # ok as one byte
-# STEP's begin part; the pad bytes zero the in-place words of the slot's previous record.
-W_STEP: Final = struct.Struct(f"<QH6xqqQIIIII{TRAILER_OFFSET - 8 * STEP_DRAFTER_WORD + 4}x")
-assert W_STEP.size == TRAILER_OFFSET
-COLLECTIVE_FIELDS: Final = struct.Struct("<8sBB6x")  # group, op, dtype: what names one kind of collective
-W_COLLECTIVE: Final = struct.Struct(f"<QH6xqq{COLLECTIVE_FIELDS.size}sQQ")
-for _w, _p in ((W_STEP_BEGIN, P_STEP_BEGIN), (W_LAUNCH, P_LAUNCH), (W_STEP_END, P_STEP_END)):
-    assert _p.size <= _w.size <= TRAILER_OFFSET, _w.format
-assert W_STEP_BEGIN.size == P_STEP_BEGIN_LAUNCH.size and W_COLLECTIVE.size == P_COLLECTIVE.size
-
 
 @dataclass(frozen=True, slots=True)
 class GraphKey(JsonRecord):
@@ -201,12 +183,6 @@ class CollectiveOp:
         return decode_record(cls, dict(zip(("op", "group", "dtype", "numel"), data, strict=True)), "collective")
 
 
-def _key_fields(key: GraphKey) -> tuple[int, bool, bool, int, int, int]:
-    """mode, uniform, has_lora, num_tokens, num_reqs (-1 = None), active_loras: as records hold a key."""
-    reqs = -1 if key.num_reqs is None else key.num_reqs
-    return MODE_CODES[key.mode], key.uniform, key.has_lora, key.num_tokens, reqs, key.num_active_loras
-
-
 # A key as one u64 (STEP records): bits 0-1 mode, 2 uniform, 3 has_lora, 4-11 active loras,
 # 12-31 num_reqs + 1 (0: None), 32-62 num_tokens, 63 always set (a code is never 0).
 _CODE_SET: Final = 1 << 63
@@ -239,21 +215,6 @@ def key_of_code(code: int) -> GraphKey:
         has_lora=bool(code & 8),
         num_active_loras=(code >> 4) & 0xFF,
     )
-
-
-def pack_key(key: GraphKey) -> bytes:
-    """A key's fields as a STEP_BEGIN record holds them (``W_STEP_BEGIN``)."""
-    return KEY_FIELDS.pack(*_key_fields(key))
-
-
-def pack_launch(role: Role, key: GraphKey, manifest: int) -> bytes:
-    """Everything a LAUNCH record holds after its step and time (``W_LAUNCH``)."""
-    return LAUNCH_FIELDS.pack(int(role), *_key_fields(key), manifest)
-
-
-def pack_collective(group: str, op: str, dtype: str) -> bytes:
-    """Group, op and dtype as a COLLECTIVE record holds them (``W_COLLECTIVE``); unknown names read "unknown"."""
-    return COLLECTIVE_FIELDS.pack(group.encode()[:8], code_of(OPS, op), code_of(DTYPES, dtype))
 
 
 def manifest_hash(collectives: tuple[CollectiveOp, ...] | list[CollectiveOp]) -> int:
@@ -365,6 +326,33 @@ class Manifest:
     key: GraphKey
     collectives: tuple[CollectiveOp, ...]
     hash: int
+
+
+@dataclass(frozen=True)
+class Ledger:
+    """A consistent read of one ledger file."""
+
+    path: str
+    header: Header
+    meta: tuple[dict[str, Any], ...]
+    manifests: dict[int, Manifest]
+    records: tuple[Record, ...]
+    cursor: int
+    skipped: int = 0  # slots inside the live window that failed validation (torn or damaged)
+    lost: int = 0  # records already overwritten by the ring wrapping
+    problems: tuple[str, ...] = field(default=())
+
+    @property
+    def rank(self) -> int:
+        return self.header.rank
+
+    @property
+    def config(self) -> dict[str, Any]:
+        merged: dict[str, Any] = {}
+        for entry in self.meta:
+            if entry.get("t") == "config":
+                merged.update({k: v for k, v in entry.items() if k != "t"})
+        return merged
 
 
 def _kind_name(kind: ProcessKind) -> str:

@@ -8,17 +8,16 @@ from __future__ import annotations
 
 import mmap
 import os
-import stat
 import threading
 import zlib
 from collections import OrderedDict
 from collections.abc import Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from collectors.bounds import JsonError, LedgerError, fixed_text, load_json, parse_header
-from collectors.capture import capture, open_regular
+from collectors.capture import capture
 from collectors.format import (
     CURSOR_OFFSET,
     DTYPES,
@@ -49,6 +48,7 @@ from collectors.format import (
     GraphKey,
     Header,
     Launch,
+    Ledger,
     Manifest,
     ProcessKind,
     Record,
@@ -60,7 +60,7 @@ from collectors.format import (
 )
 from collectors.recorder import META_DROPPED_OFFSET, ledger_name
 
-__all__ = ["Ledger", "LedgerError", "LedgerTail", "ledger_paths", "parse_header", "parse_ledger", "read_ledger"]
+__all__ = ["Ledger", "LedgerError", "ledger_paths", "parse_header", "parse_ledger", "read_ledger", "scan_ring"]
 
 
 def _key(mode: int, uniform: int, has_lora: int, tokens: int, reqs: int, loras: int) -> GraphKey:
@@ -114,33 +114,6 @@ def decode_slot(slot: bytes, expected_seq: int) -> Record | None:
     except (KeyError, IndexError, ValueError):
         return None  # a valid checksum over values this version cannot name
     return None
-
-
-@dataclass(frozen=True)
-class Ledger:
-    """A consistent read of one ledger file."""
-
-    path: str
-    header: Header
-    meta: tuple[dict[str, Any], ...]
-    manifests: dict[int, Manifest]
-    records: tuple[Record, ...]
-    cursor: int
-    skipped: int = 0  # slots inside the live window that failed validation (torn or damaged)
-    lost: int = 0  # records already overwritten by the ring wrapping
-    problems: tuple[str, ...] = field(default=())
-
-    @property
-    def rank(self) -> int:
-        return self.header.rank
-
-    @property
-    def config(self) -> dict[str, Any]:
-        merged: dict[str, Any] = {}
-        for entry in self.meta:
-            if entry.get("t") == "config":
-                merged.update({k: v for k, v in entry.items() if k != "t"})
-        return merged
 
 
 Hashes = dict[tuple[Role, GraphKey], int]  # the last manifest hash per captured graph
@@ -275,20 +248,20 @@ def _in_place(slot: bytes, begin: StepBegin, hashes: Hashes) -> list[Record]:
 
 
 @dataclass
-class _Open:
+class OpenStep:
     """The newest STEP record whose end was not yet stored: what a tail has handed out of it."""
 
     seq: int
     taken: int  # in-place parts already returned
 
 
-def _ring(
+def scan_ring(
     data: bytes | mmap.mmap,
     header: Header,
     start: int = 0,
-    open_step: _Open | None = None,
+    open_step: OpenStep | None = None,
     hashes: Hashes | None = None,
-) -> tuple[list[Record], int, int, int, _Open | None]:
+) -> tuple[list[Record], int, int, int, OpenStep | None]:
     """Records with seq >= start still in the ring; also cursor, skipped and lost counts, and the STEP
     record still open. The parts stored into a STEP record later (drafter launch, end) come as their
     own records, placed by time among the records after it; those of ``open_step`` (handed out by an
@@ -323,7 +296,7 @@ def _ring(
         parts = _in_place(body, begin, hashes)
         later.extend(parts[taken:])
         later.sort(key=lambda r: r.mono_ns)
-        open_step = None if any(isinstance(p, StepEnd) for p in parts) else _Open(seq, len(parts))
+        open_step = None if any(isinstance(p, StepEnd) for p in parts) else OpenStep(seq, len(parts))
 
     def take(seq: int) -> bool:
         body = slot(seq)
@@ -382,7 +355,7 @@ def parse_ledger(data: bytes, path: str = "ledger") -> Ledger:
         raise LedgerError(f"{path}: ledger is truncated ({len(data)} of {header.file_size} bytes)")
     entries, problems, parsed = _parse_meta(data, header, path)
     manifests, last_hashes = _manifests(entries, path, problems, parsed)
-    records, cursor, skipped, lost, _ = _ring(data, header, hashes=last_hashes)
+    records, cursor, skipped, lost, _ = scan_ring(data, header, hashes=last_hashes)
     if skipped:
         problems.append(f"{path}: {skipped} damaged or torn records skipped")
     records, far = _near_steps(records)
@@ -409,59 +382,3 @@ def _owned(name: str, ranks: Collection[int]) -> bool:
     if name == ledger_name(ProcessKind.ENGINE, 0):
         return 0 in ranks
     return any(name == ledger_name(ProcessKind.WORKER, r) for r in ranks)
-
-
-class LedgerTail:
-    """Incremental reader for a live agent: each poll() returns only new records.
-
-    Re-opens the file when it is replaced (a restarted worker writes a new ledger).
-    """
-
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
-        self._mm: mmap.mmap | None = None
-        self._ino = -1
-        self.header: Header | None = None
-        self.next_seq = 0
-        self.lost = 0
-        self.skipped = 0
-        self.opens = 0  # how many incarnations of the file were mapped (> 1: a restarted writer)
-        self._open_step: _Open | None = None  # a STEP record whose end may still be stored into it
-
-    def _open(self) -> None:
-        st = os.stat(self.path)  # a missing file is the OSError its caller expects (not written yet)
-        if self._mm is not None and st.st_ino == self._ino:
-            return
-        self.close()
-        if not stat.S_ISREG(st.st_mode):  # a FIFO would block the open, a device has no end
-            raise LedgerError(f"{self.path}: cannot read ledger: not a regular file")
-        fd = open_regular(self.path)
-        try:
-            mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
-        except (ValueError, OSError):  # an empty file cannot be mapped
-            raise LedgerError(f"{self.path}: too short for a ledger header (empty file)") from None
-        finally:
-            os.close(fd)
-        try:
-            header = parse_header(mm, str(self.path))
-            if len(mm) < header.file_size:
-                raise LedgerError(f"{self.path}: ledger is truncated")
-        except LedgerError:
-            mm.close()
-            raise
-        self._mm, self._ino, self.header, self.next_seq, self._open_step = mm, st.st_ino, header, 0, None
-        self.opens += 1
-
-    def poll(self) -> list[Record]:
-        self._open()
-        assert self._mm is not None and self.header is not None
-        records, cursor, skipped, lost, self._open_step = _ring(self._mm, self.header, self.next_seq, self._open_step)
-        self.next_seq = cursor
-        self.skipped += skipped
-        self.lost += lost
-        return records
-
-    def close(self) -> None:
-        if self._mm is not None:
-            self._mm.close()
-            self._mm = None

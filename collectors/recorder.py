@@ -2,6 +2,12 @@
 
 Contract with its host process: it never raises. Any failure (unwritable directory, full
 disk, a bug) disables the recorder with one logged warning and every later call is a no-op.
+
+Why one module: it is one class, ``Recorder``, whose methods share the mapping, the cursor and the
+open STEP slot; split across modules they would only reach into each other's state. Its two write
+paths (the general ``step_begin``/``launch``/``step_end`` and the plugin's packed ``step_open``/
+``drafter_launch``, which stores into the open STEP slot) stay until the real-vLLM measurement of
+issue 16 point 5 decides whether the packed one still buys a measurable share; then one of them goes.
 """
 
 from __future__ import annotations
@@ -45,11 +51,6 @@ from collectors.format import (
     TRAILER_OFFSET,
     U32,
     U64,
-    W_COLLECTIVE,
-    W_LAUNCH,
-    W_STEP,
-    W_STEP_BEGIN,
-    W_STEP_END,
     CollectiveOp,
     CUDAGraphMode,
     GraphKey,
@@ -58,6 +59,13 @@ from collectors.format import (
     Role,
     key_code,
     manifest_hash,
+)
+from collectors.packing import (
+    W_COLLECTIVE,
+    W_LAUNCH,
+    W_STEP,
+    W_STEP_BEGIN,
+    W_STEP_END,
     pack_collective,
     pack_key,
     pack_launch,
@@ -250,7 +258,7 @@ class Recorder:
         placeholders: int,
         launch_manifest: int | None = None,
     ) -> None:
-        """A STEP_BEGIN (or STEP_BEGIN_LAUNCH) record, the key packed (``format.pack_key``)."""
+        """A STEP_BEGIN (or STEP_BEGIN_LAUNCH) record, the key packed (``packing.pack_key``)."""
         self._put(
             W_STEP_BEGIN,
             _K_STEP_BEGIN if launch_manifest is None else _K_STEP_BEGIN_LAUNCH,
@@ -328,7 +336,7 @@ class Recorder:
 
     def drafter_launch(self, step: int, code: int, launch: bytes) -> None:
         """The drafter's launch in ``step``: stored into the step's STEP record (its time, then its key
-        code); a LAUNCH record (``launch``, from ``format.pack_launch``) when the step has no open STEP
+        code); a LAUNCH record (``launch``, from ``packing.pack_launch``) when the step has no open STEP
         record, that record already holds a drafter launch or ``code`` (from ``drafter_code``) is 0."""
         try:
             words = self._ring_words
@@ -345,7 +353,7 @@ class Recorder:
         self.launch_packed(step, launch)
 
     def launch_packed(self, step: int, launch: bytes) -> None:
-        """``launch`` with role, key and manifest hash already packed (``format.pack_launch``)."""
+        """``launch`` with role, key and manifest hash already packed (``packing.pack_launch``)."""
         self._put(W_LAUNCH, _K_LAUNCH, step, _mono(), launch)
 
     def collective(self, step: int, group: str, op: str, dtype: str, numel: int) -> None:
@@ -353,7 +361,7 @@ class Recorder:
         self.collective_packed(step, group, pack_collective(group, op, dtype), numel)
 
     def collective_packed(self, step: int, group: str, ident: bytes, numel: int) -> None:
-        """``collective`` with group, op and dtype already packed (``format.pack_collective``)."""
+        """``collective`` with group, op and dtype already packed (``packing.pack_collective``)."""
         if not self.enabled:
             return
         seq = self._group_seq.get(group, 0)

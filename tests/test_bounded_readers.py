@@ -34,8 +34,9 @@ from collectors.format import (
     ProcessKind,
     Role,
 )
-from collectors.reader import LedgerError, LedgerTail, parse_ledger, read_ledger
+from collectors.reader import LedgerError, parse_ledger, read_ledger
 from collectors.recorder import Recorder
+from collectors.tail import LedgerTail
 from watchdog.bench_fuzz import fuzz_range, ledger_cases
 from watchdog.bench_torn import interleavings, stress
 from watchdog.bundle import load_snapshot

@@ -24,9 +24,9 @@ from tests.helpers import demo, run_cli
 from watchdog.analyzer import diagnose
 from watchdog.bundle import load_snapshot, load_supervisor, record_supervisor
 from watchdog.cli import main
+from watchdog.incident import Incident
 from watchdog.page import colors, render_index, render_page
 from watchdog.types import StallInfo
-from watchdog.watcher import Incident
 
 SCENARIOS = Path(__file__).parent / "scenarios"
 NAMES = sorted(p.name for p in SCENARIOS.iterdir() if (p / "expected.json").is_file())

@@ -27,7 +27,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from collectors import open_recorder
 from collectors.format import (
     CURSOR_OFFSET,
     FORMAT_VERSION,
@@ -58,8 +57,9 @@ from collectors.format import (
     key_of_code,
     manifest_hash,
 )
-from collectors.reader import Ledger, LedgerError, LedgerTail, ledger_paths, parse_ledger, read_ledger
-from collectors.recorder import META_DROPPED_OFFSET, Recorder
+from collectors.reader import Ledger, LedgerError, ledger_paths, parse_ledger, read_ledger
+from collectors.recorder import META_DROPPED_OFFSET, Recorder, open_recorder
+from collectors.tail import LedgerTail
 from tests.ledger_writer_child import RANK, WORLD, expected, write
 
 REPO = Path(__file__).resolve().parent.parent

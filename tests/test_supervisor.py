@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 
 from watchdog.analyzer import diagnose
+from watchdog.incident import Incident
 from watchdog.metrics import AgentMetrics
 from watchdog.supervisor import ladder
 from watchdog.supervisor.run import Supervisor, SupervisorConfig
 from watchdog.types import Snapshot, StallInfo, Verdict
-from watchdog.watcher import Incident
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -23,14 +23,16 @@ from collectors.format import launches as format_launches
 from collectors.reader import read_ledger
 from collectors.vllm import register
 from collectors.vllm import state as st
-from collectors.vllm.hooks import COLLECTIVE_OPS, TARGETS, Hook, Target, _wrap, exact
+from collectors.vllm import translate as tr
+from collectors.vllm.hooks import COLLECTIVE_OPS, TARGETS, Hook, Target, exact
+from collectors.vllm.install import _wrap
 
 
 def _worker(tmp_path: Path) -> st.WorkerState:
     p = st.ProcessState()
     os.environ[st.ENV_LEDGER_DIR] = str(tmp_path)
     try:
-        ws = p.worker(lambda: (1, 2, st.dispatch_config("FULL_AND_PIECEWISE", [8, 2, 4], 2, 1)))
+        ws = p.worker(lambda: (1, 2, tr.dispatch_config("FULL_AND_PIECEWISE", [8, 2, 4], 2, 1)))
     finally:
         del os.environ[st.ENV_LEDGER_DIR]
     assert ws is not None
@@ -40,16 +42,16 @@ def _worker(tmp_path: Path) -> st.WorkerState:
 def test_descriptor_translation() -> None:
     mode = SimpleNamespace(name="FULL")
     desc = SimpleNamespace(num_tokens=32, num_reqs=16, uniform=True, has_lora=False, num_active_loras=0)
-    key = st.key_from_descriptor(mode, desc)
+    key = tr.key_from_descriptor(mode, desc)
     assert key == GraphKey(CUDAGraphMode.FULL, 32, 16, uniform=True)
-    assert st.padded_slots(key, 15) == 1
-    assert st.padded_slots(GraphKey(CUDAGraphMode.PIECEWISE, 32), 15) == 0
+    assert tr.padded_slots(key, 15) == 1
+    assert tr.padded_slots(GraphKey(CUDAGraphMode.PIECEWISE, 32), 15) == 0
     v2 = SimpleNamespace(cg_mode=SimpleNamespace(name="PIECEWISE"), num_tokens=48, num_reqs=None, num_active_loras=2)
-    assert st.key_from_execution_descriptor(v2) == GraphKey(
+    assert tr.key_from_execution_descriptor(v2) == GraphKey(
         CUDAGraphMode.PIECEWISE, 48, None, uniform=False, has_lora=True, num_active_loras=2
     )
     with pytest.raises(KeyError):
-        st.mode_of(SimpleNamespace(name="FULL_AND_PIECEWISE"))  # not a runtime mode
+        tr.mode_of(SimpleNamespace(name="FULL_AND_PIECEWISE"))  # not a runtime mode
 
 
 def test_engine_batch_counts_shapes_only() -> None:
@@ -58,7 +60,7 @@ def test_engine_batch_counts_shapes_only() -> None:
         scheduled_spec_decode_tokens={"a": [-1], "b": [-1]},
         total_num_scheduled_tokens=34,
     )
-    b = st.engine_batch(out)
+    b = tr.engine_batch(out)
     assert (b.total_tokens, b.num_reqs, b.num_decode_reqs, b.placeholders) == (34, 3, 2, 2)
     assert (b.max_query_len, b.min_query_len) == (30, 2)
 
@@ -75,7 +77,7 @@ def test_engine_batch_counts_what_the_definition_says(per_req: dict[str, int], s
     out = SimpleNamespace(
         num_scheduled_tokens=per_req, scheduled_spec_decode_tokens=drafts, total_num_scheduled_tokens=0
     )
-    b = st.engine_batch(out)
+    b = tr.engine_batch(out)
     assert b.placeholders == sum(len(drafts.get(rid, ())) for rid in per_req)
     assert b.num_decode_reqs == sum(n == 1 + len(drafts.get(rid, ())) for rid, n in per_req.items())
     assert b.num_reqs == len(per_req)
@@ -323,13 +325,13 @@ class _Owner:
 def test_hook_wrappers_cache_keys_and_pick_up_manifests(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Keys translated before a capture carry its manifest hashes afterwards; eager collectives, capture
     collectives and steps go through the wrappers' fast paths into the same ledger the analyzer reads."""
-    from collectors.vllm import hooks
+    from collectors.vllm import worker as wrappers
 
     monkeypatch.setenv(st.ENV_LEDGER_DIR, str(tmp_path))
     proc = st.ProcessState()
-    monkeypatch.setattr(hooks, "STATE", proc)
-    monkeypatch.setattr(hooks, "_describe", lambda cfg: lambda: (1, 2, st.dispatch_config("FULL", [2, 4], 2, 1)))
-    monkeypatch.setattr(hooks, "_capturing", lambda: True)
+    monkeypatch.setattr(wrappers, "STATE", proc)
+    monkeypatch.setattr(wrappers, "_describe", lambda cfg: lambda: (1, 2, tr.dispatch_config("FULL", [2, 4], 2, 1)))
+    monkeypatch.setattr(wrappers, "_capturing", lambda: True)
 
     made: list[Hook] = []
 
@@ -341,18 +343,18 @@ def test_hook_wrappers_cache_keys_and_pick_up_manifests(tmp_path: Path, monkeypa
         32: SimpleNamespace(num_tokens=32, num_reqs=16, uniform=True, has_lora=False, num_active_loras=0),
         300: SimpleNamespace(num_tokens=300, num_reqs=None, uniform=False, has_lora=False, num_active_loras=0),
     }
-    model = hooks._v1_model_dispatch(
+    model = wrappers._v1_model_dispatch(
         t("m"),
         lambda self, num_tokens, num_reqs, *a, **k: (
             _FULL if num_tokens <= 32 else _NONE,
             desc[32 if num_tokens <= 32 else 300],
         ),
     )
-    drafter = hooks._v1_drafter_dispatch(
+    drafter = wrappers._v1_drafter_dispatch(
         t("d"),
         lambda self, num_tokens, *a, **k: (_PIECEWISE, 32, None) if num_tokens <= 32 else (_NONE, num_tokens, None),
     )
-    ar = hooks._collective("all_reduce", "_all_reduce_out_place")(t("c"), lambda self, input_, *a, **k: input_)
+    ar = wrappers._collective("all_reduce", "_all_reduce_out_place")(t("c"), lambda self, input_, *a, **k: input_)
 
     def forward(self: Any, n: int, r: int) -> None:
         model(self, n, r)
@@ -363,9 +365,9 @@ def test_hook_wrappers_cache_keys_and_pick_up_manifests(tmp_path: Path, monkeypa
     def capture_body(self: Any) -> None:
         forward(self, 32, 16)
 
-    capture = hooks._v1_capture(t("cap"), capture_body)
-    execute = hooks._execute_model(t("e"), lambda self, scheduler_output: None)
-    sample = hooks._sample_tokens(t("s"), lambda self, grammar_output: object())
+    capture = wrappers._v1_capture(t("cap"), capture_body)
+    execute = wrappers._execute_model(t("e"), lambda self, scheduler_output: None)
+    sample = wrappers._sample_tokens(t("s"), lambda self, grammar_output: object())
     w = _Owner()
     so = SimpleNamespace(scheduled_spec_decode_tokens={i: [-1] for i in range(15)})
 
@@ -437,12 +439,12 @@ def test_v2_dispatch_hook_both_descriptor_shapes(
     """``CudaGraphManager.dispatch``: the model's and the drafter's managers (vLLM's class names) are
     told apart, other managers are ignored; 0.20.x's ``BatchExecutionDescriptor`` has no
     ``num_active_loras``, 0.33.x's has."""
-    from collectors.vllm import hooks
+    from collectors.vllm import worker as wrappers
 
     monkeypatch.setenv(st.ENV_LEDGER_DIR, str(tmp_path))
     proc = st.ProcessState()
-    monkeypatch.setattr(hooks, "STATE", proc)
-    monkeypatch.setattr(hooks, "_describe", lambda cfg: lambda: (0, 1, {}))
+    monkeypatch.setattr(wrappers, "STATE", proc)
+    monkeypatch.setattr(wrappers, "_describe", lambda cfg: lambda: (0, 1, {}))
 
     def desc(mode: _Mode, tokens: int, reqs: int | None, uniform: int | None) -> Any:
         fields = {"cg_mode": mode, "num_tokens": tokens, "num_reqs": reqs, "uniform_token_count": uniform}
@@ -463,7 +465,7 @@ def test_v2_dispatch_hook_both_descriptor_shapes(
 
     def dispatch(out: Any) -> Any:
         made.append(Hook(Target("test", "dispatch", (), "test")))
-        return hooks._v2_dispatch(made[-1], lambda self, num_reqs, num_tokens, *a, **k: out)
+        return wrappers._v2_dispatch(made[-1], lambda self, num_reqs, num_tokens, *a, **k: out)
 
     model, drafter, encoder = dispatch(full), dispatch(pw), dispatch(pw)
 
@@ -473,7 +475,7 @@ def test_v2_dispatch_hook_both_descriptor_shapes(
         drafter(EagleCudaGraphManager(), 15, 30)
         return object()  # sampled in the same call: execute_model ends the step
 
-    execute = hooks._execute_model(Hook(Target("test", "e", (), "test")), forward)
+    execute = wrappers._execute_model(Hook(Target("test", "e", (), "test")), forward)
     so = SimpleNamespace(scheduled_spec_decode_tokens={i: [-1] for i in range(15)})
     for _ in range(2):
         execute(_Owner(), so)

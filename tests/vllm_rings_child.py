@@ -92,7 +92,7 @@ def main(scenario: str) -> None:
     vllm_logger.setLevel(logging.INFO)
     vllm_logger.propagate = False
 
-    from collectors.vllm import hooks
+    from collectors.vllm import engine as engine_wrappers
     from collectors.vllm.hooks import Hook, Target
     from collectors.vllm.state import STATE
 
@@ -130,7 +130,7 @@ def main(scenario: str) -> None:
 
         executor = SimpleNamespace(parallel_config=SimpleNamespace(tensor_parallel_size=N))
         target = Target("vllm.v1.executor.multiproc_executor", "MultiprocExecutor._init_executor", (), "engine")
-        hooks._init_executor(Hook(target), init_executor)(executor)
+        engine_wrappers._init_executor(Hook(target), init_executor)(executor)
         rec = STATE.current_engine()
         base = {
             "scenario": scenario,

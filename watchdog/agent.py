@@ -40,6 +40,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from watchdog.bundle import bundle_time, incident_page
 from watchdog.evidence import EvidenceError
+from watchdog.incident import Incident
 from watchdog.logs import event
 from watchdog.metrics import AgentMetrics
 from watchdog.page import render_index
@@ -47,7 +48,7 @@ from watchdog.retention import Retention
 from watchdog.single_flight import Busy, SingleFlight
 from watchdog.snapshot import LedgerSet, collect, read_ledger_dir
 from watchdog.types import StallInfo
-from watchdog.watcher import Incident, Watcher
+from watchdog.watcher import Watcher
 
 log = logging.getLogger("watchdog")
 

@@ -6,26 +6,38 @@ step and result, and on every rank a step begin with its graph key and launch, o
 the step end, at RATE steps per second. A real ``watchdog agent`` process tails them (and looks
 for rings, samples what it samples) on its normal schedule; its CPU time and RSS are measured over
 a window, with no incident expected.
+
+``agent_cpu_share`` (``watchdog bench detect --cpu-seconds``) measures the same beside a real,
+healthy demo deployment (``watchdog demo --no-watch``) instead of a synthetic writer.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from collectors.format import CUDAGraphMode, GraphKey, ProcessKind
+import psutil
+
+from collectors.format import CUDAGraphMode, EngineStep, GraphKey, ProcessKind
+from collectors.reader import LedgerError, read_ledger
 from collectors.recorder import Recorder
+from watchdog.supervisor.proc import die_with_parent
 
 
 def writer_main(directory: str, tp: int, rate: float) -> None:
     """Write a healthy TP deployment's ledgers at ``rate`` steps per second until killed."""
-    from watchdog.demo.proc import die_with_parent
-
     die_with_parent()
     engine = Recorder(directory, kind=ProcessKind.ENGINE, rank=0, world_size=tp)
     ranks = [Recorder(directory, kind=ProcessKind.WORKER, rank=r, world_size=tp) for r in range(tp)]
@@ -53,18 +65,137 @@ def writer_main(directory: str, tp: int, rate: float) -> None:
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
 
+def _http_json(port: int, path: str) -> Any:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+        return json.loads(r.read().decode())
+
+
+def _engine_step(ledger: Path) -> tuple[int, int] | None:
+    """(highest engine step in the ledger, its monotonic ns), or None before the first step."""
+    try:
+        steps = [r for r in read_ledger(ledger).records if isinstance(r, EngineStep)]
+    except (LedgerError, OSError):
+        return None
+    if not steps:
+        return None
+    last = max(steps, key=lambda r: r.step)
+    return last.step, last.mono_ns
+
+
+def _cpu_s(proc: Any) -> float:
+    """User+system CPU seconds of ``proc``, its reaped children and its live descendants."""
+    t = proc.cpu_times()
+    total = float(t.user + t.system + t.children_user + t.children_system)
+    for child in proc.children(recursive=True):
+        try:
+            c = child.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += float(c.user + c.system)
+    return total
+
+
+def _stop_group(p: Any, sigint_first: bool) -> None:
+    if sigint_first:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p.pid, signal.SIGINT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            p.wait(20)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+
+
+def agent_cpu_share(tp: int, cpu_seconds: float, say: Callable[[str], None]) -> dict[str, Any]:
+    """A real agent process beside a healthy demo deployment: its CPU share of one core."""
+    workdir = Path(tempfile.mkdtemp(prefix="watchdog-bench-cpu-"))
+    ledger_dir = workdir / "ledgers"
+    ledger_dir.mkdir()
+    port = _free_port()
+
+    def start(args: list[str], log: Path) -> subprocess.Popen[bytes]:
+        with open(log, "wb") as f:
+            return subprocess.Popen(
+                [sys.executable, "-m", "watchdog.cli", *args],
+                stdin=subprocess.DEVNULL,
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def tail(log: Path) -> str:
+        try:
+            return log.read_text(errors="replace")[-800:]
+        except OSError:
+            return ""
+
+    out: dict[str, Any] = {"cpu_tp": tp, "cpu_window_s": cpu_seconds}
+    agent = start(
+        ["agent", "--ledger-dir", str(ledger_dir), "--incidents-dir", str(workdir / "incidents"), "--port", str(port)],
+        workdir / "agent.log",
+    )
+    demo = None
+    try:
+        demo = start(
+            ["demo", "--no-watch", "--tp", str(tp), "--requests", "1000000", "--workdir", str(workdir),
+             "--timeout", str(int(cpu_seconds + 600))],
+            workdir / "demo.log",
+        )  # fmt: skip
+        say(f"agent CPU: TP={tp} healthy deployment in {workdir}, agent on port {port}")
+        engine_ledger = ledger_dir / "engine.ledger"
+        deadline = time.monotonic() + 300
+        first: tuple[int, int] | None = None
+        while True:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the healthy demo deployment did not start stepping within 300 s")
+            if demo.poll() is not None:
+                raise RuntimeError(f"the healthy demo deployment exited early (code {demo.returncode})")
+            cur = _engine_step(engine_ledger)
+            if cur is not None and first is not None and cur[0] > first[0]:
+                break
+            first = first or cur
+            time.sleep(0.5)
+        time.sleep(5.0)  # past the prefills: full-speed decode
+        if agent.poll() is not None:
+            raise RuntimeError(f"the agent exited (code {agent.returncode}): {tail(workdir / 'agent.log')}")
+        ap = psutil.Process(agent.pid)
+        s0, c0, w0 = _engine_step(engine_ledger), _cpu_s(ap), time.monotonic()
+        say(f"agent CPU: sampling for {cpu_seconds:.0f} s")
+        time.sleep(cpu_seconds)
+        s1, c1, w1 = _engine_step(engine_ledger), _cpu_s(ap), time.monotonic()
+        out["agent_cpu_s"] = round(c1 - c0, 3)
+        out["agent_cpu_share_of_one_core_pct"] = round(100.0 * (c1 - c0) / (w1 - w0), 2)
+        if s0 is not None and s1 is not None and s1[1] > s0[1]:
+            out["deployment_steps"] = s1[0] - s0[0]
+            out["deployment_steps_per_s"] = round((s1[0] - s0[0]) / ((s1[1] - s0[1]) / 1e9), 2)
+        incidents = _http_json(port, "/v1/incidents")
+        out["agent_incidents"] = len(incidents) if isinstance(incidents, list) else incidents
+        out["agent_zero_incidents"] = incidents == []
+        out["deployment_alive_at_end"] = demo.poll() is None
+        out["agent_alive_at_end"] = agent.poll() is None
+        say(
+            f"agent CPU: {out['agent_cpu_share_of_one_core_pct']}% of one core, "
+            f"{out.get('deployment_steps_per_s')} steps/s, incidents {out['agent_incidents']}"
+        )
+    except Exception as exc:  # reported as a figure
+        out["error"] = f"{type(exc).__name__}: {exc}"
+        if agent.poll() is not None:
+            out["agent_exit"] = {"code": agent.returncode, "log_tail": tail(workdir / "agent.log")}
+        say(f"agent CPU: {out['error']}")
+    finally:
+        if demo is not None:
+            _stop_group(demo, sigint_first=True)
+        _stop_group(agent, sigint_first=False)
+        shutil.rmtree(workdir, ignore_errors=True)
+    return out
+
+
 def measure(tp: int, rate: float, seconds: float, warmup_s: float, say: Callable[[str], None]) -> dict[str, Any]:
-    import psutil
-
-    from watchdog.bench import _cpu_s, _engine_step, _http_json
-
     work = Path(tempfile.mkdtemp(prefix="watchdog-bench-agent-"))
     ledgers = work / "ledgers"
     ledgers.mkdir()
@@ -99,8 +230,6 @@ def measure(tp: int, rate: float, seconds: float, warmup_s: float, say: Callable
         if s0 is not None and s1 is not None:
             out["steps_per_s_written"] = round((s1[0] - s0[0]) / ((s1[1] - s0[1]) / 1e9), 1)
         out["incidents"] = len(_http_json(port, "/v1/incidents"))
-        import urllib.request
-
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
             metrics = r.read().decode()
         out["ranks_seen"] = sum(line.startswith("watchdog_rank_last_step{") for line in metrics.splitlines())
@@ -112,8 +241,6 @@ def measure(tp: int, rate: float, seconds: float, warmup_s: float, say: Callable
         for p in procs:
             p.kill()
             p.wait()
-        import shutil
-
         shutil.rmtree(work, ignore_errors=True)
     return out
 

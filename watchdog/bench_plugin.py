@@ -92,9 +92,11 @@ def _interleaved(fns: list[Callable[[], None]], n: int, repeats: int) -> list[li
 
 def bench_plugin(*, steps: int = 20000, repeats: int = 7, reqs: int = 15) -> dict[str, Any]:
     """Median ns per step (hooked minus bare) for a ``reqs`` x 2-token decode step, and per eager collective."""
-    from collectors.format import CollectiveOp, CUDAGraphMode, GraphKey, Role, key_code, pack_launch
+    from collectors.format import CollectiveOp, CUDAGraphMode, GraphKey, Role, key_code
+    from collectors.packing import pack_launch
     from collectors.reader import read_ledger
-    from collectors.vllm import hooks, state
+    from collectors.vllm import state, translate
+    from collectors.vllm import worker as wrappers
     from collectors.vllm.hooks import Hook, Target, exact
 
     full = (_Mode("FULL"), _BatchDescriptor(32, 16, uniform=True), False, None, None)
@@ -136,16 +138,16 @@ def bench_plugin(*, steps: int = 20000, repeats: int = 7, reqs: int = 15) -> dic
         old = os.environ.get(state.ENV_LEDGER_DIR)
         os.environ[state.ENV_LEDGER_DIR] = d
         # A private ProcessState: the hooks read the module global, swapped for the run.
-        saved = getattr(hooks, "STATE")  # noqa: B009
+        saved = getattr(wrappers, "STATE")  # noqa: B009
         proc = state.ProcessState()
-        setattr(hooks, "STATE", proc)  # noqa: B010
+        setattr(wrappers, "STATE", proc)  # noqa: B010
         try:
-            proc.worker(lambda: (0, 2, state.dispatch_config("FULL_AND_PIECEWISE", (2, 4, 8, 16, 32), 2, 1)))
-            execute = hooks._execute_model(Hook(t("execute_model")), execute_model)
-            sample = hooks._sample_tokens(Hook(t("sample_tokens")), sample_tokens)
-            model = hooks._v1_model_dispatch(Hook(t("model")), determine_batch)
-            drafter = hooks._v1_drafter_dispatch(Hook(t("drafter")), drafter_determine_batch)
-            coll = hooks._collective("all_reduce", "_all_reduce_out_place")(Hook(t("coll")), all_reduce)
+            proc.worker(lambda: (0, 2, translate.dispatch_config("FULL_AND_PIECEWISE", (2, 4, 8, 16, 32), 2, 1)))
+            execute = wrappers._execute_model(Hook(t("execute_model")), execute_model)
+            sample = wrappers._sample_tokens(Hook(t("sample_tokens")), sample_tokens)
+            model = wrappers._v1_model_dispatch(Hook(t("model")), determine_batch)
+            drafter = wrappers._v1_drafter_dispatch(Hook(t("drafter")), drafter_determine_batch)
+            coll = wrappers._collective("all_reduce", "_all_reduce_out_place")(Hook(t("coll")), all_reduce)
             owner, out, tensor = _Owner(), _SchedulerOutput(reqs), _Tensor()
 
             def step_through(execute: Any, model: Any, drafter: Any, sample: Any) -> Callable[[], None]:
@@ -223,7 +225,7 @@ def bench_plugin(*, steps: int = 20000, repeats: int = 7, reqs: int = 15) -> dic
             ledger_ok = ws.rec.enabled
             ws.rec.close()
         finally:
-            setattr(hooks, "STATE", saved)  # noqa: B010
+            setattr(wrappers, "STATE", saved)  # noqa: B010
             if old is None:
                 os.environ.pop(state.ENV_LEDGER_DIR, None)
             else:

@@ -24,18 +24,16 @@ import time
 from dataclasses import replace
 from html import escape
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from collectors.bounds import JsonError, load_json
 from collectors.capture import capture, open_regular
 from collectors.reader import LedgerError
 from watchdog.errors import InputError
+from watchdog.incident import Incident
 from watchdog.page import PageContext, render_page
 from watchdog.snapshot import LedgerSet, assemble, read_ledger_dir, read_ledger_files
 from watchdog.types import EVIDENCE_SCHEMA, Diagnosis, Snapshot
-
-if TYPE_CHECKING:
-    from watchdog.watcher import Incident
 
 log = logging.getLogger("watchdog")
 SUPERVISOR_FILE = "supervisor.json"

@@ -35,15 +35,17 @@ except ImportError:  # pragma: no cover
 from collectors.reader import LedgerError
 from watchdog.cli_bench import bench_app
 from watchdog.cli_options import GroupedCommand, version_callback, with_settings
+from watchdog.demo.result import DemoResult
 from watchdog.errors import UsageError, WatchdogError
 from watchdog.settings import AgentSettings, CoordinatorSettings, RunSettings
 from watchdog.types import Verdict
 
 if TYPE_CHECKING:
     from watchdog.agent import Agent
+    from watchdog.incident import Incident
     from watchdog.metrics import AgentMetrics
     from watchdog.retention import Retention
-    from watchdog.watcher import Incident, Watcher
+    from watchdog.watcher import Watcher
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_DEADLOCK, EXIT_INCONCLUSIVE = 0, 1, 2, 3, 4
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
@@ -152,7 +154,8 @@ def demo(
     """Run a real TP deployment (engine + workers, gloo collectives), inject a fault, watch it get diagnosed.
     With --engine vllm: a real `vllm serve` behind `watchdog run`, a fault inside real vLLM code."""
     from watchdog.demo.faults import DESCRIPTIONS, FAULTS
-    from watchdog.demo.run import DemoOptions, missed, run_demo
+    from watchdog.demo.options import DemoOptions
+    from watchdog.demo.run import run_demo
 
     if engine not in ("demo", "vllm"):
         raise UsageError(f"--engine {engine}: demo or vllm")
@@ -225,24 +228,21 @@ def demo(
     finally:
         if temporary and not keep and opts.workdir:
             shutil.rmtree(opts.workdir, ignore_errors=True)
-    miss = missed(result)
+    miss = result.missed()
     if as_json:
-        slim = {k: v for k, v in result.items()}
-        slim["incidents"] = [{k: v for k, v in i.items() if k != "report"} for i in result["incidents"]]
-        print(json.dumps(slim))
-    if result.get("gave_up"):
+        print(json.dumps(result.to_json(reports=False)))
+    if result.gave_up:
         from watchdog.supervisor.run import EXIT_GAVE_UP
 
         return EXIT_GAVE_UP
     if miss is not None:
         _err(f"watchdog: {miss}")
         return EXIT_ERROR
-    return EXIT_DEADLOCK if result["incidents"] else EXIT_OK
+    return EXIT_DEADLOCK if result.incidents else EXIT_OK
 
 
 def _demo_vllm(opts: Any, *, temporary: bool, keep: bool, as_json: bool) -> int:
     from watchdog import logs
-    from watchdog.demo.run import missed
     from watchdog.demo.vllm.run import run_vllm_demo
 
     opts.validate()
@@ -257,21 +257,19 @@ def _demo_vllm(opts: Any, *, temporary: bool, keep: bool, as_json: bool) -> int:
         if temporary and not keep:
             shutil.rmtree(opts.workdir, ignore_errors=True)
     if as_json:
-        slim = dict(result)
-        slim["incidents"] = [{k: v for k, v in i.items() if k != "report"} for i in result["incidents"]]
-        print(json.dumps(slim))
-    miss = missed(result)
-    if result.get("gave_up"):
+        print(json.dumps(result.to_json(reports=False)))
+    miss = result.missed()
+    if result.gave_up:
         from watchdog.supervisor.run import EXIT_GAVE_UP
 
         return EXIT_GAVE_UP
     if miss is not None:
         _err(f"watchdog: {miss}")
         return EXIT_ERROR
-    if result["requests"]["failed"]:
-        _err(f"watchdog: {result['requests']['failed']} of {result['requests']['total']} requests failed or differ")
+    if result.requests.failed:
+        _err(f"watchdog: {result.requests.failed} of {result.requests.total} requests failed or differ")
         return EXIT_ERROR
-    return EXIT_DEADLOCK if result["incidents"] else EXIT_OK
+    return EXIT_DEADLOCK if result.incidents else EXIT_OK
 
 
 def _sigterm_interrupts() -> None:
@@ -285,27 +283,27 @@ def _sigterm_interrupts() -> None:
     signal.signal(signal.SIGTERM, interrupt)
 
 
-def _print_demo(result: dict[str, Any], kept: bool) -> None:
-    req = result["requests"]
-    bit = f", the fault bit {len(result['fault_bites'])} time(s)" if result.get("fault_bites") else ""
+def _print_demo(result: DemoResult, kept: bool) -> None:
+    req = result.requests
+    bit = f", the fault bit {len(result.fault_bites)} time(s)" if result.fault_bites else ""
     print(
-        f"demo TP={result['tp']} {result['cudagraph_mode']} fault={result['fault']}: "
-        f"{req['succeeded']}/{req['total']} requests succeeded, {len(result['incidents'])} incident(s){bit}"
+        f"demo TP={result.tp} {result.cudagraph_mode} fault={result.fault}: "
+        f"{req.succeeded}/{req.total} requests succeeded, {len(result.incidents)} incident(s){bit}"
     )
-    for inc in result["incidents"]:
+    for inc in result.incidents:
         print(
-            f"\nincident: detected {inc['detected_after_s']:.2f} s after the fault bit, "
-            f"diagnosed after {inc['diagnosed_after_s']:.2f} s; bundle {inc['bundle']}\n"
+            f"\nincident: detected {inc.detected_after_s:.2f} s after the fault bit, "
+            f"diagnosed after {inc.diagnosed_after_s:.2f} s; bundle {inc.bundle}\n"
         )
-        print(inc["report"], end="")
+        print(inc.report, end="")
         if kept:
-            print(f"\nre-run it:  watchdog diagnose {inc['bundle']}")
+            print(f"\nre-run it:  watchdog diagnose {inc.bundle}")
         else:
             print("\n(the bundle goes with the temporary directory: --keep or --workdir DIR keeps it)")
-    for r in result.get("restarts", []):
+    for r in result.restarts:
         down = "?" if r["downtime_s"] is None else f"{r['downtime_s']:.1f} s"
         print(f"restart after {r['after_incident']}: {r['from']} -> {r['to']} (down {down})")
-    if result.get("gave_up"):
+    if result.gave_up:
         print("the fallback gave up: the restart bound was hit (exit code 5)")
 
 

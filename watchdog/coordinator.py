@@ -23,10 +23,10 @@ from typing import Any
 
 from watchdog.analyzer import AnalyzerConfig
 from watchdog.divergence import DivergenceMonitor
+from watchdog.incident import Incident
 from watchdog.logs import event
 from watchdog.snapshot import assemble, read_ledger_files
 from watchdog.types import EVIDENCE_SCHEMA, StallInfo
-from watchdog.watcher import Incident
 
 log = logging.getLogger("watchdog")
 

@@ -21,7 +21,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from watchdog.errors import WatchdogError
-from watchdog.watcher import Incident
+from watchdog.incident import Incident
 
 log = logging.getLogger("watchdog")
 

@@ -11,9 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from collectors.format import CollectiveOp, GraphKey
+from collectors.format import CollectiveOp, GraphKey, Ledger
 from collectors.jsonrecords import JsonRecord, fields_json, json_as
-from collectors.reader import Ledger
 
 DIAGNOSIS_SCHEMA = "watchdog.diagnosis/v1"
 EVIDENCE_SCHEMA = "watchdog.evidence/v1"

@@ -13,29 +13,20 @@ from pathlib import Path
 from typing import Any
 
 from collectors.format import ProcessKind, Record
-from collectors.reader import LedgerError, LedgerTail, ledger_paths
+from collectors.reader import LedgerError, ledger_paths
 from collectors.recorder import ledger_name
+from collectors.tail import LedgerTail
 from watchdog.analyzer import AnalyzerConfig, diagnose
 from watchdog.bundle import page_context, write_bundle
 from watchdog.detector import DetectorConfig, StallDetector
 from watchdog.divergence import DivergenceMonitor
+from watchdog.incident import Incident
 from watchdog.logs import event
 from watchdog.report import render
 from watchdog.snapshot import LedgerSet, Sources, find_ring_specs, gather, read_ledger_dir, read_rings
-from watchdog.types import Diagnosis, RingState, Snapshot, StallInfo
+from watchdog.types import RingState, Snapshot, StallInfo
 
 log = logging.getLogger("watchdog")
-
-
-@dataclass(frozen=True)
-class Incident:
-    diagnosis: Diagnosis
-    bundle: Path
-    report: str
-    stall: StallInfo | None
-    detected_mono_ns: int
-    diagnosed_mono_ns: int
-    timings: dict[str, float] = field(default_factory=dict)  # seconds: gather, analyze, write
 
 
 @dataclass

@@ -4,7 +4,7 @@ Registered under the ``vllm.general_plugins`` entry point group (so installing t
 a vLLM image is enough, and ``VLLM_PLUGINS`` can filter it out). vLLM calls ``register()`` in the
 API server, in EngineCore and in every worker before the worker is built. It does nothing unless
 ``WATCHDOG_LEDGER_DIR`` is set; then it wraps the hook targets present in this vLLM
-(``collectors.vllm.hooks.TARGETS``). Ledgers are opened lazily, in the first hook that fires in a
+(``collectors.vllm.targets.TARGETS``). Ledgers are opened lazily, in the first hook that fires in a
 process. No prompt text, token ids or request ids are recorded: shapes and counts only.
 """
 
@@ -24,7 +24,7 @@ def register() -> None:
     if ledger_dir() is None:
         return
     try:
-        from collectors.vllm.hooks import install
+        from collectors.vllm.install import install
 
         installed = install()
         log.info("watchdog: %d vLLM hooks installed, ledgers in %s", len(installed.hooks), ledger_dir())

@@ -15,8 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from collectors.format import EngineQueue, Record
-from collectors.reader import Ledger
+from collectors.format import EngineQueue, Ledger, Record
 from watchdog.types import Snapshot
 
 # More ranks than any TP group has: a larger world size in a header is damage or a crafted file.

@@ -13,13 +13,13 @@ from collectors.format import (
     EngineStep,
     GraphKey,
     Launch,
+    Ledger,
     Manifest,
     Record,
     Role,
     StepBegin,
     StepEnd,
 )
-from collectors.reader import Ledger
 from watchdog.analyzer.completeness import damage, implausible
 from watchdog.analyzer.config import AnalyzerConfig
 from watchdog.analyzer.stacks import device_activity, host_activity, where

@@ -25,10 +25,10 @@ from typing import Any
 from collectors.format import ProcessKind
 from collectors.recorder import Recorder, open_recorder
 from watchdog.demo.faults import EngineBugs, FaultPlan
-from watchdog.demo.proc import die_with_parent, spawn_args, spawn_entry
 from watchdog.demo.shmring import ShmRing
 from watchdog.evidence.rings import RingLayout
 from watchdog.keys import DispatchConfig
+from watchdog.supervisor.proc import die_with_parent, spawn_args, spawn_entry
 
 
 @dataclass(frozen=True)

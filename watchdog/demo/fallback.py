@@ -21,11 +21,15 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from watchdog.demo.faults import FaultPlan
 from watchdog.demo.httpclient import start_http_client
+from watchdog.demo.options import DemoOptions
+from watchdog.demo.progress import Progress
+from watchdog.demo.result import DemoIncident, FallbackOutcome, FaultBite, Requests, demo_incident, fault_bites
 from watchdog.detector import DetectorConfig
 from watchdog.metrics import AgentMetrics
 from watchdog.snapshot import Sources
@@ -89,7 +93,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def server_argv(opts: Any, port: int, workdir: Path, fault_socket: Path) -> list[str]:
+def server_argv(opts: DemoOptions, port: int, workdir: Path, fault_socket: Path) -> list[str]:
     return [
         sys.executable,
         "-m",
@@ -113,10 +117,19 @@ def server_argv(opts: Any, port: int, workdir: Path, fault_socket: Path) -> list
     ]
 
 
-def run_fallback(opts: Any, workdir: Path, say: Callable[[str], None]) -> dict[str, Any]:
-    """Run the demo under the supervisor and proxy; returns the parts of the demo JSON it owns."""
-    from watchdog.demo.run import Progress, bites_json, incident_json
+@dataclass(frozen=True)
+class FallbackRun:
+    """The parts of the demo's result a fallback run owns."""
 
+    requests: Requests
+    incidents: tuple[DemoIncident, ...]
+    fault_bites: tuple[FaultBite, ...]
+    restarts: tuple[dict[str, Any], ...]
+    outcome: FallbackOutcome
+
+
+def run_fallback(opts: DemoOptions, workdir: Path, say: Callable[[str], None]) -> FallbackRun:
+    """Run the demo under the supervisor and proxy."""
     ledger_dir, incidents_dir = workdir / "ledgers", workdir / "incidents"
     state_file = workdir / "ladder.json"
     state_file.unlink(missing_ok=True)  # each demo starts at the bottom rung
@@ -170,21 +183,19 @@ def run_fallback(opts: Any, workdir: Path, say: Callable[[str], None]) -> dict[s
         broker.close()
     incidents, lo = [], started
     for inc in sup.incidents:
-        incidents.append(incident_json(inc, broker.first_bite_between(lo, inc.detected_mono_ns)))
+        incidents.append(demo_incident(inc, broker.first_bite_between(lo, inc.detected_mono_ns)))
         lo = inc.detected_mono_ns
-    return {
-        "requests": {
-            "total": opts.requests,
-            "succeeded": client.succeeded,
-            "failed": client.failed,
-            "wrong_text": client.wrong_text,
-            "errors": dict(client.errors),
-        },
-        "incidents": incidents,
-        "fault_bites": bites_json(broker.all_bites(), started),
-        "restarts": [r.to_json() for r in sup.restarts],
-        "ladder": sup.state.to_json(cfg.policy),
-        "gave_up": sup.state.gave_up,
-        "proxy": proxy.stats,
-        "supervisor_exit": outcome[0] if outcome else None,
-    }
+    return FallbackRun(
+        requests=Requests(
+            opts.requests, client.succeeded, client.failed, wrong_text=client.wrong_text, errors=dict(client.errors)
+        ),
+        incidents=tuple(incidents),
+        fault_bites=fault_bites(broker.all_bites(), started),
+        restarts=tuple(r.to_json() for r in sup.restarts),
+        outcome=FallbackOutcome(
+            ladder=sup.state.to_json(cfg.policy),
+            gave_up=sup.state.gave_up,
+            proxy=proxy.stats,
+            supervisor_exit=outcome[0] if outcome else None,
+        ),
+    )

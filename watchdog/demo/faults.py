@@ -33,6 +33,17 @@ DESCRIPTIONS = {
     "engine-stall": "the engine's scheduler takes its own lock twice when admitting a request into a busy batch",
 }
 
+# The verdict the watchdog must give for each fault class (README, "The 60-second demo"); ``watchdog
+# bench detect`` and the GPU checks judge their runs by it. "none" has none: no incident is expected.
+EXPECTED_VERDICTS: dict[str, str] = {
+    "graph-key-divergence": "collective_mismatch",
+    "padded-slot-kernel-hang": "device_hang",
+    "rank-skips-collective": "collective_mismatch",
+    "host-hang": "host_hang",
+    "worker-killed": "worker_dead",
+    "engine-stall": "engine_stall",
+}
+
 
 @dataclass(frozen=True)
 class WorkerBugs:

@@ -15,8 +15,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from watchdog.demo.client import Workload
-from watchdog.demo.server import MODEL
-from watchdog.demo.tokens import continue_text, make_prompt
+from watchdog.demo.tokens import MODEL, continue_text, make_prompt
 
 
 @dataclass

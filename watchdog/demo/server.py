@@ -43,11 +43,11 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from watchdog.demo.engine import EngineArgs
 from watchdog.demo.faults import FaultPlan
-from watchdog.demo.proc import die_with_parent, spawn_args, spawn_entry
-from watchdog.demo.tokens import model_text, prompt_tokens
+from watchdog.demo.tokens import MODEL, model_text, prompt_tokens
 from watchdog.keys import LADDER, DispatchConfig, default_capture_sizes
+from watchdog.supervisor.proc import die_with_parent, spawn_args, spawn_entry
+from watchdog.supervisor.tree import kill_tree, unlink_rings
 
-MODEL = "watchdog-demo"
 DEFAULT_MAX_TOKENS = 16  # vLLM's and OpenAI's default for /v1/completions
 
 # Events on a request's queue: ("tok", tokens generated so far), ("done", total), ("error", message).
@@ -340,9 +340,6 @@ def main(argv: list[str] | None = None) -> int:
     # kind; in a supervised restart that is noise, not news. It inherits this environment.
     os.environ.setdefault("PYTHONWARNINGS", "ignore:resource_tracker:UserWarning")
     import uvicorn
-
-    from watchdog.demo.run import kill_tree
-    from watchdog.supervisor.tree import unlink_rings
 
     workdir = Path(args.workdir or os.getcwd())
     ledger_dir = Path(args.ledger_dir or os.environ.get("WATCHDOG_LEDGER_DIR") or workdir / "ledgers")

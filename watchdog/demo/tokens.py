@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import zlib
 
+MODEL = "watchdog-demo"  # the name the demo server serves in /v1/models, and its clients ask for
+
 VOCAB = (
     "the", "graph", "rank", "step", "ring", "shape", "batch", "token", "decode", "prefill", "kernel", "stream",
     "replay", "capture", "padded", "slot", "draft", "accept", "reduce", "gather", "scatter", "engine", "worker",

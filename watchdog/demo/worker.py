@@ -37,10 +37,10 @@ from watchdog.demo.model import (
     reference_row,
     step_input,
 )
-from watchdog.demo.proc import die_with_parent
 from watchdog.demo.shmring import ShmRing
 from watchdog.evidence.rings import RingLayout
 from watchdog.keys import Dispatch, DispatchConfig, dispatch, drafter_dispatch
+from watchdog.supervisor.proc import die_with_parent
 
 DEMO_ENV = {"GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
 

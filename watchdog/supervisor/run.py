@@ -29,6 +29,7 @@ from collectors.jsonrecords import JsonRecord, json_as
 from watchdog.agent import Agent, announce, is_loopback, make_app
 from watchdog.bundle import record_supervisor
 from watchdog.errors import WatchdogError
+from watchdog.incident import Incident
 from watchdog.logs import event as log_event
 from watchdog.metrics import AgentMetrics
 from watchdog.supervisor import ladder
@@ -36,7 +37,7 @@ from watchdog.supervisor.cmdline import CmdlineError, with_cudagraph_mode
 from watchdog.supervisor.proxy import UpstreamGate
 from watchdog.supervisor.tree import Tree, start_tree, stop_tree, unlink_rings
 from watchdog.types import Verdict
-from watchdog.watcher import Incident, Watcher
+from watchdog.watcher import Watcher
 
 EXIT_GAVE_UP = 5
 

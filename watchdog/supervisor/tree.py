@@ -19,13 +19,14 @@ import os
 import signal
 import subprocess
 from collections.abc import Mapping, Sequence
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 
 import psutil
 
 from collectors.reader import LedgerError, read_ledger
-from watchdog.demo.proc import become_subreaper, die_with_parent
 from watchdog.snapshot import ring_specs
+from watchdog.supervisor.proc import become_subreaper, die_with_parent
 
 
 def start_tree(argv: Sequence[str], env: Mapping[str, str], output: Path | None = None) -> subprocess.Popen[bytes]:
@@ -135,6 +136,22 @@ def stop_tree(proc: subprocess.Popen[bytes], grace_s: float, tree: Tree | None =
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=10)
     tree.alive()  # reaps the orphans that re-parented to us
+
+
+def kill_tree(proc: BaseProcess) -> None:
+    """SIGKILL a ``multiprocessing`` child and all its descendants (the demo's engine and workers), then reap it."""
+    if proc.pid is None:
+        return
+    try:
+        root = psutil.Process(proc.pid)
+        family = [*root.children(recursive=True), root]
+    except psutil.NoSuchProcess:
+        family = []
+    for p in family:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    psutil.wait_procs(family, timeout=10)
+    proc.join(timeout=5)
 
 
 def unlink_rings(ledger_dir: Path) -> None:

@@ -19,11 +19,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from watchdog.bench import EXPECTED_VERDICTS, demo_on_off, recorder_ns
 from watchdog.demo.cuda import SAFE_ENV, apply_safe_env, cuda_problem
 from watchdog.demo.cuda.probes import clear_dumps, flight_recorder, flight_recorder_env, nccl_ras
-from watchdog.demo.run import DemoOptions, run_demo
-from watchdog.watcher import Incident
+from watchdog.demo.faults import EXPECTED_VERDICTS
+from watchdog.demo.options import DemoOptions
+from watchdog.demo.overhead import demo_on_off, recorder_ns
+from watchdog.demo.result import DemoResult
+from watchdog.demo.run import run_demo
+from watchdog.incident import Incident
 
 # Fault classes that need a peer rank: a TP=1 deployment cannot have them.
 NEEDS_PEERS = ("graph-key-divergence", "rank-skips-collective", "host-hang")
@@ -38,18 +41,18 @@ def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def summarise(result: dict[str, Any], fault: str) -> dict[str, Any]:
+def summarise(result: DemoResult, fault: str) -> dict[str, Any]:
     """The figures docs/gpu-results.md shows for one run."""
     out: dict[str, Any] = {
         "fault": fault,
-        "tp": result["tp"],
-        "requests": result["requests"],
-        "elapsed_s": result["elapsed_s"],
-        "incidents": len(result["incidents"]),
+        "tp": result.tp,
+        "requests": result.requests.to_json(),
+        "elapsed_s": result.elapsed_s,
+        "incidents": len(result.incidents),
     }
-    if not result["incidents"]:
+    if not result.incidents:
         return out
-    inc = result["incidents"][0]
+    inc = result.incidents[0].to_json()
     d = inc["diagnosis"]
     expected = EXPECTED_VERDICTS.get(fault)
     out.update(
@@ -103,7 +106,7 @@ def run_check(fault: str, tp: int, workdir: Path, requests: int, fr_env: dict[st
     except Exception as exc:  # a failed check is a figure
         return {"fault": fault, "tp": tp, "error": f"{type(exc).__name__}: {exc}", "elapsed_s": time.monotonic() - t0}
     out = summarise(result, fault)
-    out["probes"] = result.get("probes", [])
+    out["probes"] = list(result.probes or ())
     return out
 
 

@@ -23,10 +23,10 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from watchdog.demo.httpclient import complete
-from watchdog.demo.run import Progress, bites_json, incident_json
+from watchdog.demo.progress import Progress
+from watchdog.demo.result import DemoResult, FallbackOutcome, Requests, demo_incident, fault_bites
 from watchdog.demo.vllm.faults import KINDS
 from watchdog.demo.vllm.serve import (
     MODEL_NAME,
@@ -105,8 +105,8 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def run_vllm_demo(opts: VllmDemoOptions, say: Callable[[str], None]) -> dict[str, Any]:
-    """Serve, inject, watch, restart, check every text; returns the demo's JSON (``run_demo``'s shape)."""
+def run_vllm_demo(opts: VllmDemoOptions, say: Callable[[str], None]) -> DemoResult:
+    """Serve, inject, watch, restart, check every text."""
     opts.validate()
     exe = find_vllm(opts.vllm)
     python = vllm_python(exe)
@@ -169,43 +169,36 @@ def run_vllm_demo(opts: VllmDemoOptions, say: Callable[[str], None]) -> dict[str
     incidents, lo = [], started
     for inc in sup.incidents:
         first = bite_ns if bite_ns is not None and lo <= bite_ns <= inc.detected_mono_ns else None
-        incidents.append(incident_json(inc, first))
+        incidents.append(demo_incident(inc, first))
         lo = inc.detected_mono_ns
     got = got or [("", "not sent: vLLM did not serve")] * opts.requests
-    ok = [not why for _, why in got]
     differ = (
         [] if want is None else [i for i, (a, b) in enumerate(zip(got, want, strict=True)) if not a[1] and a[0] != b[0]]
     )
-    wrong = len(differ)
     texts = {"requests": requests, "got": got, "reference": want, "differ": differ}
     (work / "texts.json").write_text(json.dumps(texts, indent=1))
     errors: dict[str, int] = {}
     for _, why in got:
         if why:
             errors[why] = errors.get(why, 0) + 1
-    return {
-        "engine": "vllm",
-        "tp": opts.tp,
-        "cudagraph_mode": "vLLM's own",
-        "fault": opts.fault,
-        "fault_rank": opts.fault_rank,
-        "model": str(model),
-        "requests": {
-            "total": opts.requests,
-            "succeeded": sum(ok) - wrong,
-            "failed": opts.requests - sum(ok) + wrong,
-            "wrong_text": wrong,
-            "errors": errors,
-            "checked_against_reference": want is not None,
-        },
-        "incidents": incidents,
-        "fault_bites": bites_json(bites, started),
-        "restarts": [r.to_json() for r in sup.restarts],
-        "ladder": sup.state.to_json(cfg.policy),
-        "gave_up": sup.state.gave_up,
-        "proxy": proxy.stats,
-        "supervisor_exit": outcome[0] if outcome else None,
-    }
+    served = sum(1 for _, why in got if not why)
+    return DemoResult(
+        tp=opts.tp,
+        cudagraph_mode="vLLM's own",
+        fault=opts.fault,
+        requests=Requests(
+            opts.requests, served - len(differ), opts.requests - served + len(differ), len(differ), errors
+        ),
+        incidents=tuple(incidents),
+        fault_bites=fault_bites(bites, started),
+        workdir=str(work),
+        elapsed_s=round((time.monotonic_ns() - started) / 1e9, 1),
+        restarts=tuple(r.to_json() for r in sup.restarts),
+        fallback=FallbackOutcome(
+            sup.state.to_json(cfg.policy), sup.state.gave_up, proxy.stats, outcome[0] if outcome else None
+        ),
+        vllm={"exe": str(exe), "model": str(model), "checked_against_reference": want is not None},
+    )
 
 
 def _wait_serving(base_url: str, runner: threading.Thread, timeout_s: float, say: Callable[[str], None]) -> bool:
