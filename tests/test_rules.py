@@ -187,3 +187,26 @@ def test_a_healthy_server_is_not_reported_from_its_rings(tmp_path: Path) -> None
     assert d.verdict is Verdict.NO_DEADLOCK
     assert d.rings is not None and d.rings.kind == "awaiting_reply"
     assert not any(e.startswith("rings:") for e in d.evidence)
+
+
+def test_a_count_mismatch_with_no_majority_is_decided_by_the_steps_before(tmp_path: Path) -> None:
+    """TP=2, both ranks finished the step, one issued an all-reduce fewer: no majority, no engine key
+    to referee, but every earlier step had the full sequence on both ranks: the rank that departed
+    from it is named (the real-vLLM case of a model skipping one all-reduce on one rank)."""
+    for culprit in (0, 1):
+        dep = Deployment(tmp_path / str(culprit), tp=2, num_spec=0)
+        for s in range(4):
+            dep.eager_step(s, 300, 10, 0)
+        dep.eager_step(4, 300, 10, 0, skip_last_on=[culprit])
+        d = diagnose(dep.snapshot(host={0: "ring", 1: "ring"}, device={0: "idle", 1: "idle"}))
+        assert d.verdict is Verdict.COLLECTIVE_MISMATCH, d.summary
+        assert d.culprit_ranks == (culprit,), d.summary
+        assert "steps before it" in d.summary
+
+
+def test_history_decides_nothing_without_earlier_steps(tmp_path: Path) -> None:
+    dep = Deployment(tmp_path, tp=2, num_spec=0)
+    dep.eager_step(0, 300, 10, 0, skip_last_on=[0])
+    d = diagnose(dep.snapshot(host={0: "ring", 1: "ring"}, device={0: "idle", 1: "idle"}))
+    assert d.verdict is Verdict.COLLECTIVE_MISMATCH
+    assert "steps before it" not in d.summary

@@ -266,9 +266,19 @@ def _demo_vllm(opts: Any, *, temporary: bool, keep: bool, as_json: bool) -> int:
     if miss is not None:
         _err(f"watchdog: {miss}")
         return EXIT_ERROR
-    if result.requests.failed:
-        _err(f"watchdog: {result.requests.failed} of {result.requests.total} requests failed or differ")
+    req, info = result.requests, result.vllm or {}
+    wrong = req.wrong_text or 0
+    if req.failed - wrong:
+        _err(f"watchdog: {req.failed - wrong} of {req.total} requests failed: {req.errors}")
         return EXIT_ERROR
+    if wrong and not (info.get("output_corrupting_fault") and result.incidents):
+        _err(f"watchdog: {wrong} of {req.total} completions differ from the uninterrupted run's (texts.json)")
+        return EXIT_ERROR
+    if wrong:
+        _err(
+            f"watchdog: {wrong} of {req.total} completions differ from the uninterrupted run's: the {result.fault} "
+            "fault made the ranks compute wrong tokens in the step it bit, streamed before the incident (texts.json)"
+        )
     return EXIT_DEADLOCK if result.incidents else EXIT_OK
 
 

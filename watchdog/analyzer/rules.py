@@ -14,6 +14,7 @@ from collectors.format import CUDAGraphMode, GraphKey, Role
 from watchdog.analyzer.completeness import Completeness
 from watchdog.analyzer.config import AnalyzerConfig
 from watchdog.analyzer.facts import EngineFacts, RankFacts, dispatch_config
+from watchdog.analyzer.history import departed
 from watchdog.analyzer.sequences import find_divergence
 from watchdog.analyzer.stacks import where
 from watchdog.keys import DispatchConfig, dispatch, drafter_dispatch
@@ -115,6 +116,9 @@ def _culprits(ctx: Context, div: Divergence) -> tuple[tuple[int, ...], str]:
     (top, n), *rest = counts.most_common()
     if rest and n > rest[0][1]:
         return tuple(r for r in ranks if by[r] != top), "it is in the minority"
+    changed = departed(ctx.facts, ranks, div.step)
+    if changed:
+        return changed, "its collectives in this step differ from what every rank issued in the steps before it"
     finished = [r for r in ranks if div.per_rank[r] is None]
     if finished and len(finished) < len(ranks):
         return tuple(finished), "it finished the step without the collective its peers wait in"
@@ -123,7 +127,8 @@ def _culprits(ctx: Context, div: Divergence) -> tuple[tuple[int, ...], str]:
 
 def rule_collective_mismatch(ctx: Context, cfg: AnalyzerConfig) -> list[Finding]:
     """Requires every rank's ledger: the ranks' collective sequences for one step differ. Culprit by the
-    engine's referee (the keys its batch calls for) when it singles out some ranks, else the minority."""
+    engine's referee (the keys its batch calls for) when it singles out some ranks, else the minority,
+    else the rank that departed from what every rank issued in the steps before (history.py)."""
     div = find_divergence(ctx.facts)
     if div is None:
         return []

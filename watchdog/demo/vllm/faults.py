@@ -47,6 +47,10 @@ DESCRIPTIONS = {
     "engine-stall": "the scheduler re-enters its own lock at the first step >= S with requests waiting",
 }
 KINDS = tuple(k for k in DESCRIPTIONS if k != "none")
+# Faults that make the ranks compute wrong tokens before anything can be detected: the step they bite
+# in is already sampled and streamed when its collectives are compared, so completions in flight then
+# differ from an uninterrupted run's (the watchdog catches the step; it cannot recall its tokens).
+CORRUPTS_OUTPUT = ("skip-allreduce", "size-mismatch")
 # The faults that wrap the all-reduce in a custom op change the compiled graph: their servers need a
 # compile cache of their own (a cached graph calling the op cannot load where it is not registered).
 WRAPS_ALLREDUCE = ("skip-allreduce", "worker-killed")
@@ -173,7 +177,9 @@ def _allreduce_fault(kind: str, rank: int, step: int) -> None:
             return x.clone()  # the defect: the model's all-reduce not issued on this rank
         if bites and kind == "worker-killed":
             os.kill(os.getpid(), signal.SIGKILL)
-        return orig(get_tp_group(), x)  # type: ignore[no-any-return]  # vLLM from here on, hooks included
+        # vLLM's own path from here on (the watchdog's hooks included), on a copy: the CPU communicator
+        # reduces in place, and a custom op may not return (or mutate) its input
+        return orig(get_tp_group(), x.clone())  # type: ignore[no-any-return]
 
     @all_reduce.register_fake
     def _(x: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ from pathlib import Path
 from watchdog.demo.httpclient import complete
 from watchdog.demo.progress import Progress
 from watchdog.demo.result import DemoResult, FallbackOutcome, Requests, demo_incident, fault_bites
-from watchdog.demo.vllm.faults import KINDS
+from watchdog.demo.vllm.faults import CORRUPTS_OUTPUT, KINDS
 from watchdog.demo.vllm.serve import (
     MODEL_NAME,
     compile_cache,
@@ -154,9 +154,9 @@ def run_vllm_demo(opts: VllmDemoOptions, say: Callable[[str], None]) -> DemoResu
         if _wait_serving(upstream, runner, opts.timeout_s, say):
             say(f"client: {opts.requests} streamed requests through the proxy, {opts.concurrency} at a time")
             got = _send(requests, f"http://127.0.0.1:{proxy.port}", opts, say)
-            if gate.wait_up(60):
+            if _settled(sup, upstream, runner, say):
                 say("reference: the same requests again, directly to the server that is up now")
-                want = _send(requests, gate.base_url, opts, lambda _m: None)
+                want = _send(requests, upstream, opts, lambda _m: None)
         else:
             say(f"vLLM did not come up: {_tail(work / 'vllm.log')}")
     finally:
@@ -172,9 +172,9 @@ def run_vllm_demo(opts: VllmDemoOptions, say: Callable[[str], None]) -> DemoResu
         incidents.append(demo_incident(inc, first))
         lo = inc.detected_mono_ns
     got = got or [("", "not sent: vLLM did not serve")] * opts.requests
-    differ = (
-        [] if want is None else [i for i, (a, b) in enumerate(zip(got, want, strict=True)) if not a[1] and a[0] != b[0]]
-    )
+    pairs = list(zip(got, want or got, strict=True))
+    differ = [i for i, (a, b) in enumerate(pairs) if not a[1] and not b[1] and a[0] != b[0]]
+    unchecked = len(got) if want is None else sum(1 for a, b in pairs if not a[1] and b[1])
     texts = {"requests": requests, "got": got, "reference": want, "differ": differ}
     (work / "texts.json").write_text(json.dumps(texts, indent=1))
     errors: dict[str, int] = {}
@@ -197,7 +197,12 @@ def run_vllm_demo(opts: VllmDemoOptions, say: Callable[[str], None]) -> DemoResu
         fallback=FallbackOutcome(
             sup.state.to_json(cfg.policy), sup.state.gave_up, proxy.stats, outcome[0] if outcome else None
         ),
-        vllm={"exe": str(exe), "model": str(model), "checked_against_reference": want is not None},
+        vllm={
+            "exe": str(exe),
+            "model": str(model),
+            "unchecked": unchecked,  # served, but the reference run could not give its text
+            "output_corrupting_fault": opts.fault in CORRUPTS_OUTPUT,
+        },
     )
 
 
@@ -209,6 +214,27 @@ def _wait_serving(base_url: str, runner: threading.Thread, timeout_s: float, say
         if healthy(base_url):
             return True
         progress.tick("waiting for vLLM to serve")
+        time.sleep(0.5)
+    return False
+
+
+def _settled(sup: Supervisor, upstream: str, runner: threading.Thread, say: Callable[[str], None]) -> bool:
+    """Until the server is up and stays the same generation for a few seconds with no new incident:
+    a restart the last answers caused (a divergence is caught as its step ends) must be over before
+    the reference run, or the reference would come from the server that diverged."""
+    deadline = time.monotonic() + 600
+    seen = (-1, -1)
+    stable_since = time.monotonic()
+    while time.monotonic() < deadline and runner.is_alive():
+        now = (sup.generation, len(sup.incidents))
+        if now != seen:
+            seen, stable_since = now, time.monotonic()
+        elif (
+            time.monotonic() - stable_since >= 5.0
+            and _wait_serving(upstream, runner, 300, say)
+            and (sup.generation, len(sup.incidents)) == seen
+        ):
+            return True
         time.sleep(0.5)
     return False
 
