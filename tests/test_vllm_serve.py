@@ -334,7 +334,7 @@ def test_the_vllm_demo_names_the_culprit_restarts_and_every_text_survives(
     )  # fmt: skip
     assert cp.returncode == 3, cp.stderr[-3000:]
     r = last_json_line(cp.stdout)
-    assert r["engine"] == "vllm" and len(r["fault_bites"]) == 1 and r["fault_bites"][0]["rank"] == 0, r
+    assert r["vllm"]["exe"].endswith("vllm") and len(r["fault_bites"]) == 1 and r["fault_bites"][0]["rank"] == 0, r
     deadlocks = [i for i in r["incidents"] if i["diagnosis"]["verdict"] != "no_deadlock"]
     assert len(deadlocks) == 1, [i["diagnosis"]["summary"] for i in r["incidents"]]
     d = deadlocks[0]["diagnosis"]
