@@ -296,7 +296,8 @@ def test_continuation_request_rules() -> None:
 def test_continuation_by_token_ids_is_exact_and_ids_stay_hidden() -> None:
     """With the server's token ids (vLLM's return_token_ids) a stream continues from ids, not text:
     a token that decodes to no text yet (half a UTF-8 character) is counted, and a token prompt works."""
-    from watchdog.supervisor.proxy import _hide_ids, _Stream
+    from watchdog.supervisor.proxy.policy import StreamState as _Stream
+    from watchdog.supervisor.proxy.policy import hide_ids as _hide_ids
 
     s = _Stream()
     chunks = [
