@@ -19,10 +19,13 @@ import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from collectors.format import CollectiveOp, CUDAGraphMode, GraphKey, ProcessKind, Role
 from collectors.recorder import Recorder
+
+if TYPE_CHECKING:
+    import httpx
 
 
 def _time_ns_per_call(fn: Callable[[], None], n: int, repeats: int) -> float:
@@ -346,11 +349,16 @@ def _free_port() -> int:
 
 
 def _http_json(port: int, path: str) -> Any:
-    import json
-    import urllib.request
+    return _http_get(port, path).json()
 
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
-        return json.loads(r.read().decode())
+
+def _http_get(port: int, path: str) -> httpx.Response:
+    """GET a local agent's endpoint (raises on a non-2xx answer)."""
+    import httpx
+
+    resp = httpx.get(f"http://127.0.0.1:{port}{path}", timeout=5, verify=False, trust_env=False)
+    resp.raise_for_status()
+    return resp
 
 
 def _engine_step(ledger: Path) -> tuple[int, int] | None:

@@ -63,7 +63,7 @@ def _free_port() -> int:
 def measure(tp: int, rate: float, seconds: float, warmup_s: float, say: Callable[[str], None]) -> dict[str, Any]:
     import psutil
 
-    from watchdog.bench import _cpu_s, _engine_step, _http_json
+    from watchdog.bench import _cpu_s, _engine_step, _http_get, _http_json
 
     work = Path(tempfile.mkdtemp(prefix="watchdog-bench-agent-"))
     ledgers = work / "ledgers"
@@ -99,10 +99,7 @@ def measure(tp: int, rate: float, seconds: float, warmup_s: float, say: Callable
         if s0 is not None and s1 is not None:
             out["steps_per_s_written"] = round((s1[0] - s0[0]) / ((s1[1] - s0[1]) / 1e9), 1)
         out["incidents"] = len(_http_json(port, "/v1/incidents"))
-        import urllib.request
-
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-            metrics = r.read().decode()
+        metrics = _http_get(port, "/metrics").text
         out["ranks_seen"] = sum(line.startswith("watchdog_rank_last_step{") for line in metrics.splitlines())
         say(
             f"bench agent: TP={tp}: {out['agent_cpu_share_of_one_core_pct']} % of one core, "

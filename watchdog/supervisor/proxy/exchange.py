@@ -252,7 +252,7 @@ class Exchange:
                     return "interrupted"
                 raw = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in resp.headers.raw]
                 headers = forward_headers(raw, identity=False)
-                chunks = resp.aiter_raw()
+                chunks = _raw_chunks(resp)
                 if status == 200 and header(headers, "content-type").startswith("text/event-stream"):
                     return await self._pump_sse(chunks, gen, headers)
                 if self.out.started:  # a re-submitted stream got no stream back
@@ -378,6 +378,17 @@ class Exchange:
     async def _flush_held(self) -> None:
         held, self.stream.held = self.stream.held, []
         await self.out.body(b"".join(held))
+
+
+def _raw_chunks(resp: httpx.Response) -> AsyncIterator[bytes]:
+    """The body's bytes as they arrive, undecoded (content-encoding passes through to the client)."""
+    if resp.is_stream_consumed:  # built in memory (e.g. a MockTransport's content=): already read
+        return _once(resp.content)
+    return resp.aiter_raw()
+
+
+async def _once(data: bytes) -> AsyncIterator[bytes]:
+    yield data
 
 
 async def _close(resp: httpx.Response) -> None:
