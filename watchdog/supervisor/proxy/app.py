@@ -22,9 +22,10 @@ from .gate import UpstreamGate
 __all__ = ["CONNECT_TIMEOUT_S", "ResumingProxy"]
 
 CONNECT_TIMEOUT_S = 10.0
-# Idle upstream connections are dropped before uvicorn's (vLLM's) 5-s keep-alive ends them, so
-# that a request is not sent on a connection the server is closing at that moment.
-_KEEPALIVE_EXPIRY_S = 2.0
+# One upstream connection per attempt, as a server that may be killed and restarted under us
+# wants: a pooled connection could be reused just as the server closes it (a spurious failure
+# the gate cannot tell from a real one). A localhost connect costs far less than the request.
+_LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=0)
 _STAT_KEYS = ("forwarded", "resubmitted", "resumed_mid_stream", "failed_unresumable", "client_cancelled")
 
 
@@ -149,10 +150,7 @@ class ResumingProxy:
             return
         transport = self._transport
         if transport is None:
-            limits = httpx.Limits(
-                max_connections=None, max_keepalive_connections=256, keepalive_expiry=_KEEPALIVE_EXPIRY_S
-            )
-            transport = httpx.AsyncHTTPTransport(verify=ssl.create_default_context(), limits=limits, retries=0)
+            transport = httpx.AsyncHTTPTransport(verify=ssl.create_default_context(), limits=_LIMITS, retries=0)
         self._client = httpx.AsyncClient(
             transport=transport, timeout=httpx.Timeout(None, connect=CONNECT_TIMEOUT_S), trust_env=False
         )
