@@ -326,6 +326,15 @@ def test_continuation_by_token_ids_is_exact_and_ids_stay_hidden() -> None:
     later = {"choices": [{"text": "pa\u00e9b", "token_ids": [9]}]}
     s.strip_echo(later)
     assert later["choices"][0]["text"] == "pa\u00e9b"  # only the first chunk of a continuation
+    # the continuation starts inside a character: its first tokens decode to no text, and the echo
+    # comes with the first text released, not with the first chunk
+    s.begin_continuation(("p" + "a\u00e9b",))
+    for chunk in (
+        {"choices": [{"text": "", "token_ids": [10]}]},
+        {"choices": [{"text": "pa\u00e9b\u00fc", "token_ids": [11]}]},
+    ):
+        s.strip_echo(chunk)
+    assert chunk["choices"][0]["text"] == "\u00fc" and s.echo_guard == ()
     shown = {"choices": [{"text": "a", "token_ids": [7], "prompt_token_ids": [1, 2]}]}
     _hide_ids(shown)
     assert shown == {"choices": [{"text": "a", "token_ids": None, "prompt_token_ids": None}]}

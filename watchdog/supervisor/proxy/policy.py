@@ -203,19 +203,23 @@ class StreamState:
         self.echo_guard = tuple(g for g in echo_guard if g)
 
     def strip_echo(self, obj: Any) -> None:
-        """Take an echoed prompt off a continuation's first token-carrying chunk (then stop looking)."""
+        """Take an echoed prompt off a continuation's first chunk with text (then stop looking).
+
+        Chunks before it whose tokens decode to no text yet (the continuation starts inside a
+        character) keep the guard: the echo comes with the first text the detokenizer releases."""
         if not self.echo_guard or not isinstance(obj, dict):
             return
         choices = obj.get("choices")
         choice = choices[0] if isinstance(choices, list) and choices else None
-        if not isinstance(choice, dict) or not (choice.get("text") or choice.get("token_ids")):
+        if not isinstance(choice, dict):
             return
         text = choice.get("text")
-        if isinstance(text, str):
-            for g in sorted(self.echo_guard, key=len, reverse=True):
-                if text.startswith(g):
-                    choice["text"] = text[len(g) :]
-                    break
+        if not isinstance(text, str) or not text:
+            return
+        for g in sorted(self.echo_guard, key=len, reverse=True):
+            if text.startswith(g):
+                choice["text"] = text[len(g) :]
+                break
         self.echo_guard = ()
 
 
