@@ -7,6 +7,7 @@ next token is a function of the whole text before it, so a continuation is exact
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import http.client
 import json
@@ -16,10 +17,11 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from tests.upstream_server import chat_prompt, continue_text
@@ -296,7 +298,8 @@ def test_continuation_request_rules() -> None:
 def test_continuation_by_token_ids_is_exact_and_ids_stay_hidden() -> None:
     """With the server's token ids (vLLM's return_token_ids) a stream continues from ids, not text:
     a token that decodes to no text yet (half a UTF-8 character) is counted, and a token prompt works."""
-    from watchdog.supervisor.proxy import _hide_ids, _Stream
+    from watchdog.supervisor.proxy.policy import StreamState as _Stream
+    from watchdog.supervisor.proxy.policy import hide_ids as _hide_ids
 
     s = _Stream()
     chunks = [
@@ -323,15 +326,15 @@ def test_continuation_by_token_ids_is_exact_and_ids_stay_hidden() -> None:
     later = {"choices": [{"text": "pa\u00e9b", "token_ids": [9]}]}
     s.strip_echo(later)
     assert later["choices"][0]["text"] == "pa\u00e9b"  # only the first chunk of a continuation
-    # a first token that ends inside a character comes with no text; the echo (and that token's
-    # text) come with the next one: still taken off (seen on a real vllm serve)
+    # the continuation starts inside a character: its first tokens decode to no text, and the echo
+    # comes with the first text released, not with the first chunk
     s.begin_continuation(("p" + "a\u00e9b",))
-    held = {"choices": [{"text": "", "token_ids": [9]}]}
-    s.strip_echo(held)
-    assert held["choices"][0]["text"] == "" and s.echo_guard == ("pa\u00e9b",)
-    echoed = {"choices": [{"text": "pa\u00e9b\u00e9 x", "token_ids": [10]}]}
-    s.strip_echo(echoed)
-    assert echoed["choices"][0]["text"] == "\u00e9 x" and s.echo_guard == ()
+    for chunk in (
+        {"choices": [{"text": "", "token_ids": [10]}]},
+        {"choices": [{"text": "pa\u00e9b\u00fc", "token_ids": [11]}]},
+    ):
+        s.strip_echo(chunk)
+    assert chunk["choices"][0]["text"] == "\u00fc" and s.echo_guard == ()
     shown = {"choices": [{"text": "a", "token_ids": [7], "prompt_token_ids": [1, 2]}]}
     _hide_ids(shown)
     assert shown == {"choices": [{"text": "a", "token_ids": None, "prompt_token_ids": None}]}
@@ -357,6 +360,149 @@ def test_unreachable_upstream_is_502_and_resume_timeout_is_503() -> None:
         assert proxy.stats["resubmitted"] == 0 and proxy.stats["failed_unresumable"] == 1
     finally:
         proxy.stop()
+
+
+# --------------------------------------------------------------------------------------------------
+# in-process: the proxy's app driven through httpx.ASGITransport, its upstream an httpx.MockTransport
+
+
+def sse(obj: Any) -> bytes:
+    return b"data: " + json.dumps(obj).encode() + b"\n\n"
+
+
+def token_chunk(i: int, word: str, server: str, *, first: bool = False, last: bool = False) -> dict[str, Any]:
+    """Token ``i`` (id 100 + i) as vLLM streams it with return_token_ids; ids and times per server."""
+    choice: dict[str, Any] = {"index": 0, "text": word, "token_ids": [100 + i], "finish_reason": None}
+    if last:
+        choice["finish_reason"] = "length"
+    if first:
+        choice["prompt_token_ids"] = [1, 2, 3]
+    return {"id": f"cmpl-{server}", "created": 1000 if server == "A" else 2000, "choices": [choice]}
+
+
+class ScriptedStream(httpx.AsyncByteStream):
+    """An upstream body: events, then (optionally) a hook and a failure, or a hang until cancelled."""
+
+    def __init__(self, events: list[bytes], then: Callable[[], None] | None = None, fail: bool = False) -> None:
+        self.events, self.then, self.fail = events, then, fail
+        self.cancelled = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for event in self.events:
+            yield event
+        if self.then is not None:
+            self.then()
+        if self.fail:
+            raise httpx.ReadError("connection reset by peer")
+        try:
+            await asyncio.Event().wait()  # an old server's connection that still looks alive
+        except asyncio.CancelledError:
+            self.cancelled = True
+            raise
+
+
+def in_process(
+    proxy: ResumingProxy, method: str, path: str, body: dict[str, Any], timeout_s: float = 20
+) -> httpx.Response:
+    async def go() -> httpx.Response:
+        transport = httpx.ASGITransport(app=proxy.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://proxy") as client:
+            return await asyncio.wait_for(client.request(method, path, json=body), timeout_s)
+
+    return asyncio.run(go())
+
+
+def events_of(resp: httpx.Response) -> list[str]:
+    return [line[6:] for line in resp.text.splitlines() if line.startswith("data: ")]
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("failure", ["reset", "stale"])
+def test_mid_stream_restart_continues_by_token_ids_in_process(failure: str) -> None:
+    """Restart after 3 of 5 tokens: the old server's connection is reset, or stays open and is
+    cancelled once the new server is up (a stale generation). The continuation is sent as token ids
+    with the budget left; the client sees one stream, ids hidden, original id/created."""
+    gate = UpstreamGate("http://upstream:8000/prefix")
+    sent: list[httpx.Request] = []
+    first: list[ScriptedStream] = []
+
+    def restart() -> None:
+        gate.going_down()
+        asyncio.get_running_loop().call_later(0.05, gate.up)
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        headers = {"content-type": "text/event-stream"}
+        if len(sent) == 1:
+            events = [sse(token_chunk(i, w, "A", first=i == 0)) for i, w in enumerate(["a", "b", "c"])]
+            first.append(ScriptedStream(events, then=restart, fail=failure == "reset"))
+            return httpx.Response(200, headers=headers, stream=first[0])
+        rest = [sse(token_chunk(3, "d", "B")), sse(token_chunk(4, "e", "B", last=True)), b"data: [DONE]\n\n"]
+        return httpx.Response(200, headers=headers, stream=ScriptedStream(rest, fail=True))
+
+    proxy = ResumingProxy(gate, resume_timeout_s=10, transport=httpx.MockTransport(handler))
+    resp = in_process(proxy, "POST", "/v1/completions", completion_body("p", 5, True))
+    events = events_of(resp)
+    chunks = [json.loads(e) for e in events if e != "[DONE]"]
+    assert resp.status_code == 200 and events[-1] == "[DONE]" and events.count("[DONE]") == 1
+    assert "".join(c["choices"][0]["text"] for c in chunks) == "abcde"
+    assert {c["id"] for c in chunks} == {"cmpl-A"} and {c["created"] for c in chunks} == {1000}
+    assert all(c["choices"][0]["token_ids"] is None for c in chunks)  # asked for by the proxy only
+    assert [str(r.url) for r in sent] == ["http://upstream:8000/prefix/v1/completions"] * 2
+    assert json.loads(sent[0].content)["return_token_ids"] is True
+    cont = json.loads(sent[1].content)
+    assert cont["prompt"] == [1, 2, 3, 100, 101, 102] and cont["max_tokens"] == 2
+    assert first[0].cancelled == (failure == "stale")
+    assert proxy.stats["forwarded"] == 1 and proxy.stats["resumed_mid_stream"] == 1
+
+
+@pytest.mark.timeout(30)
+def test_headers_pass_through_without_additions_in_process() -> None:
+    """The upstream sees the client's headers (no hop-by-hop ones, no httpx defaults), its own Host."""
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(201, headers={"x-up": "1", "connection": "close"}, content=b'{"ok":1}')
+
+    proxy = ResumingProxy(UpstreamGate("http://upstream:9"), transport=httpx.MockTransport(handler))
+
+    async def go() -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=proxy.app), base_url="http://p") as c:
+            hdrs = {"x-custom": "yes", "connection": "x-drop", "x-drop": "1", "user-agent": "client/1"}
+            return await c.put("/echo?a=1", content=b"raw", headers=hdrs)
+
+    resp = asyncio.run(go())
+    assert resp.status_code == 201 and resp.content == b'{"ok":1}' and resp.headers["x-up"] == "1"
+    assert "connection" not in resp.headers
+    (req,) = seen
+    assert str(req.url) == "http://upstream:9/echo?a=1" and req.content == b"raw"
+    names = {k.lower(): v for k, v in req.headers.items()}
+    assert names["x-custom"] == "yes" and names["user-agent"] == "client/1" and names["host"] == "upstream:9"
+    assert "x-drop" not in names and "connection" not in names
+
+
+@pytest.mark.timeout(30)
+def test_non_stream_resubmitted_and_unrelated_failure_is_502_in_process() -> None:
+    gate = UpstreamGate("http://upstream:9")
+    calls: list[int] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(1)
+        if len(calls) == 1:  # the watchdog restarts the server while the request is in flight
+            gate.going_down()
+            asyncio.get_running_loop().call_later(0.05, gate.up)
+            raise httpx.ConnectError("connection refused")
+        if len(calls) == 2:
+            return httpx.Response(200, json={"choices": [{"text": "ok"}]})
+        raise httpx.ConnectError("connection refused")  # gate up, generation unchanged: not a restart
+
+    proxy = ResumingProxy(gate, resume_timeout_s=10, transport=httpx.MockTransport(handler))
+    resp = in_process(proxy, "POST", "/v1/completions", completion_body("p", 2, False))
+    assert resp.status_code == 200 and resp.json() == {"choices": [{"text": "ok"}]}
+    assert proxy.stats["resubmitted"] == 1
+    resp = in_process(proxy, "POST", "/v1/completions", completion_body("p", 2, False))
+    assert resp.status_code == 502 and resp.json()["error"]["type"] == "upstream_error"
 
 
 # --------------------------------------------------------------------------------------------------

@@ -14,7 +14,6 @@ healthy demo deployment (``watchdog demo --no-watch``) instead of a synthetic wr
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import signal
@@ -23,11 +22,11 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psutil
 
 from collectors.format import CUDAGraphMode, EngineStep, GraphKey, ProcessKind
@@ -70,9 +69,15 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _http_get(port: int, path: str) -> httpx.Response:
+    """GET a local agent's endpoint (raises on a non-2xx answer)."""
+    resp = httpx.get(f"http://127.0.0.1:{port}{path}", timeout=5, verify=False, trust_env=False)
+    resp.raise_for_status()
+    return resp
+
+
 def _http_json(port: int, path: str) -> Any:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
-        return json.loads(r.read().decode())
+    return _http_get(port, path).json()
 
 
 def _engine_step(ledger: Path) -> tuple[int, int] | None:
@@ -230,8 +235,7 @@ def measure(tp: int, rate: float, seconds: float, warmup_s: float, say: Callable
         if s0 is not None and s1 is not None:
             out["steps_per_s_written"] = round((s1[0] - s0[0]) / ((s1[1] - s0[1]) / 1e9), 1)
         out["incidents"] = len(_http_json(port, "/v1/incidents"))
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-            metrics = r.read().decode()
+        metrics = _http_get(port, "/metrics").text
         out["ranks_seen"] = sum(line.startswith("watchdog_rank_last_step{") for line in metrics.splitlines())
         say(
             f"bench agent: TP={tp}: {out['agent_cpu_share_of_one_core_pct']} % of one core, "

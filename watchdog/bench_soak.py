@@ -26,12 +26,11 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
+import httpx
 import psutil
 
 from collectors.reader import LedgerError, read_ledger
@@ -51,12 +50,10 @@ def _free_port() -> int:
 
 def _get(port: int, path: str) -> tuple[int, str]:
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=30) as r:
-            return int(r.status), r.read().decode()
-    except urllib.error.HTTPError as e:
-        return int(e.code), e.read().decode()
-    except OSError as e:
+        r = httpx.get(f"http://127.0.0.1:{port}{path}", timeout=30, trust_env=False)
+    except httpx.HTTPError as e:
         return 0, str(e)
+    return r.status_code, r.text
 
 
 def _spawn(args: list[str], log: Path, stdout: IO[bytes] | None = None) -> subprocess.Popen[bytes]:

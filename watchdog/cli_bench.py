@@ -199,3 +199,35 @@ def bench_soak(
         _err(f"watchdog: the soak failed: {'; '.join(failed)}")
         return EXIT_ERROR
     return EXIT_OK
+
+
+@bench_app.command(cls=GroupedCommand, name="proxy")
+def bench_proxy(
+    requests: Annotated[int, typer.Option(help="Sequential requests and streams per way (medians).")] = 200,
+    tokens: Annotated[int, typer.Option(help="Tokens of each sequential stream.")] = 64,
+    concurrency: Annotated[int, typer.Option(help="Concurrent streams of the throughput runs.")] = 128,
+    stream_tokens: Annotated[int, typer.Option(help="Tokens of each stream in the throughput runs.")] = 16,
+    seconds: Annotated[float, typer.Option(help="Window of each throughput run.")] = 5.0,
+    repeats: Annotated[int, typer.Option(help="Throughput runs per way (median reported).")] = 3,
+    open_streams: Annotated[int, typer.Option(help="Streams held open for the memory figure.")] = 512,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
+) -> int:
+    """The resuming proxy's cost against a real upstream: added latency per request and per token,
+    streams/s at a concurrency, and the proxy's RSS per open stream (direct vs proxied, medians)."""
+    from watchdog.bench_proxy import bench_proxy as run
+
+    try:
+        result = run(
+            requests=requests,
+            tokens=tokens,
+            concurrency=concurrency,
+            stream_tokens=stream_tokens,
+            seconds=seconds,
+            repeats=repeats,
+            open_streams=open_streams,
+            say=_err,
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    print(json.dumps(result) if as_json else "\n".join(f"{k}: {v}" for k, v in result.items()))
+    return EXIT_OK

@@ -13,13 +13,13 @@ from __future__ import annotations
 import json
 import logging
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 from watchdog.analyzer import AnalyzerConfig
 from watchdog.divergence import DivergenceMonitor
@@ -37,16 +37,18 @@ class AgentUnreachable(Exception):
     """One line: which agent, what went wrong."""
 
 
-def fetch_json(url: str, token: str, timeout_s: float) -> Any:
-    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+def fetch_json(url: str, token: str, timeout_s: float, transport: httpx.BaseTransport | None = None) -> Any:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
-            return json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        raise AgentUnreachable(f"{url}: HTTP {exc.code} {exc.reason}") from None
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise AgentUnreachable(f"{url}: {reason}") from None
+        # verify (and its CA bundle, tens of ms to load) only for https: status polls are frequent
+        verify = url.startswith("https:")
+        with httpx.Client(transport=transport, timeout=timeout_s, verify=verify, trust_env=False) as client:
+            resp = client.get(url, headers=headers)
+            if resp.status_code >= 400:
+                raise AgentUnreachable(f"{url}: HTTP {resp.status_code} {resp.reason_phrase}")
+            return json.loads(resp.content)
+    except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:
+        raise AgentUnreachable(f"{url}: {exc or type(exc).__name__}") from None
 
 
 @dataclass
@@ -58,6 +60,7 @@ class Coordinator:
     status_timeout_s: float = 2.0
     analyzer_cfg: AnalyzerConfig = field(default_factory=AnalyzerConfig)
     on_error: Callable[[str], None] | None = None
+    transport: httpx.BaseTransport | None = None  # what the pulls go through (default HTTP); tests give a mock
     progressed: bool = False
     _progress: dict[str, int] = field(default_factory=dict)
     _fired: bool = False
@@ -153,7 +156,7 @@ class Coordinator:
 
     def _get(self, url: str, timeout_s: float) -> Any:
         try:
-            return fetch_json(url, self.token, timeout_s)
+            return fetch_json(url, self.token, timeout_s, self.transport)
         except AgentUnreachable as exc:
             if self.on_error is not None:
                 self.on_error("agent")

@@ -10,15 +10,16 @@ the container). Failures are logged and counted, never raised into the watch loo
 from __future__ import annotations
 
 import datetime as dt
-import http.client
 import json
 import logging
 import ssl
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+
+import httpx
 
 from watchdog.errors import WatchdogError
 from watchdog.incident import Incident
@@ -40,6 +41,8 @@ class Kube:
     namespace: str
     pod: str
     timeout_s: float = 5.0
+    transport: httpx.BaseTransport | None = field(default=None, repr=False)
+    """What requests go through (default HTTP(S) over TCP, verified with ``ca_file``); tests give a mock."""
 
     def __post_init__(self) -> None:
         if not self.pod or not self.namespace:
@@ -49,32 +52,22 @@ class Kube:
         self._uid: str | None = None
 
     def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-        url = urlsplit(self.api)
         try:
             token = self.token_file.read_text().strip()
         except OSError as exc:
             raise KubeError(f"service-account token {self.token_file}: {exc.strerror}") from None
-        conn: http.client.HTTPConnection
-        if url.scheme == "https":
-            ctx = ssl.create_default_context(cafile=str(self.ca_file) if self.ca_file else None)
-            conn = http.client.HTTPSConnection(url.hostname or "", url.port or 443, timeout=self.timeout_s, context=ctx)
-        else:
-            conn = http.client.HTTPConnection(url.hostname or "", url.port or 80, timeout=self.timeout_s)
         headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
-        data = None
-        if body is not None:
-            data = json.dumps(body).encode()
-            headers["Content-Type"] = "application/json"
+        verify: ssl.SSLContext | bool = True
         try:
-            conn.request(method, url.path.rstrip("/") + path, data, headers)
-            resp = conn.getresponse()
-            raw = resp.read()
-        except (OSError, http.client.HTTPException) as exc:
+            if self.transport is None and urlsplit(self.api).scheme == "https":
+                verify = ssl.create_default_context(cafile=str(self.ca_file) if self.ca_file else None)
+            with httpx.Client(transport=self.transport, verify=verify, timeout=self.timeout_s, trust_env=False) as c:
+                resp = c.request(method, self.api.rstrip("/") + path, json=body, headers=headers)
+        except (httpx.HTTPError, OSError) as exc:  # OSError: an unreadable CA file
             raise KubeError(f"{method} {path}: {exc}") from None
-        finally:
-            conn.close()
-        if resp.status >= 300:
-            raise KubeError(f"{method} {path}: HTTP {resp.status} {raw[:200].decode(errors='replace')}")
+        raw = resp.content
+        if resp.status_code >= 300:
+            raise KubeError(f"{method} {path}: HTTP {resp.status_code} {raw[:200].decode(errors='replace')}")
         try:
             answer = json.loads(raw) if raw else {}
         except ValueError:

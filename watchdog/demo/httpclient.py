@@ -8,11 +8,11 @@ stream that a proxy resumed across a restart counts only if it is the uninterrup
 
 from __future__ import annotations
 
-import http.client
 import json
 import threading
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
+
+import httpx
 
 from watchdog.demo.client import Workload
 from watchdog.demo.tokens import MODEL, continue_text, make_prompt
@@ -41,10 +41,22 @@ class HttpResult:
                 self.errors[reason] = self.errors.get(reason, 0) + 1
 
 
-def complete(base_url: str, prompt: str, max_tokens: int, timeout_s: float, model: str = MODEL) -> tuple[str, str]:
-    """Stream one completion; returns (text, "") or (text so far, failure reason)."""
-    url = urlsplit(base_url)
-    conn = http.client.HTTPConnection(url.hostname or "127.0.0.1", url.port or 80, timeout=timeout_s)
+def complete(
+    base_url: str,
+    prompt: str,
+    max_tokens: int,
+    timeout_s: float,
+    model: str = MODEL,
+    *,
+    client: httpx.Client | None = None,
+    transport: httpx.BaseTransport | None = None,
+) -> tuple[str, str]:
+    """Stream one completion; returns (text, "") or (text so far, failure reason).
+
+    ``client``: one to reuse (its connections too); else one is made for this request, over ``transport``."""
+    if client is None:
+        with _client(timeout_s, transport) as own:
+            return complete(base_url, prompt, max_tokens, timeout_s, model, client=own)
     body = {
         "model": model,
         "prompt": prompt,
@@ -55,28 +67,29 @@ def complete(base_url: str, prompt: str, max_tokens: int, timeout_s: float, mode
     }
     text = ""
     try:
-        conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
-        resp = conn.getresponse()
-        if resp.status != 200:
-            return text, f"http {resp.status}"
-        while True:
-            line = resp.readline()
-            if not line:
-                return text, "stream ended without [DONE]"
-            if not line.startswith(b"data: "):
-                continue
-            data = line[6:].strip()
-            if data == b"[DONE]":
-                return text, ""
-            event = json.loads(data)
-            if "error" in event:
-                return text, f"error event: {event['error'].get('type', '?')}"
-            for choice in event.get("choices", []):
-                text += choice.get("text") or ""
-    except (OSError, http.client.HTTPException, ValueError) as exc:
+        with client.stream("POST", base_url.rstrip("/") + "/v1/completions", json=body) as resp:
+            if resp.status_code != 200:
+                return text, f"http {resp.status_code}"
+            for line in resp.iter_lines():
+                if not line.startswith("data: "):
+                    continue
+                data = line[6:].strip()
+                if data == "[DONE]":
+                    return text, ""
+                event = json.loads(data)
+                if "error" in event:
+                    return text, f"error event: {event['error'].get('type', '?')}"
+                for choice in event.get("choices", []):
+                    text += choice.get("text") or ""
+            return text, "stream ended without [DONE]"
+    except (httpx.HTTPError, ValueError) as exc:
         return text, type(exc).__name__
-    finally:
-        conn.close()
+
+
+def _client(timeout_s: float, transport: httpx.BaseTransport | None = None) -> httpx.Client:
+    # plain http to the demo / vLLM server: no CA bundle to load (verify=False costs nothing)
+    limits = httpx.Limits(keepalive_expiry=2.0)  # before the server's 5-s keep-alive closes it
+    return httpx.Client(transport=transport, timeout=timeout_s, verify=False, trust_env=False, limits=limits)
 
 
 def run_http_client(
@@ -105,17 +118,18 @@ def _send_burst(
     lock = threading.Lock()
 
     def worker() -> None:
-        while not stop.is_set():
-            with lock:
-                item = next(todo, None)
-            if item is None:
-                return
-            rid, (prompt_len, output_len) = item
-            prompt = make_prompt(prompt_len, workload.seed * 1_000_003 + rid)
-            text, reason = complete(base_url, prompt, output_len, timeout_s)
-            if not reason and text != "".join(continue_text(prompt, output_len)):
-                reason = "wrong_text"
-            result.count(not reason, reason)
+        with _client(timeout_s) as client:  # one per thread: its connection is reused request after request
+            while not stop.is_set():
+                with lock:
+                    item = next(todo, None)
+                if item is None:
+                    return
+                rid, (prompt_len, output_len) = item
+                prompt = make_prompt(prompt_len, workload.seed * 1_000_003 + rid)
+                text, reason = complete(base_url, prompt, output_len, timeout_s, client=client)
+                if not reason and text != "".join(continue_text(prompt, output_len)):
+                    reason = "wrong_text"
+                result.count(not reason, reason)
 
     threads = [threading.Thread(target=worker, daemon=True) for _ in range(min(workload.concurrency, len(burst)))]
     for t in threads:
