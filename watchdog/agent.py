@@ -78,6 +78,7 @@ class Agent:
     gpu_every_s: float = 5.0
     extra: Callable[[], dict[str, Any]] | None = None  # more /v1/status fields (the supervisor's ladder)
     on_incident: Callable[[Incident], None] | None = None  # after the bundle is written (Kubernetes actions)
+    on_declared: Callable[[StallInfo], None] | None = None  # a stall or divergence, before its evidence is gathered
     retention: Retention | None = None  # bounds on the incident bundles kept on disk
     diagnose_now_interval_s: float = 10.0  # POST /v1/diagnose-now at most this often
     public: bool = False  # the API listens beyond loopback: no evidence without a token
@@ -136,6 +137,8 @@ class Agent:
             with self._lock:
                 self.open_stall = stall
             return None
+        if self.on_declared is not None:
+            self.on_declared(stall)
         return self.diagnose(stall)
 
     def _sample_gpus(self, watcher: Watcher) -> None:

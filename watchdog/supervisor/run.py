@@ -36,7 +36,7 @@ from watchdog.supervisor import ladder
 from watchdog.supervisor.cmdline import CmdlineError, with_cudagraph_mode
 from watchdog.supervisor.proxy import UpstreamGate
 from watchdog.supervisor.tree import Tree, start_tree, stop_tree, unlink_rings
-from watchdog.types import Verdict
+from watchdog.types import StallInfo, Verdict
 from watchdog.watcher import Watcher
 
 EXIT_GAVE_UP = 5
@@ -120,6 +120,8 @@ class Supervisor:
         )
         self.m_gave_up.labels(g).set(1 if self.state.gave_up else 0)
         self.agent = Agent(make_watcher(), metrics, role="agent", token=token, poll_s=cfg.poll_s, extra=self.status)
+        self.agent.on_declared = self._declared
+        self._held = False  # the gate was closed at a divergence, before its diagnosis
 
     # ---- state for /v1/status ---------------------------------------------------------------
 
@@ -169,6 +171,7 @@ class Supervisor:
             }
             if self.gate is not None:
                 self.gate.going_down()  # requests wait (in the proxy) until the new server answers /health
+            self._held = False
             self._ready = False
             try:
                 proc = start_tree(argv, env, self.cfg.output)
@@ -257,6 +260,9 @@ class Supervisor:
             if incident is not None:
                 if incident.diagnosis.verdict.is_deadlock:
                     return incident
+                if self._held and self.gate is not None:  # not acted on after all: serve again
+                    self._held = False
+                    self.gate.up()
                 # (no_deadlock: a stall that was over by the time the evidence was read)
                 if incident.diagnosis.verdict is Verdict.INCONCLUSIVE:
                     seen = incident
@@ -267,6 +273,16 @@ class Supervisor:
                 return unexplained
             self._stop.wait(self.cfg.poll_s)
         return None
+
+    def _declared(self, stall: StallInfo) -> None:
+        """Ranks out of step keep serving, and every token they compute now is wrong: stop relaying
+        them at once (the proxy holds new requests and cuts the streams in flight, to continue them
+        after the restart) instead of after the seconds the evidence takes. A hang produces nothing
+        and needs no such hurry. Never in observe mode."""
+        if stall.kind == "divergence" and self.gate is not None and not self.cfg.observe:
+            self._held = True
+            self.gate.going_down()
+            self._note("held", "watchdog run: ranks out of step: requests held until the server is restarted")
 
     def _wait_exit(self, proc: Any) -> int:
         """Observe mode after a deadlock: keep serving the API until the server ends (or we are stopped)."""

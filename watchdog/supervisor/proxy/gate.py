@@ -47,11 +47,16 @@ class UpstreamGate:
             return self._generation, self._state, self._base_url
 
     def going_down(self) -> None:
-        """The supervisor is about to stop the server on purpose (a restart)."""
+        """The supervisor is about to stop the server on purpose (a restart), or must stop relaying what
+        it says (ranks out of step compute wrong tokens): new requests wait, and the attempts in flight
+        are cut now (listeners) and continue once the gate is up again."""
         with self._cond:
             self._generation += 1
             self._state = "down"
             self._cond.notify_all()
+            listeners = list(self._listeners)
+        for listener in listeners:
+            listener()
 
     def up(self) -> None:
         """The server is ready again (its ``/health`` answered)."""
@@ -76,7 +81,7 @@ class UpstreamGate:
             listener()
 
     def _add_listener(self, listener: Callable[[], None]) -> None:
-        """Called (in the caller's thread) after every ``up()`` / ``gave_up()``."""
+        """Called (in the caller's thread) after every ``going_down()`` / ``up()`` / ``gave_up()``."""
         with self._cond:
             if listener not in self._listeners:
                 self._listeners.append(listener)
