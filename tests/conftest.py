@@ -15,6 +15,14 @@ sys.path.insert(0, str(Path(__file__).parent))  # tests/vllm_*.py are run as scr
 from tests import helpers
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The real-vLLM tests run one after another on one worker (``--dist loadgroup``): each server pins a
+    rank to each core, and they share the compile caches."""
+    for item in items:
+        if item.get_closest_marker("vllm") is not None:
+            item.add_marker(pytest.mark.xdist_group("vllm"))
+
+
 @pytest.fixture
 def port() -> int:
     """A free TCP port on 127.0.0.1."""

@@ -19,6 +19,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from vllm_envs import VERSIONS, child_env, python_or_skip
 
+pytestmark = pytest.mark.vllm  # runs real vLLM code (environments built once by tests/vllm_envs.py)
+
 ROOT = Path(__file__).resolve().parent.parent
 CHILD = Path(__file__).parent / "vllm_contract_child.py"
 

@@ -26,6 +26,8 @@ from collectors.format import CUDAGraphMode, GraphKey, Role, StepBegin, StepEnd
 from collectors.format import launches as format_launches
 from collectors.reader import read_ledger
 
+pytestmark = pytest.mark.vllm  # runs real vLLM code (environments built once by tests/vllm_envs.py)
+
 ROOT = Path(__file__).resolve().parent.parent
 CHILD = Path(__file__).parent / "vllm_dispatch_child.py"
 

@@ -34,6 +34,8 @@ from watchdog.evidence.discover import deployment_specs, discover_rings
 from watchdog.snapshot import Sources, gather, known_pids
 from watchdog.types import RingState, RingVerdict, Verdict
 
+pytestmark = pytest.mark.vllm  # runs real vLLM code (environments built once by tests/vllm_envs.py)
+
 ROOT = Path(__file__).resolve().parent.parent
 CHILD = Path(__file__).parent / "vllm_rings_child.py"
 SHM = "/dev/shm"
