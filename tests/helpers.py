@@ -20,12 +20,16 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import pytest
 
 from collectors.reader import LedgerError, read_ledger
+from watchdog.bench_soak import spawn_cli, stop_group, tail
 from watchdog.snapshot import ring_specs
+
+# The CLI in its own process group, and its stop: shared with `watchdog bench soak`.
+spawn, stop = spawn_cli, stop_group
 
 
 def free_port() -> int:
@@ -63,44 +67,6 @@ def wait_for(fn: Any, timeout: float) -> Any:
                 return got
         time.sleep(0.3)
     raise AssertionError("timed out")
-
-
-def spawn(args: list[str], log: Path, stdout: IO[bytes] | None = None) -> subprocess.Popen[bytes]:
-    """`python -m watchdog.cli ARGS` in its own process group; stderr (and stdout unless given) to ``log``."""
-    with open(log, "wb") as f:
-        return subprocess.Popen(
-            [sys.executable, "-m", "watchdog.cli", *args],
-            stdout=stdout if stdout is not None else f,
-            stderr=f,
-            start_new_session=True,
-        )
-
-
-def stop(p: subprocess.Popen[bytes], first: signal.Signals = signal.SIGINT, grace_s: float = 20) -> None:
-    """``first`` (SIGINT: the demo kills its tree and unlinks its shm rings on KeyboardInterrupt)
-    while it runs, then SIGKILL to whatever is left of its process group."""
-    if p.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(p.pid, first)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            p.wait(grace_s)
-    # The group outlives its leader while children (multiprocessing's resource tracker) finish.
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(p.pid, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.1)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(p.pid, signal.SIGKILL)
-    p.wait()
-
-
-def tail(path: Path, n: int = 3000) -> str:
-    with contextlib.suppress(OSError):
-        return path.read_text(errors="replace")[-n:]
-    return ""
 
 
 def metric(text: str, name: str, labels: str | None = None) -> float:

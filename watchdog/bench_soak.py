@@ -56,7 +56,8 @@ def _get(port: int, path: str) -> tuple[int, str]:
     return r.status_code, r.text
 
 
-def _spawn(args: list[str], log: Path, stdout: IO[bytes] | None = None) -> subprocess.Popen[bytes]:
+def spawn_cli(args: list[str], log: Path, stdout: IO[bytes] | None = None) -> subprocess.Popen[bytes]:
+    """``python -m watchdog.cli ARGS`` in its own process group; stderr (and stdout unless given) to ``log``."""
     with open(log, "wb") as f:
         return subprocess.Popen(
             [sys.executable, "-m", "watchdog.cli", *args],
@@ -66,11 +67,13 @@ def _spawn(args: list[str], log: Path, stdout: IO[bytes] | None = None) -> subpr
         )
 
 
-def _stop(p: subprocess.Popen[bytes], grace_s: float = 20.0) -> None:
-    """SIGINT (the demo kills its tree and unlinks its rings on it), then SIGKILL to its group."""
+def stop_group(p: subprocess.Popen[bytes], first: signal.Signals = signal.SIGINT, grace_s: float = 20) -> None:
+    """``first`` (SIGINT: the demo kills its tree and unlinks its shm rings on KeyboardInterrupt) while it
+    runs, then SIGKILL to whatever is left of its process group (which outlives its leader while
+    children such as multiprocessing's resource tracker finish)."""
     if p.poll() is None:
         with contextlib.suppress(ProcessLookupError):
-            os.kill(p.pid, signal.SIGINT)
+            os.kill(p.pid, first)
         with contextlib.suppress(subprocess.TimeoutExpired):
             p.wait(grace_s)
     deadline = time.monotonic() + 5
@@ -104,7 +107,7 @@ def _leftover_rings(ledger_dir: Path) -> list[str]:
     return [n for n in names if Path("/dev/shm", n).exists()]
 
 
-def _tail(path: Path, n: int = 2000) -> str:
+def tail(path: Path, n: int = 2000) -> str:
     with contextlib.suppress(OSError):
         return path.read_text(errors="replace")[-n:]
     return ""
@@ -120,7 +123,7 @@ def bench_soak(
     ledgers.mkdir(parents=True)
     port = _free_port()
     agent_log, demo_log, demo_out = workdir / "agent.log", workdir / "demo.log", workdir / "demo.out"
-    agent = _spawn(
+    agent = spawn_cli(
         ["agent", "--ledger-dir", str(ledgers), "--incidents-dir", str(workdir / "inc"), "--port", str(port)],
         agent_log,
     )
@@ -132,14 +135,14 @@ def bench_soak(
         deadline = time.monotonic() + 60
         while _get(port, "/healthz")[0] != 200:
             if agent.poll() is not None or time.monotonic() > deadline:
-                raise WatchdogError(f"the agent did not come up (exit {agent.poll()}): {_tail(agent_log)}")
+                raise WatchdogError(f"the agent did not come up (exit {agent.poll()}): {tail(agent_log)}")
             time.sleep(0.3)
         proc = psutil.Process(agent.pid)
         cpu0 = sum(proc.cpu_times()[:2])
         started = time.monotonic()
         say(f"soak {seconds:.0f} s: {bursts} bursts x {PER_BURST} requests, {gap_s:.0f} s idle gaps")
         with open(demo_out, "wb") as out:
-            demo = _spawn(
+            demo = spawn_cli(
                 [
                     "demo", "--no-watch", "--json", "--workdir", str(work), "--tp", str(tp),
                     "--requests", str(requests), "--concurrency", str(PER_BURST),
@@ -153,9 +156,9 @@ def bench_soak(
         # agent goes on watching the cleanly stopped deployment's ledgers).
         while demo.poll() is None or time.monotonic() - started < seconds:
             if time.monotonic() - started > seconds + 240:
-                raise WatchdogError(f"the demo did not finish: {_tail(demo_log)}")
+                raise WatchdogError(f"the demo did not finish: {tail(demo_log)}")
             if agent.poll() is not None:
-                raise WatchdogError(f"the agent exited with {agent.returncode}: {_tail(agent_log)}")
+                raise WatchdogError(f"the agent exited with {agent.returncode}: {tail(agent_log)}")
             status, _ = _get(port, "/livez")
             livez_failed += status != 200
             with contextlib.suppress(ValueError):
@@ -175,11 +178,11 @@ def bench_soak(
         try:
             result = json.loads(demo_out.read_text().strip().splitlines()[-1])
         except (ValueError, IndexError, OSError):
-            raise WatchdogError(f"the demo printed no result (exit {demo.returncode}): {_tail(demo_log)}") from None
+            raise WatchdogError(f"the demo printed no result (exit {demo.returncode}): {tail(demo_log)}") from None
     finally:
         if demo is not None:
-            _stop(demo)
-        _stop(agent)
+            stop_group(demo)
+        stop_group(agent)
     return {
         "seconds": round(elapsed, 1),
         "bursts": bursts,
