@@ -189,24 +189,42 @@ def test_a_healthy_server_is_not_reported_from_its_rings(tmp_path: Path) -> None
     assert not any(e.startswith("rings:") for e in d.evidence)
 
 
+def _vllm_like_step(dep: Deployment, step: int, skip_on: int | None = None) -> None:
+    """An eager step as vLLM's CPU runner issues it: the model's all-reduces (recorded from compiled
+    code), then the logits all-gather; ``skip_on``'s model skips its last all-reduce."""
+    from collectors.format import CUDAGraphMode, GraphKey, Role
+
+    dep.engine_step(step, 300, 10, 0, running=10)
+    key = GraphKey(CUDAGraphMode.NONE, 300)
+    for r, rec in enumerate(dep.ranks):
+        rec.step_begin(step, key, unpadded_tokens=300, unpadded_reqs=10)
+        dep.launch(r, step, Role.MODEL, key, skip_last=r == skip_on)
+        rec.collective(step, "tp", "all_gather", "float32", 10 * 512)
+        rec.step_end(step)
+    dep.engine_result(step, running=10)
+
+
 def test_a_count_mismatch_with_no_majority_is_decided_by_the_steps_before(tmp_path: Path) -> None:
-    """TP=2, both ranks finished the step, one issued an all-reduce fewer: no majority, no engine key
-    to referee, but every earlier step had the full sequence on both ranks: the rank that departed
-    from it is named (the real-vLLM case of a model skipping one all-reduce on one rank)."""
+    """TP=2, both ranks finished the step, one issued an all-reduce fewer: where the sequences part,
+    one rank has an all-reduce and the other the all-gather (no rank "finished without" anything), no
+    majority, no engine key to referee; every earlier step had the full sequence on both ranks, so the
+    rank that departed from it is named (a real vLLM model skipping one all-reduce on one rank)."""
     for culprit in (0, 1):
         dep = Deployment(tmp_path / str(culprit), tp=2, num_spec=0)
         for s in range(4):
-            dep.eager_step(s, 300, 10, 0)
-        dep.eager_step(4, 300, 10, 0, skip_last_on=[culprit])
+            _vllm_like_step(dep, s)
+        _vllm_like_step(dep, 4, skip_on=culprit)
         d = diagnose(dep.snapshot(host={0: "ring", 1: "ring"}, device={0: "idle", 1: "idle"}))
         assert d.verdict is Verdict.COLLECTIVE_MISMATCH, d.summary
         assert d.culprit_ranks == (culprit,), d.summary
         assert "steps before it" in d.summary
+        div = d.first_divergence
+        assert div is not None and {op.op for op in div.per_rank.values() if op} == {"all_reduce", "all_gather"}
 
 
 def test_history_decides_nothing_without_earlier_steps(tmp_path: Path) -> None:
     dep = Deployment(tmp_path, tp=2, num_spec=0)
-    dep.eager_step(0, 300, 10, 0, skip_last_on=[0])
+    _vllm_like_step(dep, 0, skip_on=0)
     d = diagnose(dep.snapshot(host={0: "ring", 1: "ring"}, device={0: "idle", 1: "idle"}))
     assert d.verdict is Verdict.COLLECTIVE_MISMATCH
-    assert "steps before it" not in d.summary
+    assert "steps before it" not in d.summary and d.culprit_ranks == (0, 1), d.summary

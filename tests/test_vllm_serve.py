@@ -200,7 +200,7 @@ def test_host_hang(tmp_path: Path, rank: int) -> None:
     assert ev["stacks"], "no stacks gathered"
 
 
-@pytest.mark.parametrize("rank", [1])
+@pytest.mark.parametrize("rank", [0, 1])
 def test_worker_killed(tmp_path: Path, rank: int) -> None:
     d, ev, _ = run_fault(tmp_path, f"worker-killed:{rank}:{FAULT_STEP}")
     assert d["verdict"] == "worker_dead", d["summary"]
@@ -302,7 +302,7 @@ def test_rank_skips_an_allreduce_inside_the_compiled_model(tmp_path: Path, rank:
     assert div is not None and div["step"] == d["step"], d
 
 
-@pytest.mark.parametrize("rank", [0])
+@pytest.mark.parametrize("rank", [0, 1])
 def test_size_mismatch_in_the_logits_gather(tmp_path: Path, rank: int) -> None:
     d, _, _ = run_fault(tmp_path, f"size-mismatch:{rank}:{FAULT_STEP}")
     assert d["verdict"] == "collective_mismatch", d["summary"]

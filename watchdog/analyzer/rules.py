@@ -116,12 +116,12 @@ def _culprits(ctx: Context, div: Divergence) -> tuple[tuple[int, ...], str]:
     (top, n), *rest = counts.most_common()
     if rest and n > rest[0][1]:
         return tuple(r for r in ranks if by[r] != top), "it is in the minority"
-    changed = departed(ctx.facts, ranks, div.step)
-    if changed:
-        return changed, "its collectives in this step differ from what every rank issued in the steps before it"
     finished = [r for r in ranks if div.per_rank[r] is None]
     if finished and len(finished) < len(ranks):
         return tuple(finished), "it finished the step without the collective its peers wait in"
+    changed = departed(ctx.facts, ranks, div.step)
+    if changed:
+        return changed, "its collectives in this step differ from what every rank issued in the steps before it"
     return tuple(ranks), "no rank could be singled out"
 
 

@@ -300,13 +300,22 @@ class VllmServer:
             )
         return self
 
-    def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
+    def wait_ready(self, timeout_s: float = READY_TIMEOUT_S, retries: int = 2) -> None:
+        """Until ``/health`` answers. A start that died of vLLM's own spawn race is started again
+        (``retries`` times): its engine can drop a multiprocessing lock before a worker, slow to
+        start on a loaded machine, has unpickled it, and the worker fails in ``SemLock._rebuild``."""
         from watchdog.supervisor.run import healthy
 
         assert self.proc is not None
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
+                if retries > 0 and "SemLock._rebuild" in self.log_path.read_text(errors="replace"):
+                    retries -= 1
+                    kill_session(self.proc.pid)
+                    self.log_path.rename(self.log_path.with_suffix(f".failed{retries}.log"))
+                    self.start()
+                    continue
                 raise RuntimeError(f"vllm serve exited with {self.proc.returncode}: {self.log_tail()}")
             if healthy(self.base_url, timeout_s=2.0):
                 return
