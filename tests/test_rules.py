@@ -228,3 +228,30 @@ def test_history_decides_nothing_without_earlier_steps(tmp_path: Path) -> None:
     d = diagnose(dep.snapshot(host={0: "ring", 1: "ring"}, device={0: "idle", 1: "idle"}))
     assert d.verdict is Verdict.COLLECTIVE_MISMATCH
     assert "steps before it" not in d.summary and d.culprit_ranks == (0, 1), d.summary
+
+
+def test_a_device_hang_names_no_single_rank_when_a_peer_device_is_unknown(tmp_path: Path) -> None:
+    """Rank 1's device thread could not be read: it may be in the same kernel as rank 0, so the hang
+    is everyone's (a culprit is never a guess from partial evidence)."""
+    dep = Deployment(tmp_path, tp=2)
+    warm(dep)
+    dep.decode_step(5, 15, open_on=[0, 1])
+    d = diagnose(dep.snapshot(host={0: "sync", 1: "sync"}, device={0: "kernel"}))
+    assert d.verdict is Verdict.DEVICE_HANG
+    assert d.culprit_ranks == (0, 1)
+
+
+def test_ranks_seen_out_of_step_with_no_divergence_in_the_ledgers_are_not_a_hang(tmp_path: Path) -> None:
+    """The monitor declared ranks out of step (no stall); the ledgers read now show every rank inside
+    the same step with the same key, waiting in a collective: what a slow, healthy step looks like.
+    No hang verdict without a stall: inconclusive, no culprit."""
+    dep = Deployment(tmp_path, tp=3)
+    warm(dep)
+    dep.decode_step(5, 16, open_on=[0, 1, 2])
+    stall = StallInfo("divergence", 5, 2.4, 2.0)
+    d = diagnose(
+        dep.snapshot(host={r: "sync" for r in range(3)}, device={r: "collective" for r in range(3)}, stall=stall)
+    )
+    assert d.verdict is Verdict.INCONCLUSIVE, d.summary
+    assert d.culprit_ranks == () and "no divergence and nothing has stalled" in d.summary
+    assert d.recommendation.action != "restart_safer_mode"

@@ -124,7 +124,23 @@ def diagnose(snapshot: Snapshot, cfg: AnalyzerConfig | None = None) -> Diagnosis
     div = next((f.divergence for f in findings if f.divergence is not None), None)
     reports = {r: _report(f, div) for r, f in facts.items()}
 
-    if top is not None:
+    hang_without_stall = (
+        top is not None
+        and snapshot.stall is not None
+        and snapshot.stall.kind == "divergence"
+        and top.verdict in (Verdict.DEVICE_HANG, Verdict.HOST_HANG, Verdict.ENGINE_STALL)
+    )
+    if top is not None and hang_without_stall:
+        # The monitor saw the ranks out of step, but the ledgers read now show no divergence, and a
+        # hang verdict needs a stall there is not (yet): ranks waiting mid-step look the same on a
+        # healthy server that is merely slow. Never a guess at a culprit.
+        verdict, step = Verdict.INCONCLUSIVE, top.step
+        culprits: tuple[int, ...] = ()
+        summary = (
+            f"the ranks were seen out of step, but the ledgers show no divergence and nothing has stalled "
+            f"(the rules alone would say: {top.summary})"
+        )
+    elif top is not None:
         verdict, step, culprits, summary = top.verdict, top.step, top.culprit_ranks, top.summary
     else:
         stuck = _stuck(ctx)
@@ -161,7 +177,7 @@ def diagnose(snapshot: Snapshot, cfg: AnalyzerConfig | None = None) -> Diagnosis
         culprit_ranks=tuple(culprits),
         ranks=reports,
         summary=summary,
-        recommendation=_recommend(ctx, top, cfg) if top else _recommend(ctx, None, cfg),
+        recommendation=_recommend(ctx, top, cfg) if top and not hang_without_stall else _recommend(ctx, None, cfg),
         first_divergence=div,
         novelty=top.novelty if top is not None else (),
         missing=tuple(missing),

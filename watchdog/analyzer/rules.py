@@ -392,7 +392,10 @@ def rule_device_hang(ctx: Context, cfg: AnalyzerConfig) -> list[Finding]:
     busy = [g for g in ctx.snapshot.gpus if g.utilization_pct >= cfg.busy_gpu_utilization_pct]
     if busy:
         evidence.append("GPU " + ", ".join(f"{g.index}: {g.utilization_pct:.0f}% busy" for g in busy))
-    culprits = tuple(in_kernel) if in_kernel else tuple(f.rank for f in facts)
+    # Only ranks seen in the kernel are singled out, and only when every other rank's device is known
+    # to be elsewhere: a rank whose stack could not be read may be in the same kernel.
+    unknown = any(f.device is ThreadActivity.UNKNOWN for f in facts)
+    culprits = tuple(in_kernel) if in_kernel and not unknown else tuple(f.rank for f in facts)
     label = key.label() if key else "?"
     kernel = where(ctx.facts[in_kernel[0]].device_frame) if in_kernel else "the graph"
     summary = (
