@@ -11,7 +11,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -25,7 +24,7 @@ from typing import Any
 import pytest
 
 from collectors.reader import LedgerError, read_ledger
-from watchdog.bench_soak import spawn_cli, stop_group, tail
+from watchdog.bench_soak import kill_group, spawn_cli, stop_group, tail
 from watchdog.snapshot import ring_specs
 
 # The CLI in its own process group, and its stop: shared with `watchdog bench soak`.
@@ -130,19 +129,7 @@ def run_cli(args: list[str], timeout: float, cwd: Path | None = None) -> subproc
     try:
         out, err = proc.communicate(timeout=timeout)
     finally:
-        # Give the process group a moment to end by itself (multiprocessing's resource tracker
-        # unlinks the queues' semaphores on its way out), then kill whatever is left: the
-        # demo's engine and workers live in this group and none may outlive the test.
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            try:
-                os.killpg(proc.pid, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.1)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        kill_group(proc)  # the demo's engine and workers live in this group: none may outlive the test
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 

@@ -76,7 +76,13 @@ def stop_group(p: subprocess.Popen[bytes], first: signal.Signals = signal.SIGINT
             os.kill(p.pid, first)
         with contextlib.suppress(subprocess.TimeoutExpired):
             p.wait(grace_s)
-    deadline = time.monotonic() + 5
+    kill_group(p)
+
+
+def kill_group(p: subprocess.Popen[bytes] | subprocess.Popen[str], grace_s: float = 5.0) -> None:
+    """Give ``p``'s process group ``grace_s`` to end by itself (multiprocessing's resource tracker
+    unlinks the queues' semaphores on its way out), then SIGKILL whatever is left, and reap ``p``."""
+    deadline = time.monotonic() + grace_s
     while time.monotonic() < deadline:
         try:
             os.killpg(p.pid, 0)
