@@ -255,3 +255,15 @@ def test_ranks_seen_out_of_step_with_no_divergence_in_the_ledgers_are_not_a_hang
     assert d.verdict is Verdict.INCONCLUSIVE, d.summary
     assert d.culprit_ranks == () and "no divergence and nothing has stalled" in d.summary
     assert d.recommendation.action != "restart_safer_mode"
+
+
+def test_a_dispatch_stall_over_before_the_evidence_is_no_deadlock(tmp_path: Path) -> None:
+    """The engine held requests and dispatched nothing past the deadline, then went on: when the
+    evidence is read it holds none and no rank is inside a step (a slow schedule, not a stall)."""
+    dep = Deployment(tmp_path, tp=2)
+    warm(dep)
+    dep.engine_result(4, running=0)
+    stall = StallInfo("no_dispatch", None, 1.53, 1.0)
+    d = diagnose(dep.snapshot(host={0: "ring", 1: "ring"}, device={0: "idle", 1: "idle"}, stall=stall))
+    assert d.verdict is Verdict.NO_DEADLOCK, d.summary
+    assert "dispatch stall" in d.summary and d.culprit_ranks == ()

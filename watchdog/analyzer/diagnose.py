@@ -193,6 +193,13 @@ def _stall_passed(ctx: Context) -> str:
     step (its end record, or a later step begun). A slow step (a loaded host, a long prefill), not a
     hang; "" when that is not what every rank's ledger shows."""
     stall = ctx.snapshot.stall
+    if stall is not None and stall.kind == "no_dispatch" and ctx.facts and ctx.engine is not None and not _stuck(ctx):
+        # The engine held requests and dispatched nothing past the deadline; now it holds none and no
+        # rank is inside a step: it went on (a slow schedule on a loaded host), not a stall.
+        return (
+            f"the dispatch stall (open {stall.age_s:.2f} s, deadline {stall.deadline_s:.2f} s) was over by the time "
+            "the evidence was read: the engine holds no request and no rank is inside a step"
+        )
     if stall is None or stall.kind != "open_step" or stall.step is None or not ctx.facts:
         return ""
     for f in ctx.facts.values():
