@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -17,7 +18,10 @@ from collectors.format import (
 )
 from collectors.recorder import Recorder
 from tests.factory import Deployment
+from watchdog.agent import Agent
 from watchdog.detector import DetectorConfig, StallDetector
+from watchdog.metrics import AgentMetrics
+from watchdog.snapshot import Sources
 from watchdog.watcher import Watcher
 
 MS = 1_000_000
@@ -94,6 +98,47 @@ def test_requests_pending_but_nothing_dispatched_fires() -> None:
     assert stall is not None and stall.kind == "no_dispatch"
 
 
+def test_a_slow_step_that_completes_raises_the_floor_up_to_its_cap() -> None:
+    """A step declared stalled that then ends was a hiccup, not a hang: the next one as slow is not
+    declared again; a longer pause is, and the floor never rises past max_floor_s."""
+    det = StallDetector(DetectorConfig(floor_s=1.0, multiplier=10.0, max_floor_s=4.0))
+    t = run_steps(det, 50, dur_ms=5)
+    det.observe(0, [begin(50, t)])
+    assert det.check(t + 1100 * MS) is not None  # declared at the configured floor
+    det.observe(0, [end(50, t + 1200 * MS)])  # ... and over after 1.2 s
+    assert abs(det.floor_s() - 1.8) < 1e-9
+    t += 1300 * MS
+    det.observe(0, [begin(51, t)])
+    assert det.check(t + 1500 * MS) is None  # the same hiccup again: not a stall now
+    stall = det.check(t + 1900 * MS)
+    assert stall is not None and abs(stall.deadline_s - 1.8) < 1e-9
+    det.observe(0, [end(51, t + 30_000 * MS)])  # a 30 s pause that ended: capped
+    assert det.floor_s() == 4.0
+    t += 31_000 * MS
+    det.observe(0, [begin(52, t)])
+    assert det.check(t + 4100 * MS) is not None  # a real hang is still declared within the cap
+
+
+def test_a_step_that_ends_before_its_deadline_teaches_nothing() -> None:
+    det = StallDetector(DetectorConfig(floor_s=1.0, multiplier=10.0))
+    t = run_steps(det, 50, dur_ms=5)
+    det.observe(0, [begin(50, t)])
+    assert det.check(t + 900 * MS) is None
+    det.observe(0, [end(50, t + 950 * MS)])
+    assert det.floor_s() == 1.0
+
+
+def test_a_dispatch_wait_that_ends_raises_the_floor() -> None:
+    det = StallDetector(DetectorConfig(floor_s=1.0))
+    t = run_steps(det, 20, dur_ms=5)
+    det.observe(
+        None, [EngineStep(0, 20, t, 32, 16, 16, 16, 2, 2, 16, 0), EngineResult(1, 20, t + 6 * MS, True, 16, 2, 0)]
+    )
+    assert det.check(t + 1200 * MS) is not None
+    det.observe(None, [EngineStep(2, 21, t + 1506 * MS, 32, 16, 16, 16, 2, 2, 16, 0)])
+    assert abs(det.floor_s() - 1.5 * 1.5) < 1e-9
+
+
 def test_arrivals_on_an_idle_engine_start_the_no_dispatch_clock() -> None:
     det = StallDetector(DetectorConfig(floor_s=1.0))
     det.observe(None, [EngineResult(0, 3, 0, True, 0, 0, 4)])
@@ -118,3 +163,34 @@ def test_a_restarted_server_clears_the_dead_ones_stall(tmp_path: Path) -> None:
     assert watcher.poll(later) is None
     assert watcher.progressed
     assert watcher.poll(later + 1) is None  # the dead processes' step 4 is not a stall of the new ones
+
+
+def test_a_stall_over_by_the_evidence_is_recovered_not_an_incident(tmp_path: Path) -> None:
+    """A step past its deadline that then ends (a slow step on a busy host) is a line in recovered.jsonl,
+    counted, with no bundle and no incident; and the floor learns it, so the same pause is not declared
+    again."""
+    dep = Deployment(tmp_path, tp=2)
+    for s in range(5):
+        dep.decode_step(s, 16)
+    w = Watcher(dep.dir, tmp_path / "inc", Sources(stacks=None, procs=None), detector_cfg=DetectorConfig(floor_s=0.2))
+    a = Agent(w, AgentMetrics("t"))
+    assert w.poll() is None
+    dep.decode_step(5, 16, open_on=[0, 1])
+    stall = None
+    deadline = time.monotonic() + 10
+    while stall is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+        stall = w.poll()
+    assert stall is not None and stall.kind == "open_step" and stall.step == 5
+    for rec in dep.ranks:
+        rec.step_end(5)
+    dep.engine_result(5, running=0)
+    incident = a.diagnose(stall)
+    assert incident.recovered and incident.diagnosis.verdict.value == "no_deadlock"
+    assert a.incidents == [] and a.status()["recovered_stalls"] == 1 and a.status()["incidents"] == 0
+    assert [p.name for p in (tmp_path / "inc").iterdir()] == ["recovered.jsonl"]  # no bundle
+    line = json.loads((tmp_path / "inc" / "recovered.jsonl").read_text())
+    assert line["stall"]["step"] == 5 and line["verdict"] == "no_deadlock" and "slow step" in line["summary"]
+    assert 'watchdog_recovered_stalls_total{tp_group="t"} 1.0' in a.metrics.exposition().decode()
+    w.poll()
+    assert w.stall_floor_s() >= 1.5 * stall.age_s  # learned from the step's real length

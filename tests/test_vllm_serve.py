@@ -163,15 +163,14 @@ def test_healthy_server_records_every_step_and_raises_no_incident(tmp_path: Path
                 time.sleep(0.2)
         time.sleep(3)  # the agent's deadlines are ~1 s: a false stall would be written by now
         assert load.done >= 12 and load.errors == 0
-        # No deadlock, no inconclusive stall. A step slowed past the 1 s floor on this 2-core machine
-        # (the server, its client threads and the agent share it) is a stall that was over when the
-        # evidence was read: recorded as no_deadlock, never as anything else.
-        verdicts = [
-            json.loads((p / "diagnosis.json").read_text())["verdict"]
-            for p in incidents.glob("*")
-            if p.is_dir() and not p.name.startswith(".")
-        ]
-        assert set(verdicts) <= {"no_deadlock"}, f"incident on a healthy server: {verdicts}"
+        # No incident at all. A step slowed past the floor on this 2-core machine (the server, its
+        # client threads and the agent share it) is a stall that was over when the evidence was read:
+        # a line in recovered.jsonl, not an incident.
+        bundles = [p.name for p in incidents.glob("*") if p.is_dir() and not p.name.startswith(".")]
+        assert bundles == [], f"incident on a healthy server: {bundles}"
+        recovered = incidents / "recovered.jsonl"
+        if recovered.exists():
+            print("recovered stalls:", recovered.read_text())
         assert server.ledgers is not None
         ranks, reduces = {}, {}
         for path in sorted(server.ledgers.glob("rank*.ledger")):
@@ -252,13 +251,13 @@ def test_watchdog_run_restarts_a_hung_vllm_and_every_stream_survives(tmp_path: P
         status = json.loads(urllib_get(api, "/v1/status"))
         restarts = status["supervisor"]["restarts"]
         assert len(restarts) == 1 and restarts[0]["verdict"] == "host_hang", restarts
-        # One incident: the hang. Steps slowed past the stall floor by this loaded 2-core machine are
-        # stalls that were over when the evidence was read: no_deadlock, never another verdict.
-        verdicts = {}
-        for p in incidents.iterdir():
-            if p.is_dir() and not p.name.startswith("."):
-                verdicts[p] = json.loads((p / "diagnosis.json").read_text())
-        hangs = [d for d in verdicts.values() if d["verdict"] != "no_deadlock"]
+        # One incident: the hang (steps slowed past the stall floor by this loaded 2-core machine are
+        # stalls that were over when the evidence was read: recovered.jsonl, not incidents).
+        hangs = [
+            json.loads((p / "diagnosis.json").read_text())
+            for p in incidents.iterdir()
+            if p.is_dir() and not p.name.startswith(".")
+        ]
         assert len(hangs) == 1, [d["summary"] for d in hangs]
         assert hangs[0]["verdict"] == "host_hang" and hangs[0]["culprit_ranks"] == [1]
         # the reference: the same requests on the restarted server, directly, one at a time
@@ -343,9 +342,8 @@ def test_the_vllm_demo_names_the_culprit_restarts_and_every_text_survives(
     assert cp.returncode == 3, cp.stderr[-3000:]
     r = last_json_line(cp.stdout)
     assert r["vllm"]["exe"].endswith("vllm") and len(r["fault_bites"]) == 1 and r["fault_bites"][0]["rank"] == 0, r
-    deadlocks = [i for i in r["incidents"] if i["diagnosis"]["verdict"] != "no_deadlock"]
-    assert len(deadlocks) == 1, [i["diagnosis"]["summary"] for i in r["incidents"]]
-    d = deadlocks[0]["diagnosis"]
+    assert len(r["incidents"]) == 1, [i["diagnosis"]["summary"] for i in r["incidents"]]
+    d = r["incidents"][0]["diagnosis"]
     assert d["verdict"] == "collective_mismatch" and d["culprit_ranks"] == [0], d["summary"]
     assert [x["verdict"] for x in r["restarts"]] == ["collective_mismatch"], r["restarts"]
     req = r["requests"]

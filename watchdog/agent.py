@@ -83,6 +83,7 @@ class Agent:
     diagnose_now_interval_s: float = 10.0  # POST /v1/diagnose-now at most this often
     public: bool = False  # the API listens beyond loopback: no evidence without a token
     incidents: list[Incident] = field(default_factory=list)
+    recovered: int = 0  # stalls over before the evidence was read (no incident)
     deadlocked: bool = False
     open_stall: StallInfo | None = None
     progress: int = 0  # polls that saw new records: a coordinator compares it between polls
@@ -110,6 +111,8 @@ class Agent:
                 self.progress += 1
                 self._unresolved = None
             self.metrics.deadlocked.labels(self.metrics.tp_group).set(0)
+        if isinstance(self.loop, Watcher):
+            self.metrics.stall_floor.labels(self.metrics.tp_group).set(self.loop.stall_floor_s())
         if isinstance(self.loop, Watcher) and now >= self._next_rings_ns:
             self._next_rings_ns = now + int(self.ring_every_s * 1e9)
             broadcast, responses = self.loop.rings()
@@ -158,6 +161,8 @@ class Agent:
             incident = self.loop.handle(stall)
         g = self.metrics.tp_group
         verdict = incident.diagnosis.verdict
+        if incident.recovered:
+            return self._recovered(incident)
         self.metrics.incidents.labels(g, verdict.value).inc()
         self.metrics.evidence_seconds.labels(g).observe((incident.diagnosed_mono_ns - incident.detected_mono_ns) / 1e9)
         d = incident.diagnosis
@@ -185,6 +190,25 @@ class Agent:
         )
         if self.on_incident is not None:
             self.on_incident(incident)
+        return incident
+
+    def _recovered(self, incident: Incident) -> Incident:
+        """A stall that was over by the time the evidence was read: a slow step, not a hang. Counted and
+        logged, one line in recovered.jsonl; not an incident (no bundle, no page, no Kubernetes action)."""
+        stall = incident.stall
+        assert stall is not None
+        with self._lock:
+            self.recovered += 1
+        self.metrics.recovered.labels(self.metrics.tp_group).inc()
+        event(
+            "recovered",
+            f"stall recovered ({stall.kind}, step {stall.step}): over by the time the evidence was read "
+            f"(open {stall.age_s:.2f} s > deadline {stall.deadline_s:.2f} s); not an incident: {incident.bundle}",
+            kind=stall.kind,
+            step=stall.step,
+            age_s=round(stall.age_s, 3),
+            deadline_s=round(stall.deadline_s, 3),
+        )
         return incident
 
     def run(self) -> None:
@@ -229,6 +253,7 @@ class Agent:
                 "deadlocked": self.deadlocked,
                 "last_verdict": last,
                 "incidents": len(self.incidents),
+                "recovered_stalls": self.recovered,
                 "stall": None if self.open_stall is None else dataclasses.asdict(self.open_stall),
                 "progress": self.progress,
                 "ranks": None if ranks is None else sorted(ranks),

@@ -7,6 +7,9 @@
         report.txt         the human report
         incident.html      the incident page (self-contained: opens from a copied bundle, offline)
         supervisor.json    what `watchdog run` decided about it (added after the fact, when it ran)
+    <incidents>/recovered.jsonl
+        one line per stall that was over by the time the evidence was read (a slow step, not a
+        hang: verdict no_deadlock): not an incident, no bundle; rotated to .1 past 1 MiB
 
 The bundle is built in a hidden temporary directory beside its final place and renamed into
 place, so a reader never sees half an incident; files are fsynced first.
@@ -33,7 +36,7 @@ from watchdog.errors import InputError
 from watchdog.incident import Incident
 from watchdog.page import PageContext, render_page
 from watchdog.snapshot import LedgerSet, assemble, read_ledger_dir, read_ledger_files
-from watchdog.types import EVIDENCE_SCHEMA, Diagnosis, Snapshot
+from watchdog.types import EVIDENCE_SCHEMA, Diagnosis, Snapshot, StallInfo
 
 log = logging.getLogger("watchdog")
 SUPERVISOR_FILE = "supervisor.json"
@@ -78,6 +81,34 @@ def write_bundle(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+RECOVERED_FILE = "recovered.jsonl"
+RECOVERED_MAX_BYTES = 1 << 20
+
+
+def record_recovered(incidents_dir: str | Path, diagnosis: Diagnosis, stall: StallInfo) -> Path:
+    """One line for a stall that was over by the time the evidence was read: what stalled, for how
+    long against which deadline, and the diagnosis' summary. Past ``RECOVERED_MAX_BYTES`` the file
+    moves to ``.1`` (replacing the previous one), so a server that hiccups all day holds 2 MiB."""
+    root = Path(incidents_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / RECOVERED_FILE
+    try:
+        if path.stat().st_size >= RECOVERED_MAX_BYTES:
+            os.replace(path, root / (RECOVERED_FILE + ".1"))
+    except FileNotFoundError:
+        pass
+    line = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "stall": {"kind": stall.kind, "step": stall.step, "age_s": round(stall.age_s, 3),
+                  "deadline_s": round(stall.deadline_s, 3)},
+        "verdict": diagnosis.verdict.value,
+        "summary": diagnosis.summary,
+    }  # fmt: skip
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(line, sort_keys=True) + "\n")
+    return path
 
 
 # evidence.json of a TP=8 deployment with native stacks is a few hundred KB; 16 MB is not evidence

@@ -394,7 +394,12 @@ def _watchers(s: AgentSettings | RunSettings, metrics: AgentMetrics) -> Callable
         stack_timeout_s=s.stack_timeout_s,
         native_timeout_s=s.native_timeout_s,
     )
-    detector = DetectorConfig(floor_s=s.stall_floor_s, multiplier=s.stall_multiplier, cold_deadline_s=s.cold_deadline_s)
+    detector = DetectorConfig(
+        floor_s=s.stall_floor_s,
+        multiplier=s.stall_multiplier,
+        cold_deadline_s=s.cold_deadline_s,
+        max_floor_s=s.stall_max_floor_s,
+    )
 
     def make() -> Watcher:
         return Watcher(

@@ -20,3 +20,6 @@ class Incident:
     detected_mono_ns: int
     diagnosed_mono_ns: int
     timings: dict[str, float] = field(default_factory=dict)  # seconds: gather, analyze, write
+    # A stall that was over by the time the evidence was read (no_deadlock): a line in
+    # recovered.jsonl (``bundle`` is that file), not an incident.
+    recovered: bool = False

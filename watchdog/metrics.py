@@ -78,6 +78,18 @@ class AgentMetrics:
         self.incidents = Counter(
             "watchdog_incidents_total", "Incidents diagnosed, by verdict.", [*grp, "verdict"], registry=r
         )
+        self.recovered = Counter(
+            "watchdog_recovered_stalls_total",
+            "Stalls that were over by the time the evidence was read (slow steps, not hangs; no incident).",
+            grp,
+            registry=r,
+        )
+        self.stall_floor = Gauge(
+            "watchdog_stall_floor_seconds",
+            "The stall floor now: the configured one, raised by recovered stalls up to the max floor.",
+            grp,
+            registry=r,
+        )
         self.incident_info = Gauge(
             "watchdog_incident_info",
             "One series per recent incident (its page: /incidents/<incident> on this agent); value: unix time.",

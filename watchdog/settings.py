@@ -86,6 +86,11 @@ class Ledgers(_Part):
 class StallDetection(_Part):
     group = "Stall detection"
     stall_floor_s: Positive = Field(1.0, description="No stall is declared before a step is this old.")
+    stall_max_floor_s: Positive = Field(
+        5.0,
+        description="A stall that was over after all (a slow step, not a hang) raises the floor to 1.5 x its "
+        "length, up to this.",
+    )
     stall_multiplier: Positive = Field(10.0, description="A step stalls at this many times the recent p99 of its kind.")
     cold_deadline_s: Positive = Field(60.0, description="Deadline while there is no step history (warm-up).")
 

@@ -17,14 +17,14 @@ from collectors.reader import LedgerError, ledger_paths
 from collectors.recorder import ledger_name
 from collectors.tail import LedgerTail
 from watchdog.analyzer import AnalyzerConfig, diagnose
-from watchdog.bundle import page_context, write_bundle
+from watchdog.bundle import page_context, record_recovered, write_bundle
 from watchdog.detector import DetectorConfig, StallDetector
 from watchdog.divergence import DivergenceMonitor
 from watchdog.incident import Incident
 from watchdog.logs import event
 from watchdog.report import render
 from watchdog.snapshot import LedgerSet, Sources, find_ring_specs, gather, read_ledger_dir, read_rings
-from watchdog.types import RingState, Snapshot, StallInfo
+from watchdog.types import RingState, Snapshot, StallInfo, Verdict
 
 log = logging.getLogger("watchdog")
 
@@ -50,6 +50,7 @@ class Watcher:
     _exited: set[int] = field(default_factory=set)  # pids already reported gone
     _announced: bool = False
     progressed: bool = False  # the last poll saw new records
+    _floor_logged: float = 0.0
 
     def __post_init__(self) -> None:
         self._detector = StallDetector(self.detector_cfg)
@@ -102,6 +103,14 @@ class Watcher:
         self.progressed = progressed
         if progressed:
             self._fired = False
+        if self._detector.learned_floor_s > self._floor_logged:
+            self._floor_logged = self._detector.learned_floor_s
+            event(
+                "deadline",
+                f"stall floor raised to {self._floor_logged:.2f} s: a stall was over after all (a slow step, not a "
+                f"hang); at most {self.detector_cfg.max_floor_s:g} s",
+                floor_s=round(self._floor_logged, 3),
+            )
         exited = self._exits()
         if exited is not None:
             return exited  # at once, and whatever fired before: the server may tear itself down next
@@ -150,6 +159,9 @@ class Watcher:
         self._fired = True
         log.info("rank %s exited during step %s", ", ".join(str(r) for r, _ in sorted(gone)), step)
         return StallInfo("process_exit", step, 0.0, 0.0, tuple(sorted(r for r, _ in gone)))
+
+    def stall_floor_s(self) -> float:
+        return self._detector.floor_s()
 
     def rank_pids(self) -> dict[int, int]:
         """pid -> TP rank, from the headers of the worker ledgers read so far."""
@@ -243,11 +255,15 @@ def conclude(
     diagnosis = diagnose(snapshot, cfg)
     report = render(diagnosis)
     analyzed = time.monotonic_ns()
-    bundle = write_bundle(incidents_dir, ledgers, evidence, diagnosis, report, page_context(detected, analyzed))
+    recovered = stall is not None and diagnosis.verdict is Verdict.NO_DEADLOCK
+    if stall is not None and recovered:
+        bundle = record_recovered(incidents_dir, diagnosis, stall)
+    else:
+        bundle = write_bundle(incidents_dir, ledgers, evidence, diagnosis, report, page_context(detected, analyzed))
     done = time.monotonic_ns()
     timings = {
         "gather": (gathered - detected) / 1e9,
         "analyze": (analyzed - gathered) / 1e9,
         "write": (done - analyzed) / 1e9,
     }
-    return Incident(diagnosis, bundle, report, stall, detected, done, timings)
+    return Incident(diagnosis, bundle, report, stall, detected, done, timings, recovered)

@@ -126,6 +126,9 @@ def run_demo(
                     age_txt, limit = f"{stall.age_s:.2f}", f"{stall.deadline_s:.2f}"
                     say(f"stall: step {stall.step} open {age_txt} s > deadline {limit} s; gathering")
                 incident = watcher.handle(stall)
+                if incident.recovered:  # a slow step, over by the time the evidence was read
+                    say(f"stall recovered (a slow step, not an incident): {incident.bundle}")
+                    continue
                 incidents.append(incident)
                 say(f"diagnosed {incident.diagnosis.verdict.value}; bundle {incident.bundle}")
                 if probe is not None:
