@@ -156,3 +156,56 @@ def test_bit_flipped_step_numbers_mark_the_ledger_damaged() -> None:
     rec = records[i]
     records[i] = type(rec)(**{**{f: getattr(rec, f) for f in rec.__slots__}, "step": 9007199254741044})  # type: ignore[attr-defined]
     assert implausible(records) == [i]
+
+
+# ---- the deployment's processes as a source of the world size ---------------------------------
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_worker_titles_showing_more_ranks_than_the_ledgers_state_are_missing_evidence(name: str) -> None:
+    """vLLM's worker titles are the processes' own statement of the TP size: a worker titled past the
+    ledgers' world size means ranks without a ledger, whatever the headers say."""
+    files, evidence, expected = BUNDLES[name]
+    world = max(int(n[4:7]) for n in files if n.startswith("rank")) + 1
+    titles = {str(9000 + r): f"Worker_TP{r}" for r in range(world + 1)}  # one more rank than the ledgers
+    d = diagnose(assemble(read_ledger_files(files), {**evidence, "workers": titles}))
+    assert d.verdict.value in ("inconclusive", expected["verdict"] if expected["verdict"] == "worker_dead" else "-")
+    assert d.culprit_ranks == () or d.verdict.value == "worker_dead"
+    assert any(f"deployment's processes include Worker_TP{world}" in m for m in d.missing), d.missing
+    assert f"rank {world}: no readable ledger" in d.missing
+    # the same titles for the ranks there are change nothing
+    same = {str(9000 + r): f"Worker_PP0_TP{r}" for r in range(world)}
+    again = diagnose(assemble(read_ledger_files(files), {**evidence, "workers": same}))
+    assert (again.verdict.value, again.culprit_ranks) == (expected["verdict"], tuple(expected["culprit_ranks"]))
+
+
+def test_worker_titles_are_read_from_the_ranks_siblings_and_nothing_else_is_kept(tmp_path: Path) -> None:
+    """Real processes: three titled the way vLLM titles its workers (argv replaced by the title), one
+    sibling whose command line only starts like a title (more arguments follow: a command line is never
+    kept), and a titled process that is not the deployment's."""
+    import subprocess
+
+    from watchdog.evidence.titles import worker_titles
+
+    script = (
+        "import subprocess, sys\n"
+        "procs = [subprocess.Popen(['bash', '-c', f'exec -a VLLM::Worker_TP{r} cat'], stdin=subprocess.PIPE)"
+        " for r in range(3)]\n"
+        "procs.append(subprocess.Popen(['bash', '-c', 'exec -a VLLM::Worker_TP9 sleep 60'], stdin=-3))\n"
+        "print(' '.join(str(p.pid) for p in procs), flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    with (
+        subprocess.Popen(["bash", "-c", "exec -a VLLM::Worker_TP7 cat"], stdin=subprocess.PIPE) as stranger,
+        subprocess.Popen(
+            ["python3", "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True
+        ) as parent,
+    ):
+        try:
+            assert parent.stdout is not None
+            pids = [int(p) for p in parent.stdout.readline().split()]
+            got = worker_titles("/proc", [pids[0]])  # one rank's pid: its siblings are found
+            assert got == {pids[0]: "Worker_TP0", pids[1]: "Worker_TP1", pids[2]: "Worker_TP2"}
+        finally:
+            subprocess.run(["pkill", "-KILL", "-s", str(parent.pid)], check=False)
+            stranger.kill()

@@ -205,6 +205,8 @@ def test_host_hang(tmp_path: Path, rank: int) -> None:
     assert d["ranks"][str(peer)]["step"] == d["step"]
     assert d["rings"] is not None
     assert ev["stacks"], "no stacks gathered"
+    # the deployment's processes state the TP size too (vLLM's worker titles), and agree
+    assert sorted(ev["workers"].values()) == ["Worker_TP0", "Worker_TP1"], ev.get("workers")
 
 
 @pytest.mark.parametrize("rank", [0, 1])

@@ -26,6 +26,7 @@ from watchdog.evidence.gpus import GpuSource, gpu_from_json, gpu_to_json
 from watchdog.evidence.procs import ProcSource, PsutilProcs, proc_from_json, proc_to_json
 from watchdog.evidence.rings import RingError, RingLayout, inspect_ring
 from watchdog.evidence.stacks import PySpy, StackSource, dump_many, stack_from_json, stack_to_json
+from watchdog.evidence.titles import worker_titles
 from watchdog.types import (
     EVIDENCE_SCHEMA,
     GpuInfo,
@@ -223,6 +224,7 @@ def collect(ledgers: LedgerSet, sources: Sources, stall: StallInfo | None = None
         )
         procs_f = pool.submit(_procs, sources, list(pids.values())) if sources.procs else None
         gpus_f = pool.submit(sources.gpus.sample) if sources.gpus else None
+        workers_f = pool.submit(worker_titles, sources.proc_root, list(pids.values()))
         specs, ring_missing = find_ring_specs(ledgers, sources.shm_dir, sources.proc_root)
         rings, unreadable = read_rings(specs, sources.shm_dir)
         missing.extend(ring_missing + unreadable)
@@ -250,6 +252,9 @@ def collect(ledgers: LedgerSet, sources: Sources, stall: StallInfo | None = None
                 evidence["gpus"] = [gpu_to_json(g) for g in gpus_f.result()]
             except EvidenceError as exc:
                 missing.append(f"gpus: {exc}")
+        workers = workers_f.result()
+        if workers:  # absent (not empty) where no vLLM worker titles are seen: old bundles read the same
+            evidence["workers"] = {str(pid): name for pid, name in sorted(workers.items())}
     # A process that is gone cannot be dumped: its death is the evidence, not a missing stack.
     dead = {pid for pid, p in evidence.get("procs", {}).items() if not p.get("alive", True)}
     missing = [m for m in missing if not any(f"pid {pid}:" in m for pid in dead)]
@@ -347,4 +352,14 @@ def assemble(ledgers: LedgerSet, evidence: Mapping[str, Any]) -> Snapshot:
         missing=tuple(missing),
         stall=_stall(evidence.get("stall")),
         live=live,
+        workers=_workers(_table(evidence, "workers")),
     )
+
+
+def _workers(table: Mapping[str, Any]) -> dict[int, str]:
+    out: dict[int, str] = {}
+    for pid, name in table.items():
+        if not pid.isdigit() or len(pid) > 10:
+            raise ValueError(f"workers: {pid[:20]!r} is not a pid")
+        out[int(pid)] = json_value(name, str, "workers[]")[:128]
+    return out

@@ -185,6 +185,7 @@ class Snapshot:
     missing: tuple[str, ...] = ()
     stall: StallInfo | None = None
     live: bool = True  # False for a post-mortem on ledgers alone
+    workers: Mapping[int, str] = field(default_factory=dict)  # pid -> vLLM worker title ("Worker_TP1")
 
 
 # ---- analysis -------------------------------------------------------------------------

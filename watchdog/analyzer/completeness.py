@@ -12,7 +12,8 @@ flips may have hit fields that cannot be checked.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from collectors.format import EngineQueue, Ledger, Record
@@ -69,6 +70,21 @@ def damage(ledger: Ledger, implausible_records: int) -> str | None:
     return "ledger damaged (" + ", ".join(why) + "), not trusted" if why else None
 
 
+_DIM = re.compile(r"_(DP|PP|PCP|TP|DCP|EP)(\d+)")
+
+
+def tp_shown(workers: Mapping[int, str]) -> tuple[int, int, str] | None:
+    """The TP size vLLM's worker titles show at least (``watchdog.evidence.titles``): the highest TP
+    index + 1 (no ``_TP`` part: TP=1), with the pid and title that show it; None without titles.
+    A lower bound only: a rank whose process is gone has no title."""
+    best: tuple[int, int, str] | None = None
+    for pid, name in sorted(workers.items()):
+        tp = next((int(n) for dim, n in _DIM.findall(name) if dim == "TP"), 0)
+        if tp < MAX_WORLD and (best is None or tp + 1 > best[0]):
+            best = (tp + 1, pid, name)
+    return best
+
+
 @dataclass(frozen=True)
 class Completeness:
     world: int | None  # None: no source states it (or the sources disagree)
@@ -104,6 +120,17 @@ def completeness(snapshot: Snapshot, damaged: dict[int, str | None]) -> Complete
         r for r, ev in snapshot.ranks.items() if ev.ledger is not None and not damaged.get(r) and r >= 0
     )
     missing.extend(f"rank {rank}: {why}" for rank, why in sorted(damaged.items()) if why)
+    shown = tp_shown(snapshot.workers)
+    if shown is not None:
+        size, pid, name = shown
+        if world is not None and size > world:
+            missing.append(
+                f"world size: the ledgers state {world}, but the deployment's processes include {name} "
+                f"(pid {pid}): at least {size} ranks"
+            )
+            world = size
+        elif world is None:  # missing[0] says why no size was taken from the ledgers
+            missing[0] += f"; the deployment's processes show at least {size} ranks"
     if world is not None:
         absent = [r for r in range(world) if r not in snapshot.ranks]
         missing.extend(f"rank {r}: no readable ledger" for r in absent[:8])
