@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from collectors.reader import LedgerError, read_ledger
-from watchdog.bench_soak import kill_group, spawn_cli, stop_group, tail
+from watchdog.procgroup import kill_group, spawn_cli, stop_group, tail
 from watchdog.snapshot import ring_specs
 
 # The CLI in its own process group, and its stop: shared with `watchdog bench soak`.

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -204,7 +205,14 @@ def test_worker_titles_are_read_from_the_ranks_siblings_and_nothing_else_is_kept
         try:
             assert parent.stdout is not None
             pids = [int(p) for p in parent.stdout.readline().split()]
-            got = worker_titles("/proc", [pids[0]])  # one rank's pid: its siblings are found
+            deadline = time.monotonic() + 20  # until every child has exec'd under its title
+
+            def titled(pid: int) -> bool:
+                return Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"VLLM::")
+
+            while not all(titled(p) for p in [*pids, stranger.pid]) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            got = worker_titles("/proc", [pids[0]])  # one rank's pid: its titled siblings are found
             assert got == {pids[0]: "Worker_TP0", pids[1]: "Worker_TP1", pids[2]: "Worker_TP2"}
         finally:
             subprocess.run(["pkill", "-KILL", "-s", str(parent.pid)], check=False)

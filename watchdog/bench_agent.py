@@ -13,10 +13,7 @@ healthy demo deployment (``watchdog demo --no-watch``) instead of a synthetic wr
 
 from __future__ import annotations
 
-import contextlib
-import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -32,6 +29,7 @@ import psutil
 from collectors.format import CUDAGraphMode, EngineStep, GraphKey, ProcessKind
 from collectors.reader import LedgerError, read_ledger
 from collectors.recorder import Recorder
+from watchdog.procgroup import kill_group, spawn_cli, stop_group, tail
 from watchdog.supervisor.proc import die_with_parent
 
 
@@ -105,17 +103,6 @@ def _cpu_s(proc: Any) -> float:
     return total
 
 
-def _stop_group(p: Any, sigint_first: bool) -> None:
-    if sigint_first:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(p.pid, signal.SIGINT)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            p.wait(20)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(p.pid, signal.SIGKILL)
-    p.wait()
-
-
 def agent_cpu_share(tp: int, cpu_seconds: float, say: Callable[[str], None]) -> dict[str, Any]:
     """A real agent process beside a healthy demo deployment: its CPU share of one core."""
     workdir = Path(tempfile.mkdtemp(prefix="watchdog-bench-cpu-"))
@@ -123,30 +110,14 @@ def agent_cpu_share(tp: int, cpu_seconds: float, say: Callable[[str], None]) -> 
     ledger_dir.mkdir()
     port = _free_port()
 
-    def start(args: list[str], log: Path) -> subprocess.Popen[bytes]:
-        with open(log, "wb") as f:
-            return subprocess.Popen(
-                [sys.executable, "-m", "watchdog.cli", *args],
-                stdin=subprocess.DEVNULL,
-                stdout=f,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-
-    def tail(log: Path) -> str:
-        try:
-            return log.read_text(errors="replace")[-800:]
-        except OSError:
-            return ""
-
     out: dict[str, Any] = {"cpu_tp": tp, "cpu_window_s": cpu_seconds}
-    agent = start(
+    agent = spawn_cli(
         ["agent", "--ledger-dir", str(ledger_dir), "--incidents-dir", str(workdir / "incidents"), "--port", str(port)],
         workdir / "agent.log",
     )
     demo = None
     try:
-        demo = start(
+        demo = spawn_cli(
             ["demo", "--no-watch", "--tp", str(tp), "--requests", "1000000", "--workdir", str(workdir),
              "--timeout", str(int(cpu_seconds + 600))],
             workdir / "demo.log",
@@ -167,7 +138,7 @@ def agent_cpu_share(tp: int, cpu_seconds: float, say: Callable[[str], None]) -> 
             time.sleep(0.5)
         time.sleep(5.0)  # past the prefills: full-speed decode
         if agent.poll() is not None:
-            raise RuntimeError(f"the agent exited (code {agent.returncode}): {tail(workdir / 'agent.log')}")
+            raise RuntimeError(f"the agent exited (code {agent.returncode}): {tail(workdir / 'agent.log', 800)}")
         ap = psutil.Process(agent.pid)
         s0, c0, w0 = _engine_step(engine_ledger), _cpu_s(ap), time.monotonic()
         say(f"agent CPU: sampling for {cpu_seconds:.0f} s")
@@ -190,12 +161,12 @@ def agent_cpu_share(tp: int, cpu_seconds: float, say: Callable[[str], None]) -> 
     except Exception as exc:  # reported as a figure
         out["error"] = f"{type(exc).__name__}: {exc}"
         if agent.poll() is not None:
-            out["agent_exit"] = {"code": agent.returncode, "log_tail": tail(workdir / "agent.log")}
+            out["agent_exit"] = {"code": agent.returncode, "log_tail": tail(workdir / "agent.log", 800)}
         say(f"agent CPU: {out['error']}")
     finally:
         if demo is not None:
-            _stop_group(demo, sigint_first=True)
-        _stop_group(agent, sigint_first=False)
+            stop_group(demo)
+        kill_group(agent, grace_s=0.0)
         shutil.rmtree(workdir, ignore_errors=True)
     return out
 

@@ -19,22 +19,20 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import re
-import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import httpx
 import psutil
 
 from collectors.reader import LedgerError, read_ledger
 from watchdog.errors import WatchdogError
+from watchdog.procgroup import spawn_cli, stop_group, tail
 from watchdog.snapshot import ring_specs
 
 PER_BURST = 12  # requests per burst
@@ -56,44 +54,6 @@ def _get(port: int, path: str) -> tuple[int, str]:
     return r.status_code, r.text
 
 
-def spawn_cli(args: list[str], log: Path, stdout: IO[bytes] | None = None) -> subprocess.Popen[bytes]:
-    """``python -m watchdog.cli ARGS`` in its own process group; stderr (and stdout unless given) to ``log``."""
-    with open(log, "wb") as f:
-        return subprocess.Popen(
-            [sys.executable, "-m", "watchdog.cli", *args],
-            stdout=stdout if stdout is not None else f,
-            stderr=f,
-            start_new_session=True,
-        )
-
-
-def stop_group(p: subprocess.Popen[bytes], first: signal.Signals = signal.SIGINT, grace_s: float = 20) -> None:
-    """``first`` (SIGINT: the demo kills its tree and unlinks its shm rings on KeyboardInterrupt) while it
-    runs, then SIGKILL to whatever is left of its process group (which outlives its leader while
-    children such as multiprocessing's resource tracker finish)."""
-    if p.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(p.pid, first)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            p.wait(grace_s)
-    kill_group(p)
-
-
-def kill_group(p: subprocess.Popen[bytes] | subprocess.Popen[str], grace_s: float = 5.0) -> None:
-    """Give ``p``'s process group ``grace_s`` to end by itself (multiprocessing's resource tracker
-    unlinks the queues' semaphores on its way out), then SIGKILL whatever is left, and reap ``p``."""
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(p.pid, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.1)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(p.pid, signal.SIGKILL)
-    p.wait()
-
-
 def _metric(text: str, name: str) -> float:
     return sum(float(m.group(2)) for m in re.finditer(rf"^{re.escape(name)}(\{{[^}}]*\}})? (\S+)$", text, re.M))
 
@@ -111,12 +71,6 @@ def _leftover_rings(ledger_dir: Path) -> list[str]:
         return []
     names = [str(spec["name"]) for _role, spec in specs if isinstance(spec, dict) and spec.get("name")]
     return [n for n in names if Path("/dev/shm", n).exists()]
-
-
-def tail(path: Path, n: int = 2000) -> str:
-    with contextlib.suppress(OSError):
-        return path.read_text(errors="replace")[-n:]
-    return ""
 
 
 def bench_soak(
