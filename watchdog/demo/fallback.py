@@ -30,13 +30,7 @@ from watchdog.demo.httpclient import start_http_client
 from watchdog.demo.options import DemoOptions
 from watchdog.demo.progress import Progress
 from watchdog.demo.result import DemoIncident, FallbackOutcome, FaultBite, Requests, demo_incident, fault_bites
-from watchdog.detector import DetectorConfig
-from watchdog.metrics import AgentMetrics
-from watchdog.snapshot import Sources
-from watchdog.supervisor import ladder
-from watchdog.supervisor.proxy import ResumingProxy, UpstreamGate
-from watchdog.supervisor.run import Supervisor, SupervisorConfig
-from watchdog.watcher import Watcher
+from watchdog.demo.supervised import start_supervised
 
 
 class FaultBroker:
@@ -130,46 +124,28 @@ class FallbackRun:
 
 def run_fallback(opts: DemoOptions, workdir: Path, say: Callable[[str], None]) -> FallbackRun:
     """Run the demo under the supervisor and proxy."""
-    ledger_dir, incidents_dir = workdir / "ledgers", workdir / "incidents"
-    state_file = workdir / "ladder.json"
-    state_file.unlink(missing_ok=True)  # each demo starts at the bottom rung
     broker = FaultBroker(workdir / "fault.sock", FaultPlan(opts.fault, opts.fault_rank, opts.fault_step))
-    upstream = f"http://127.0.0.1:{free_port()}"
-    gate = UpstreamGate(upstream)
-    proxy = ResumingProxy(gate, resume_timeout_s=opts.timeout_s)
-    proxy.start()
-    sources = Sources(native=opts.native_stacks)
-    detector = DetectorConfig(floor_s=opts.stall_floor_s)
-    cfg = SupervisorConfig(
-        argv=server_argv(opts, int(upstream.rsplit(":", 1)[1]), workdir, broker.path),
-        ledger_dir=ledger_dir,
-        incidents_dir=incidents_dir,
-        state_file=state_file,
-        policy=ladder.Policy(max_restarts=opts.max_restarts),
-        grace_s=5.0,
-        poll_s=0.05,
-        upstream=upstream,
-    )
-    sup = Supervisor(
-        cfg,
-        AgentMetrics("demo"),
-        lambda: Watcher(ledger_dir, incidents_dir, sources, detector),
+    port = free_port()
+    run = start_supervised(
+        server_argv(opts, port, workdir, broker.path),
+        port,
+        workdir,
+        timeout_s=opts.timeout_s,
+        max_restarts=opts.max_restarts,
+        stall_floor_s=opts.stall_floor_s,
+        native_stacks=opts.native_stacks,
         say=say,
-        gate=gate,
     )
-    outcome: list[int] = []
-    runner = threading.Thread(target=lambda: outcome.append(sup.run()), name="supervisor", daemon=True)
-    started = time.monotonic_ns()
-    runner.start()
+    sup, started = run.sup, run.started_mono_ns
     stop = threading.Event()
-    client = start_http_client(opts.workload(), f"http://127.0.0.1:{proxy.port}", stop, opts.timeout_s)
+    client = start_http_client(opts.workload(), run.proxy_url, stop, opts.timeout_s)
     say(f"bench client: {opts.requests} streamed requests over HTTP through the proxy, fault {opts.fault}")
     deadline = time.monotonic() + opts.timeout_s
     progress = Progress(say, time.monotonic())
     try:
         while not client.done.wait(0.1):
             progress.tick(f"serving: {client.succeeded}/{opts.requests} requests done")
-            if not runner.is_alive():
+            if not run.runner.is_alive():
                 say("the supervisor ended: no server to send requests to")
                 break
             if time.monotonic() > deadline:
@@ -177,9 +153,7 @@ def run_fallback(opts: DemoOptions, workdir: Path, say: Callable[[str], None]) -
                 break
     finally:
         stop.set()
-        sup.stop()
-        runner.join(timeout=60)
-        proxy.stop()
+        run.stop()
         broker.close()
     incidents, lo = [], started
     for inc in sup.incidents:
@@ -193,9 +167,9 @@ def run_fallback(opts: DemoOptions, workdir: Path, say: Callable[[str], None]) -
         fault_bites=fault_bites(broker.all_bites(), started),
         restarts=tuple(r.to_json() for r in sup.restarts),
         outcome=FallbackOutcome(
-            ladder=sup.state.to_json(cfg.policy),
+            ladder=sup.state.to_json(run.cfg.policy),
             gave_up=sup.state.gave_up,
-            proxy=proxy.stats,
-            supervisor_exit=outcome[0] if outcome else None,
+            proxy=run.proxy.stats,
+            supervisor_exit=run.outcome[0] if run.outcome else None,
         ),
     )

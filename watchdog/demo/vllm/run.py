@@ -27,6 +27,7 @@ from pathlib import Path
 from watchdog.demo.httpclient import complete
 from watchdog.demo.progress import Progress
 from watchdog.demo.result import DemoResult, FallbackOutcome, Requests, demo_incident, fault_bites
+from watchdog.demo.supervised import start_supervised
 from watchdog.demo.vllm.faults import CORRUPTS_OUTPUT, KINDS
 from watchdog.demo.vllm.serve import (
     MODEL_NAME,
@@ -39,14 +40,8 @@ from watchdog.demo.vllm.serve import (
     tiny_model,
     vllm_python,
 )
-from watchdog.detector import DetectorConfig
 from watchdog.errors import UsageError
-from watchdog.metrics import AgentMetrics
-from watchdog.snapshot import Sources
-from watchdog.supervisor import ladder
-from watchdog.supervisor.proxy import ResumingProxy, UpstreamGate
-from watchdog.supervisor.run import Supervisor, SupervisorConfig, healthy
-from watchdog.watcher import Watcher
+from watchdog.supervisor.run import Supervisor, healthy
 
 FAULTS = ("none", *KINDS)
 WORDS = "the quick brown fox jumps over a lazy dog while tensor parallel ranks step through graph keys"
@@ -113,56 +108,40 @@ def run_vllm_demo(opts: VllmDemoOptions, say: Callable[[str], None]) -> DemoResu
     say(f"vLLM: {exe} (python {python}); its output goes to {opts.workdir / 'vllm.log'}")
     model = Path(opts.model).resolve() if opts.model else tiny_model(python)
     work = opts.workdir.resolve()
-    ledger_dir, incidents_dir, bit = work / "ledgers", work / "incidents", work / "fault-bit"
+    bit = work / "fault-bit"
     bit.unlink(missing_ok=True)
-    state_file = work / "ladder.json"
-    state_file.unlink(missing_ok=True)
     env = server_env(work / "server", None, fault=opts.fault_spec(), tp=opts.tp, cache=compile_cache(opts.fault))
     env["VLLM_TEST_FAULT_ONCE"] = str(bit)
     port = _free_port()
-    upstream = f"http://127.0.0.1:{port}"
-    gate = UpstreamGate(upstream)
-    proxy = ResumingProxy(gate, resume_timeout_s=opts.timeout_s)
-    cfg = SupervisorConfig(
-        argv=serve_cmd(exe, model, port, tp=opts.tp),
-        ledger_dir=ledger_dir,
-        incidents_dir=incidents_dir,
-        state_file=state_file,
-        policy=ladder.Policy(max_restarts=opts.max_restarts),
-        grace_s=5.0,
-        unexplained_stall_s=20.0,
-        poll_s=0.05,
-        upstream=upstream,
-        env=env,
-        output=work / "vllm.log",
-    )
-    sources = Sources(native=opts.native_stacks)
-    detector = DetectorConfig(floor_s=opts.stall_floor_s)
-    sup = Supervisor(
-        cfg, AgentMetrics("demo"), lambda: Watcher(ledger_dir, incidents_dir, sources, detector), say=say, gate=gate
-    )
     before = shm_entries()
     requests = workload(opts.requests, opts.output_len, opts.range_ratio, opts.seed)
-    outcome: list[int] = []
     got: list[tuple[str, str]] = []
     want: list[tuple[str, str]] | None = None
-    proxy.start()
-    runner = threading.Thread(target=lambda: outcome.append(sup.run()), name="supervisor", daemon=True)
-    started = time.monotonic_ns()
-    runner.start()
+    run = start_supervised(
+        serve_cmd(exe, model, port, tp=opts.tp),
+        port,
+        work,
+        timeout_s=opts.timeout_s,
+        max_restarts=opts.max_restarts,
+        stall_floor_s=opts.stall_floor_s,
+        native_stacks=opts.native_stacks,
+        say=say,
+        env=env,
+        output=work / "vllm.log",
+        unexplained_stall_s=20.0,
+    )
+    sup, upstream, runner, started = run.sup, run.upstream, run.runner, run.started_mono_ns
     try:
         if _wait_serving(upstream, runner, opts.timeout_s, say):
             say(f"client: {opts.requests} streamed requests through the proxy, {opts.concurrency} at a time")
-            got = _send(requests, f"http://127.0.0.1:{proxy.port}", opts, say)
+            got = _send(requests, run.proxy_url, opts, say)
             if _settled(sup, upstream, runner, say):
                 say("reference: the same requests again, directly to the server that is up now")
                 want = _send(requests, upstream, opts, lambda _m: None)
         else:
             say(f"vLLM did not come up: {_tail(work / 'vllm.log')}")
     finally:
-        sup.stop()
-        runner.join(timeout=90)
-        proxy.stop()
+        run.stop(join_s=90)
         remove_leftovers(before)
     bite_ns = _bite_mono_ns(bit)
     bites = [] if bite_ns is None else [(-1 if opts.fault == "engine-stall" else opts.fault_rank, bite_ns)]
@@ -195,7 +174,10 @@ def run_vllm_demo(opts: VllmDemoOptions, say: Callable[[str], None]) -> DemoResu
         elapsed_s=round((time.monotonic_ns() - started) / 1e9, 1),
         restarts=tuple(r.to_json() for r in sup.restarts),
         fallback=FallbackOutcome(
-            sup.state.to_json(cfg.policy), sup.state.gave_up, proxy.stats, outcome[0] if outcome else None
+            sup.state.to_json(run.cfg.policy),
+            sup.state.gave_up,
+            run.proxy.stats,
+            run.outcome[0] if run.outcome else None,
         ),
         vllm={
             "exe": str(exe),
