@@ -130,11 +130,8 @@ def run_fallback(opts: DemoOptions, workdir: Path, say: Callable[[str], None]) -
         server_argv(opts, port, workdir, broker.path),
         port,
         workdir,
-        timeout_s=opts.timeout_s,
-        max_restarts=opts.max_restarts,
-        stall_floor_s=opts.stall_floor_s,
-        native_stacks=opts.native_stacks,
-        say=say,
+        opts,
+        say,
     )
     sup, started = run.sup, run.started_mono_ns
     stop = threading.Event()

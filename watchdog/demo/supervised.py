@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from watchdog.detector import DetectorConfig
 from watchdog.metrics import AgentMetrics
@@ -20,6 +21,19 @@ from watchdog.supervisor import ladder
 from watchdog.supervisor.proxy import ResumingProxy, UpstreamGate
 from watchdog.supervisor.run import Supervisor, SupervisorConfig
 from watchdog.watcher import Watcher
+
+
+class ServeOptions(Protocol):
+    """What both demos' options say about serving (``DemoOptions``, ``VllmDemoOptions``)."""
+
+    @property
+    def timeout_s(self) -> float: ...
+    @property
+    def max_restarts(self) -> int: ...
+    @property
+    def stall_floor_s(self) -> float: ...
+    @property
+    def native_stacks(self) -> bool: ...
 
 
 @dataclass
@@ -46,12 +60,9 @@ def start_supervised(
     argv: list[str],
     port: int,
     workdir: Path,
-    *,
-    timeout_s: float,
-    max_restarts: int,
-    stall_floor_s: float,
-    native_stacks: bool,
+    opts: ServeOptions,
     say: Callable[[str], None],
+    *,
     env: Mapping[str, str] | None = None,
     output: Path | None = None,
     unexplained_stall_s: float | None = None,
@@ -62,13 +73,13 @@ def start_supervised(
     state_file.unlink(missing_ok=True)
     upstream = f"http://127.0.0.1:{port}"
     gate = UpstreamGate(upstream)
-    proxy = ResumingProxy(gate, resume_timeout_s=timeout_s)
+    proxy = ResumingProxy(gate, resume_timeout_s=opts.timeout_s)
     cfg = SupervisorConfig(
         argv=argv,
         ledger_dir=ledger_dir,
         incidents_dir=incidents_dir,
         state_file=state_file,
-        policy=ladder.Policy(max_restarts=max_restarts),
+        policy=ladder.Policy(max_restarts=opts.max_restarts),
         grace_s=5.0,
         poll_s=0.05,
         upstream=upstream,
@@ -77,8 +88,8 @@ def start_supervised(
     )
     if unexplained_stall_s is not None:  # else the supervisor's default
         cfg.unexplained_stall_s = unexplained_stall_s
-    sources = Sources(native=native_stacks)
-    detector = DetectorConfig(floor_s=stall_floor_s)
+    sources = Sources(native=opts.native_stacks)
+    detector = DetectorConfig(floor_s=opts.stall_floor_s)
     sup = Supervisor(
         cfg, AgentMetrics("demo"), lambda: Watcher(ledger_dir, incidents_dir, sources, detector), say=say, gate=gate
     )
