@@ -267,3 +267,30 @@ def test_a_dispatch_stall_over_before_the_evidence_is_no_deadlock(tmp_path: Path
     d = diagnose(dep.snapshot(host={0: "ring", 1: "ring"}, device={0: "idle", 1: "idle"}, stall=stall))
     assert d.verdict is Verdict.NO_DEADLOCK, d.summary
     assert "dispatch stall" in d.summary and d.culprit_ranks == ()
+
+
+def test_a_lagging_rank_that_finished_the_step_is_a_slow_rank_not_a_divergence(tmp_path: Path) -> None:
+    """The monitor saw rank 2 still inside step 5 past its grace after its peers finished it (a rank
+    descheduled on a saturated host); by the time the evidence is read it finished step 5 with the same
+    keys and collectives: no_deadlock (the agent records it as a recovered stall, not an incident)."""
+    dep = Deployment(tmp_path, tp=3)
+    warm(dep)
+    dep.decode_step(5, 16)
+    dep.engine_result(5, running=0)
+    stall = StallInfo("divergence", 5, 2.4, 2.0, (2,))
+    d = diagnose(dep.snapshot(host={r: "ring" for r in range(3)}, device={r: "idle" for r in range(3)}, stall=stall))
+    assert d.verdict is Verdict.NO_DEADLOCK, d.summary
+    assert "rank 2" in d.summary and "a slow rank, not a divergence" in d.summary and not d.no_stall_yet
+
+
+def test_a_lagging_rank_still_inside_the_step_is_never_no_deadlock(tmp_path: Path) -> None:
+    dep = Deployment(tmp_path, tp=3)
+    warm(dep)
+    dep.decode_step(5, 16, open_on=[2])
+    stall = StallInfo("divergence", 5, 2.4, 2.0, (2,))
+    d = diagnose(
+        dep.snapshot(
+            host={0: "ring", 1: "ring", 2: "sync"}, device={0: "idle", 1: "idle", 2: "collective"}, stall=stall
+        )
+    )
+    assert d.verdict is not Verdict.NO_DEADLOCK, d.summary

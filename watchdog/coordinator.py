@@ -100,7 +100,7 @@ class Coordinator:
         odd = self.monitor.check(time.monotonic_ns())
         if odd is not None:
             log.info("ranks out of step at step %s: %s", odd.step, odd.reason)
-            return StallInfo("divergence", odd.step, 0.0, 0.0)
+            return StallInfo("divergence", odd.step, odd.lag_s, self.monitor.grace_s, odd.ranks if odd.lag_s else ())
         if progressed:
             self._fired = False
         if stall is None or self._fired:

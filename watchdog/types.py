@@ -167,7 +167,8 @@ class StallInfo:
     age_s: float
     deadline_s: float
     # process_exit: the ranks whose process the watcher saw gone first (the others may follow as the
-    # server tears itself down before the evidence is gathered)
+    # server tears itself down before the evidence is gathered); divergence: the ranks left inside a
+    # step their peers finished (age_s: how long after them), empty when their steps' contents differ
     ranks: tuple[int, ...] = ()
 
 

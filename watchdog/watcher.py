@@ -119,7 +119,7 @@ class Watcher:
         odd = self.monitor.check(now)
         if odd is not None:
             log.info("ranks out of step at step %s: %s", odd.step, odd.reason)
-            return StallInfo("divergence", odd.step, odd.lag_s, self.monitor.grace_s)
+            return StallInfo("divergence", odd.step, odd.lag_s, self.monitor.grace_s, odd.ranks if odd.lag_s else ())
         stall = self._detector.check(now)
         if stall is None or self._fired:
             return None

@@ -165,7 +165,7 @@ def diagnose(snapshot: Snapshot, cfg: AnalyzerConfig | None = None) -> Diagnosis
                 summary += f"; rings: {rings.summary}"
             if missing:
                 summary += f" (missing: {'; '.join(missing)})"
-    no_stall = snapshot.stall is not None and snapshot.stall.kind == "divergence"
+    no_stall = snapshot.stall is not None and snapshot.stall.kind == "divergence" and verdict is not Verdict.NO_DEADLOCK
     if no_stall:
         summary += "; no stall yet: caught as the ranks completed steps out of step, before any hang"
     # A healthy server mid-step also has a request taken and no reply yet: the rings are evidence
@@ -200,13 +200,22 @@ def _stall_passed(ctx: Context) -> str:
             f"the dispatch stall (open {stall.age_s:.2f} s, deadline {stall.deadline_s:.2f} s) was over by the time "
             "the evidence was read: the engine holds no request and no rank is inside a step"
         )
-    if stall is None or stall.kind != "open_step" or stall.step is None or not ctx.facts:
+    # A rank seen lagging (the divergence monitor's grace passed with it still inside a step its peers
+    # finished) is the same case when it finished too: no rule found the steps' contents to differ.
+    lagged = stall is not None and stall.kind == "divergence" and bool(stall.ranks)
+    if stall is None or not (stall.kind == "open_step" or lagged) or stall.step is None or not ctx.facts:
         return ""
     for f in ctx.facts.values():
         t = f.steps.get(stall.step)
         ended = t is not None and t.end is not None
         if not ended and not (f.last_begun is not None and f.last_begun > stall.step):
             return ""
+    if lagged:
+        names = ", ".join(map(str, stall.ranks))
+        return (
+            f"rank {names}, seen inside step {stall.step} {stall.age_s:.2f} s after its peers finished it, finished "
+            "it by the time the evidence was read, with the same keys and collectives (a slow rank, not a divergence)"
+        )
     return (
         f"the stall at step {stall.step} (open {stall.age_s:.2f} s, deadline {stall.deadline_s:.2f} s) was over "
         "by the time the evidence was read: every rank finished that step (a slow step, not a hang)"

@@ -277,9 +277,11 @@ class Supervisor:
     def _declared(self, stall: StallInfo) -> None:
         """Ranks out of step keep serving, and every token they compute now is wrong: stop relaying
         them at once (the proxy holds new requests and cuts the streams in flight, to continue them
-        after the restart) instead of after the seconds the evidence takes. A hang produces nothing
-        and needs no such hurry. Never in observe mode."""
-        if stall.kind == "divergence" and self.gate is not None and not self.cfg.observe:
+        after the restart) instead of after the seconds the evidence takes. Only for steps whose
+        contents differ: a rank merely left inside a step its peers finished (``stall.ranks``) is how a
+        hang begins, or a slow rank on a saturated host, and a hang produces nothing and needs no such
+        hurry. Never in observe mode."""
+        if stall.kind == "divergence" and not stall.ranks and self.gate is not None and not self.cfg.observe:
             self._held = True
             self.gate.going_down()
             self._note("held", "watchdog run: ranks out of step: requests held until the server is restarted")
