@@ -12,7 +12,6 @@ from collections.abc import Callable
 from typing import Any
 
 from collectors.format import GraphKey, Role
-from collectors.packing import pack_collective
 from collectors.vllm import compiled
 from collectors.vllm.exact import Hook, exact
 from collectors.vllm.state import STATE, WorkerState
@@ -228,8 +227,8 @@ def _group(unique_name: Any) -> str:
 
 def _collective(op_name: str, method: str) -> Callable[[Hook, Any], Callable[..., Any]]:
     def make(hook: Hook, orig: Any) -> Callable[..., Any]:
-        # (group's unique_name, torch dtype) -> (group, packed group/op/dtype): one lookup per eager call
-        idents: dict[tuple[Any, Any], tuple[str, bytes]] = {}
+        # (group's unique_name, torch dtype) -> (group, dtype name): one lookup per eager call
+        idents: dict[tuple[Any, Any], tuple[str, str]] = {}
 
         def before(self: Any, input_: Any) -> None:
             ws = STATE.ws
@@ -245,11 +244,10 @@ def _collective(op_name: str, method: str) -> Callable[[Hook, Any], Callable[...
                 ck = (self.unique_name, input_.dtype)
                 ident = idents.get(ck)
                 if ident is None:
-                    group = _group(self.unique_name)
-                    ident = (group, pack_collective(group, op_name, dtype_name(input_.dtype)))
+                    ident = (_group(self.unique_name), dtype_name(input_.dtype))
                     if len(idents) < 256:
                         idents[ck] = ident
-                ws.rec.collective_packed(ws.step, ident[0], ident[1], input_.numel())
+                ws.rec.collective(ws.step, ident[0], op_name, ident[1], input_.numel())
 
         # where Dynamo traces through the method (the CPU platform), the compiled graph calls a
         # watchdog op instead, which records at run time (compiled.py)
