@@ -96,7 +96,7 @@ def bench_plugin(*, steps: int = 20000, repeats: int = 7, reqs: int = 15) -> dic
     from collectors.reader import read_ledger
     from collectors.vllm import state, translate
     from collectors.vllm import worker as wrappers
-    from collectors.vllm.hooks import Hook, Target, exact
+    from collectors.vllm.hooks import Hook, Target, wrap
 
     full = (_Mode("FULL"), _BatchDescriptor(32, 16, uniform=True), False, None, None)
     drafted = (_Mode("PIECEWISE"), 32, None)
@@ -170,7 +170,7 @@ def bench_plugin(*, steps: int = 20000, repeats: int = 7, reqs: int = 15) -> dic
             bare_step = step_through(execute_model, determine_batch, drafter_determine_batch, sample_tokens)
             # The same four calls through wrappers that do nothing but forward: the frames alone.
             originals = (execute_model, determine_batch, drafter_determine_batch, sample_tokens)
-            frames_step = step_through(*(exact(Hook(t(f.__name__)), f) for f in originals))
+            frames_step = step_through(*(wrap(Hook(t(f.__name__)), f) for f in originals))
 
             ws = proc.current_worker()
             assert ws is not None

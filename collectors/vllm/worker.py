@@ -1,7 +1,7 @@
 """The worker-side wrappers: graph-key choice, graph capture, step boundaries and collectives.
 
 Each wrapper maker takes the hook's switch and the original and returns the wrapper
-(``exact``-generated where it runs every step). All of them write through this process's
+(``collectors.vllm.wrap``'s forwarder around the hook's bodies). All of them write through this process's
 ``STATE`` (collectors.vllm.state), which opens the worker ledger on first use.
 """
 
@@ -13,7 +13,6 @@ from typing import Any
 
 from collectors.format import GraphKey, Role
 from collectors.vllm import compiled
-from collectors.vllm.exact import Hook, exact
 from collectors.vllm.state import STATE, WorkerState
 from collectors.vllm.targets import COLLECTIVE_OPS, PARALLEL_STATE
 from collectors.vllm.translate import (
@@ -24,6 +23,7 @@ from collectors.vllm.translate import (
     mode_of,
     tensor_op,
 )
+from collectors.vllm.wrap import Hook, wrap
 
 # ---- worker-side description (rank, TP size, dispatcher config) -----------------------
 
@@ -69,7 +69,7 @@ def _v1_model_dispatch(hook: Hook, orig: Any) -> Callable[..., Any]:
                 k = ws.keyed(ck, key_from_descriptor(mode, d), mode)
             ws.launch(0, k, num_tokens, num_reqs)
 
-    return exact(hook, orig, ("num_tokens", "num_reqs"), after=after)
+    return wrap(hook, orig, ("num_tokens", "num_reqs"), after=after)
 
 
 def _v1_drafter_dispatch(hook: Hook, orig: Any) -> Callable[..., Any]:
@@ -83,7 +83,7 @@ def _v1_drafter_dispatch(hook: Hook, orig: Any) -> Callable[..., Any]:
                 k = ws.keyed(ck, GraphKey(mode_of(mode), int(padded)), mode)
             ws.launch(1, k, num_tokens, 0)
 
-    return exact(hook, orig, ("num_tokens",), after=after)
+    return wrap(hook, orig, ("num_tokens",), after=after)
 
 
 def _v2_role(manager: Any) -> Role | None:
@@ -114,7 +114,7 @@ def _v2_dispatch(hook: Hook, orig: Any) -> Callable[..., Any]:
                 k = ws.keyed(ck, key_from_execution_descriptor(out), mode)
             ws.launch(role, k, num_tokens, num_reqs)
 
-    return exact(hook, orig, ("num_reqs", "num_tokens"), after=after)
+    return wrap(hook, orig, ("num_reqs", "num_tokens"), after=after)
 
 
 def _capturing() -> bool:
@@ -190,7 +190,7 @@ def _execute_model(hook: Hook, orig: Any) -> Callable[..., Any]:
     def failed(self: Any, scheduler_output: Any) -> None:
         _end(False)
 
-    return exact(hook, orig, ("scheduler_output",), before=before, after=after, failed=failed)
+    return wrap(hook, orig, ("scheduler_output",), before=before, after=after, failed=failed)
 
 
 def _sample_tokens(hook: Hook, orig: Any) -> Callable[..., Any]:
@@ -202,7 +202,7 @@ def _sample_tokens(hook: Hook, orig: Any) -> Callable[..., Any]:
     def failed(self: Any) -> None:
         _end(False)
 
-    return exact(hook, orig, after=after, failed=failed)
+    return wrap(hook, orig, after=after, failed=failed)
 
 
 def _end(ok: bool) -> None:
@@ -251,7 +251,7 @@ def _collective(op_name: str, method: str) -> Callable[[Hook, Any], Callable[...
 
         # where Dynamo traces through the method (the CPU platform), the compiled graph calls a
         # watchdog op instead, which records at run time (compiled.py)
-        return compiled.route(method, orig, exact(hook, orig, ("input_",), before=before), before)
+        return compiled.route(method, orig, wrap(hook, orig, ("input_",), before=before), before)
 
     return make
 
