@@ -6,7 +6,7 @@ warning (``Hook.fail``) and vLLM carries on as if the plugin were not there.
 
 Wrappers are plain ``(self, *args, **kwargs)`` forwarders that pick the arguments the hook reads by
 position or by name. Wrappers generated with each original's exact signature (exec'd source) were
-faster by 0.2-1.5 us a call, 3-4 us a step: about 0.1 % of a real step, far below what a bench on a
+faster by 0.1-1.5 us a call, 2-4 us a step: 0.07-0.19 % of a real step, far below what a bench on a
 real server resolves (``watchdog bench plugin --wrappers``, figures in README "Cost"), so they went.
 """
 
