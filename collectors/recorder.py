@@ -3,7 +3,7 @@
 Contract with its host process: it never raises. Any failure (unwritable directory, full
 disk, a bug) disables the recorder with one logged warning and every later call is a no-op.
 
-Why one module (over 400 lines): it is one class, ``Recorder``, whose methods share the mapping, the cursor and the
+Why one module: it is one class, ``Recorder``, whose methods share the mapping, the cursor and the
 open STEP slot; split across modules they would only reach into each other's state.
 
 One write path: the plugin calls the same ``step_begin``/``launch``/``collective``/``step_end`` as
