@@ -26,6 +26,7 @@ import importlib.util
 import inspect
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -200,6 +201,11 @@ def _measure_in_vllm_env(vllm_exe: str | None, calls: int, repeats: int) -> tupl
     from watchdog.demo.vllm.serve import find_vllm, vllm_python
     from watchdog.errors import WatchdogError
 
+    if vllm_exe is None and shutil.which("vllm") is None:
+        raise WatchdogError(
+            "bench plugin --wrappers: no vLLM here (not importable, no `vllm` on PATH); "
+            "pass --vllm-exe PATH/TO/bin/vllm"
+        )
     python = vllm_python(find_vllm(vllm_exe))
     root = Path(__file__).resolve().parent.parent
     code = (
