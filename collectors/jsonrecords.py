@@ -61,11 +61,17 @@ def _spec(f: dataclasses.Field[Any]) -> _Spec:
     return spec if isinstance(spec, _Spec) else _Spec()
 
 
+_PLAIN = frozenset((int, float, str, bool, type(None)))  # exact types: an IntEnum or StrEnum is not one
+_SCALARS = (int, float, str, bool)
+
+
 def encode(value: Any) -> Any:
     """The JSON value of ``value`` (a record, enum, collection or scalar) by the rules above."""
+    if type(value) in _PLAIN:  # most values: checked first (evidence holds thousands of stack frames)
+        return value
     if isinstance(value, enum.Enum):  # before str and int: a StrEnum is a str
         return value.value
-    if value is None or isinstance(value, (bool, int, float, str)):
+    if isinstance(value, (bool, int, float, str)):
         return value
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         own = getattr(value, "to_json", None)
@@ -83,20 +89,27 @@ def encode(value: Any) -> Any:
 def fields_json(record: Any) -> dict[str, Any]:
     """A record's fields as a JSON object (its ``to_json`` is not consulted: this is what it calls)."""
     cls = type(record)
+    shape = _SHAPES.get(cls)
+    if shape is None:
+        shape = _SHAPES[cls] = (
+            getattr(cls, "JSON_SCHEMA", None),
+            tuple((f.name, spec.key or f.name, spec.encode) for f, spec in _fields(cls)),
+            getattr(cls, "JSON_ORDER", ()),
+        )
+    schema, fields, order = shape
     out: dict[str, Any] = {}
-    schema = getattr(cls, "JSON_SCHEMA", None)
     if schema is not None:
         out["schema"] = schema
-    for f, spec in _fields(cls):
-        value = getattr(record, f.name)
-        if value is not None and spec.encode is not None:
-            out[spec.key or f.name] = spec.encode(value)
-        else:
-            out[spec.key or f.name] = encode(value)
-    order: tuple[str, ...] = getattr(cls, "JSON_ORDER", ())
+    for name, key, own in fields:
+        value = getattr(record, name)
+        out[key] = own(value) if value is not None and own is not None else encode(value)
     if order:
         out = {k: out[k] for k in ("schema", *order) if k in out}
     return out
+
+
+# class -> (JSON_SCHEMA, (field name, key, encoder) per field, JSON_ORDER): read once per class
+_SHAPES: dict[type, tuple[str | None, tuple[tuple[str, str, Callable[[Any], Any] | None], ...], tuple[str, ...]]] = {}
 
 
 _FIELDS: dict[type, tuple[tuple[dataclasses.Field[Any], _Spec], ...]] = {}
@@ -140,7 +153,12 @@ def decode_record(cls: type[R], data: Any, where: str) -> R:
 
 def decode(kind: Any, value: Any, where: str) -> Any:
     """``value`` read as a ``kind`` (a type hint); ValueError naming ``where`` if it is not one."""
-    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if kind in _SCALARS:  # most values: checked first
+        return _scalar(kind, value, where)
+    parts = _PARTS.get(kind)
+    if parts is None:
+        parts = _PARTS[kind] = (typing.get_origin(kind), typing.get_args(kind))
+    origin, args = parts
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -178,6 +196,9 @@ def decode(kind: Any, value: Any, where: str) -> Any:
         except ValueError:
             raise ValueError(f"{where}: {value!r} is not a {kind.__name__}") from None
     return _scalar(kind, value, where)
+
+
+_PARTS: dict[Any, tuple[Any, tuple[Any, ...]]] = {}  # type hint -> (origin, args): typing's are slow
 
 
 def _key(kind: Any, key: str, where: str) -> Any:

@@ -1,7 +1,7 @@
 """What the writer packs: the ledger's record bytes (collectors.format), with the fields that one
 graph key, one launch or one kind of collective fixes packed once and copied per record.
 
-The recorder (and the vLLM plugin, which caches packed keys per graph) write through these; the
+The recorder writes through these (and caches what it packs per graph key and kind of collective); the
 reader never needs them: what they pack is what ``format``'s ``P_*`` layouts unpack.
 """
 

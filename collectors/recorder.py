@@ -4,10 +4,14 @@ Contract with its host process: it never raises. Any failure (unwritable directo
 disk, a bug) disables the recorder with one logged warning and every later call is a no-op.
 
 Why one module: it is one class, ``Recorder``, whose methods share the mapping, the cursor and the
-open STEP slot; split across modules they would only reach into each other's state. Its two write
-paths (the general ``step_begin``/``launch``/``step_end`` and the plugin's packed ``step_open``/
-``drafter_launch``, which stores into the open STEP slot) stay until the real-vLLM measurement of
-issue 16 point 5 decides whether the packed one still buys a measurable share; then one of them goes.
+open STEP slot; split across modules they would only reach into each other's state.
+
+One write path: the plugin calls the same ``step_begin``/``launch``/``collective``/``step_end`` as
+everything else. What a graph key or a kind of collective fixes in a record (its code, its packed
+fields) is packed once and cached here, found by the key object's identity (hashing a GraphKey runs
+Python code; the plugin passes the same object every step). A second set of methods taking
+pre-packed arguments saved ~1.4 us of a decode step's writes, about 0.05 % of a real step (README
+"Cost"), and went.
 """
 
 from __future__ import annotations
@@ -81,6 +85,7 @@ _SLOT_WORDS = SLOT_SIZE // 8
 _TRAILER_WORD = TRAILER_OFFSET // 8
 _OK, _NOT_OK = b"\x01", b"\x00"
 _mono = time.monotonic_ns
+_MAX_KEYS = 4096  # cached keys and collective kinds (a few dozen graph keys, one eager key per size)
 # The in-place words of a STEP slot, as literals on the hot path (u64 index from the slot's start).
 assert (STEP_DRAFTER_WORD, STEP_DRAFTER_MONO_WORD, STEP_END_WORD) == (8, 9, 10)
 
@@ -144,6 +149,8 @@ class Recorder:
         self._open_seq = -1
         self._open_word = 0
         self._manifests: dict[tuple[Role, GraphKey], int] = {}  # the last manifest hash per captured graph
+        self._keys: dict[int, list[Any]] = {}  # id(GraphKey) -> Recorder._key's entry
+        self._idents: dict[tuple[str, str, str], bytes] = {}  # (group, op, dtype) -> packed (COLLECTIVE_FIELDS)
         try:
             self._mm = self._create(kind, rank, world_size, instance)
             self._head_words = memoryview(self._mm)[:HEADER_SIZE].cast("Q")
@@ -203,12 +210,12 @@ class Recorder:
 
     # ---- ring ------------------------------------------------------------------------
 
-    def _put(self, layout: Struct, kind: int, *fields: Any) -> None:
-        # Hot path. No lock: next() on an itertools.count is atomic under the GIL, so
-        # concurrent writers get distinct slots; the cursor may briefly lag, and readers
-        # scan past it while slots stay valid.
+    def _put(self, layout: Struct, kind: int, *fields: Any) -> int:
+        """Write one record; its seq (-1: not written). Hot path."""
+        # No lock: next() on an itertools.count is atomic under the GIL, so concurrent writers get
+        # distinct slots; the cursor may briefly lag, and readers scan past it while slots stay valid.
         if not self.enabled:
-            return
+            return -1
         try:
             seq = next(self._seqs)
             i = seq % self._n
@@ -222,8 +229,18 @@ class Recorder:
             layout.pack_into(mm, self._ring_off + i * SLOT_SIZE, seq, kind, *fields)
             words[trailer] = seq
             self._head_words[_CURSOR_WORD] = seq + 1  # type: ignore[index]
+            return seq
         except Exception as exc:
             self._disable(exc)
+            return -1
+
+    def _new_key(self, key: GraphKey) -> list[Any]:
+        """Cache [key, key_code, packed key fields, the drafter's last manifest hash for it] of ``key`` by
+        the object's identity (the entry holds the object, so its id is not reused meanwhile)."""
+        if len(self._keys) >= _MAX_KEYS:
+            self._keys.clear()
+        entry = self._keys[id(key)] = [key, key_code(key), pack_key(key), self.recorded_manifest(Role.DRAFTER, key)]
+        return entry
 
     def step_begin(
         self,
@@ -239,32 +256,28 @@ class Recorder:
         """A step begins with ``key`` as its graph key. With ``launch_manifest`` (the manifest hash, 0 for
         an eager run) the model's launch is folded into this record: a STEP record (STEP_BEGIN_LAUNCH for
         a key too large for its code) that the step's drafter launch and end are then stored into."""
-        if launch_manifest is not None:
-            code = key_code(key)
-            if code:
-                self.step_open(step, code, unpadded_tokens, unpadded_reqs, padded_reqs, placeholders, launch_manifest)
-                return
-        self.step_begin_packed(
-            step, pack_key(key), unpadded_tokens, unpadded_reqs, padded_reqs, placeholders, launch_manifest
-        )
-
-    def step_begin_packed(
-        self,
-        step: int,
-        key: bytes,
-        unpadded_tokens: int,
-        unpadded_reqs: int,
-        padded_reqs: int,
-        placeholders: int,
-        launch_manifest: int | None = None,
-    ) -> None:
-        """A STEP_BEGIN (or STEP_BEGIN_LAUNCH) record, the key packed (``packing.pack_key``)."""
+        if not self.enabled:
+            return
+        try:
+            entry = self._keys.get(id(key))
+            if entry is None or entry[0] is not key:
+                entry = self._new_key(key)
+            _, code, packed, _ = entry
+        except Exception as exc:
+            self._disable(exc)
+            return
+        if launch_manifest is not None and code:
+            fields = (code, unpadded_tokens, unpadded_reqs, padded_reqs, placeholders, launch_manifest)
+            seq = self._put(W_STEP, _K_STEP, step, _mono(), *fields)
+            if seq >= 0:
+                self._open_step, self._open_seq, self._open_word = step, seq, (seq % self._n) * _SLOT_WORDS
+            return
         self._put(
             W_STEP_BEGIN,
             _K_STEP_BEGIN if launch_manifest is None else _K_STEP_BEGIN_LAUNCH,
             step,
             _mono(),
-            key,
+            packed,
             unpadded_tokens,
             unpadded_reqs,
             padded_reqs,
@@ -272,97 +285,48 @@ class Recorder:
             launch_manifest or 0,
         )
 
-    def step_open(
-        self,
-        step: int,
-        code: int,
-        unpadded_tokens: int,
-        unpadded_reqs: int,
-        padded_reqs: int,
-        placeholders: int,
-        manifest: int,
-    ) -> None:
-        """The plugin's hot path: a STEP record (the step's begin and the model's launch, the key as its
-        ``format.key_code``); ``drafter_launch`` and ``step_end`` of this step then store into it."""
+    def launch(self, step: int, role: Role, key: GraphKey, manifest: int = 0) -> None:
+        """A forward pass starts: a graph replay (manifest = its hash) or an eager run (0). The drafter's
+        launch is stored into the step's STEP record while that still holds this step and no drafter
+        launch, and only when the reader can tell its hash: the key's last recorded manifest (an eager
+        run has none); else it is a LAUNCH record of its own."""
         if not self.enabled:
             return
         try:
-            seq = next(self._seqs)
-            i = seq % self._n
-            words, mm = self._ring_words, self._mm
-            assert words is not None and mm is not None
-            base = i * _SLOT_WORDS
-            trailer = base + _TRAILER_WORD
-            words[trailer] = _BUSY_U64  # as in _put, which this repeats without its argument tuple
-            W_STEP.pack_into(
-                mm,
-                self._ring_off + i * SLOT_SIZE,
-                seq,
-                _K_STEP,
-                step,
-                _mono(),
-                code,
-                unpadded_tokens,
-                unpadded_reqs,
-                padded_reqs,
-                placeholders,
-                manifest,
-            )
-            words[trailer] = seq
-            self._head_words[_CURSOR_WORD] = seq + 1  # type: ignore[index]
-            self._open_step, self._open_seq, self._open_word = step, seq, base
+            if role is Role.DRAFTER and step == self._open_step:
+                entry = self._keys.get(id(key))
+                if entry is None or entry[0] is not key:
+                    entry = self._new_key(key)
+                _, code, _, recorded = entry
+                words = self._ring_words
+                if code and manifest == recorded and (manifest or key.mode is CUDAGraphMode.NONE) and words is not None:
+                    b = self._open_word
+                    if words[b] == self._open_seq and not words[b + 8]:
+                        words[b + 9] = _mono()
+                        words[b + 8] = code  # last: a reader that sees the code sees the time
+                        return
+            packed = pack_launch(role, key, manifest)
         except Exception as exc:
             self._disable(exc)
-
-    def launch(self, step: int, role: Role, key: GraphKey, manifest: int = 0) -> None:
-        """A forward pass starts: a graph replay (manifest = its hash) or an eager run (0)."""
-        packed = pack_launch(role, key, manifest)
-        if role is Role.DRAFTER:
-            self.drafter_launch(step, self.drafter_code(key, manifest), packed)
-        else:
-            self.launch_packed(step, packed)
+            return
+        self._put(W_LAUNCH, _K_LAUNCH, step, _mono(), packed)
 
     def recorded_manifest(self, role: Role, key: GraphKey) -> int:
         """The hash of the last manifest recorded for ``role``'s graph of ``key``; 0: none."""
         return self._manifests.get((role, key), 0)
 
-    def drafter_code(self, key: GraphKey, manifest: int) -> int:
-        """The code ``drafter_launch`` stores a drafter launch of ``key`` replaying ``manifest`` with, or 0
-        where the launch must be a record of its own: the reader takes an in-place launch's hash from
-        the key's last recorded manifest (an eager run has none), so only that hash can go in place."""
-        if manifest != self.recorded_manifest(Role.DRAFTER, key) or not (manifest or key.mode is CUDAGraphMode.NONE):
-            return 0
-        return key_code(key)
-
-    def drafter_launch(self, step: int, code: int, launch: bytes) -> None:
-        """The drafter's launch in ``step``: stored into the step's STEP record (its time, then its key
-        code); a LAUNCH record (``launch``, from ``packing.pack_launch``) when the step has no open STEP
-        record, that record already holds a drafter launch or ``code`` (from ``drafter_code``) is 0."""
-        try:
-            words = self._ring_words
-            # In place only while the slot still holds this step's record and no drafter launch yet.
-            if words is not None and step == self._open_step and code and self.enabled:
-                b = self._open_word
-                if words[b] == self._open_seq and not words[b + 8]:
-                    words[b + 9] = _mono()
-                    words[b + 8] = code  # last: a reader that sees the code sees the time
-                    return
-        except Exception as exc:
-            self._disable(exc)
-            return
-        self.launch_packed(step, launch)
-
-    def launch_packed(self, step: int, launch: bytes) -> None:
-        """``launch`` with role, key and manifest hash already packed (``packing.pack_launch``)."""
-        self._put(W_LAUNCH, _K_LAUNCH, step, _mono(), launch)
-
     def collective(self, step: int, group: str, op: str, dtype: str, numel: int) -> None:
         """An eager collective issued by the host, numbered per group."""
-        self.collective_packed(step, group, pack_collective(group, op, dtype), numel)
-
-    def collective_packed(self, step: int, group: str, ident: bytes, numel: int) -> None:
-        """``collective`` with group, op and dtype already packed (``packing.pack_collective``)."""
         if not self.enabled:
+            return
+        try:
+            ident = self._idents.get((group, op, dtype))
+            if ident is None:
+                if len(self._idents) >= _MAX_KEYS:
+                    self._idents.clear()
+                ident = self._idents[(group, op, dtype)] = pack_collective(group, op, dtype)
+        except Exception as exc:
+            self._disable(exc)
             return
         seq = self._group_seq.get(group, 0)
         self._group_seq[group] = seq + 1
@@ -458,6 +422,7 @@ class Recorder:
         ops = tuple(collectives)
         h = manifest_hash(ops)
         self._manifests[(role, key)] = h
+        self._keys.clear()  # their cached drafter manifests may be stale now
         self.meta(
             {
                 "t": "manifest",

@@ -22,15 +22,13 @@ from hypothesis import strategies as st
 
 from tests.fake_nvml import FakeNvmlLib
 from watchdog.evidence import EvidenceError
-from watchdog.evidence.gpus import FakeGpus, Nvml, gpu_from_json, gpu_to_json
-from watchdog.evidence.procs import FakeProcs, PsutilProcs, proc_from_json, proc_to_json
+from watchdog.evidence.gpus import FakeGpus, Nvml
+from watchdog.evidence.procs import FakeProcs, PsutilProcs
 from watchdog.evidence.stacks import (
     FakeStacks,
     PySpy,
     dump_many,
     parse_pyspy_json,
-    stack_from_json,
-    stack_to_json,
 )
 from watchdog.types import Frame, GpuInfo, ProcInfo, StackDump, ThreadStack
 
@@ -406,27 +404,27 @@ _gpus = st.builds(
 @settings(database=None, max_examples=50)
 @given(_dumps, _procs, _gpus)
 def test_json_round_trips(dump: StackDump, proc: ProcInfo, gpu: GpuInfo) -> None:
-    assert stack_from_json(json.loads(json.dumps(stack_to_json(dump)))) == dump
-    assert proc_from_json(json.loads(json.dumps(proc_to_json(proc)))) == proc
-    assert gpu_from_json(json.loads(json.dumps(gpu_to_json(gpu)))) == gpu
+    assert StackDump.from_json(json.loads(json.dumps(dump.to_json()))) == dump
+    assert ProcInfo.from_json(json.loads(json.dumps(proc.to_json()))) == proc
+    assert GpuInfo.from_json(json.loads(json.dumps(gpu.to_json()))) == gpu
 
 
 def test_malformed_json_names_the_bad_field() -> None:
-    good = stack_to_json(ONE)
+    good = ONE.to_json()
     with pytest.raises(ValueError, match="stack: missing 'threads'"):
-        stack_from_json({"pid": 1, "native": False})
+        StackDump.from_json({"pid": 1, "native": False})
     with pytest.raises(ValueError, match="stack: expected an object, got list"):
-        stack_from_json([])
+        StackDump.from_json([])
     bad = json.loads(json.dumps(good))
     bad["threads"][0]["frames"][0]["line"] = True
     with pytest.raises(ValueError, match=r"stack\.threads\[0\]\.frames\[0\]\.line: expected int, got bool"):
-        stack_from_json(bad)
+        StackDump.from_json(bad)
     with pytest.raises(ValueError, match=r"proc\.alive: expected bool, got str"):
-        proc_from_json({**proc_to_json(ProcInfo(1, True)), "alive": "yes"})
+        ProcInfo.from_json({**ProcInfo(1, True).to_json(), "alive": "yes"})
     with pytest.raises(ValueError, match=r"proc\.thread_cpu_s\.python: expected float, got str"):
-        proc_from_json({**proc_to_json(ProcInfo(1, True)), "thread_cpu_s": {"python": "1"}})
+        ProcInfo.from_json({**ProcInfo(1, True).to_json(), "thread_cpu_s": {"python": "1"}})
     with pytest.raises(ValueError, match=r"gpu\.pids\[0\]: expected int, got str"):
-        gpu_from_json({**gpu_to_json(GpuInfo(0, 1, 2, 3)), "pids": ["4242"]})
+        GpuInfo.from_json({**GpuInfo(0, 1, 2, 3).to_json(), "pids": ["4242"]})
 
 
 # ---- parse_pyspy_json ---------------------------------------------------------------------

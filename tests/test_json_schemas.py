@@ -24,9 +24,22 @@ from watchdog.divergence import DivergenceMonitor, StepDigest
 from watchdog.evidence.discover import DiscoveredRing, Discovery
 from watchdog.evidence.rings import RingLayout
 from watchdog.keys import DispatchConfig
+from watchdog.snapshot import ring_from_json
 from watchdog.supervisor.ladder import Event, LadderState, Policy
 from watchdog.supervisor.run import Restart
-from watchdog.types import Divergence, Recommendation, RingVerdict
+from watchdog.types import (
+    Divergence,
+    Frame,
+    GpuInfo,
+    ProcInfo,
+    Recommendation,
+    RingChunk,
+    RingState,
+    RingVerdict,
+    Snapshot,
+    StackDump,
+    ThreadStack,
+)
 
 ROOT = Path(__file__).resolve().parent
 SCENARIOS = sorted(p for p in (ROOT / "scenarios").iterdir() if (p / "evidence.json").is_file())
@@ -37,8 +50,25 @@ def dumps(value: Any) -> str:
     return json.dumps(value, indent=1) + "\n"  # insertion order kept: the order is part of the contract
 
 
+def _to_json(record: Any) -> Any:
+    return record.to_json()
+
+
+def evidence_outputs(snapshot: Snapshot) -> dict[str, Any]:
+    """The evidence a snapshot holds besides its ledgers, written back as evidence.json holds it."""
+    procs = [snapshot.engine, *snapshot.ranks.values()]
+    return {
+        "stacks": [_to_json(p.stack) for p in procs if p is not None and p.stack is not None],
+        "native_stacks": [_to_json(p.native_stack) for p in procs if p is not None and p.native_stack is not None],
+        "procs": [_to_json(p.proc) for p in procs if p is not None and p.proc is not None],
+        "gpus": [_to_json(g) for g in snapshot.gpus],
+        "rings": [_to_json(r) for r in snapshot.rings],
+    }
+
+
 def scenario_outputs(bundle: Path) -> dict[str, Any]:
-    diagnosis = diagnose(load_snapshot(bundle))
+    snapshot = load_snapshot(bundle)
+    diagnosis = diagnose(snapshot)
     ledgers = [read_ledger(p) for p in sorted((bundle / "ledgers").glob("*.ledger"))]
     monitor = DivergenceMonitor()
     for ledger in ledgers:
@@ -54,6 +84,7 @@ def scenario_outputs(bundle: Path) -> dict[str, Any]:
         "manifests": manifests,
         # the first and last steps of each rank: every shape a digest takes, not every step
         "digests": {str(r): d[:4] + d[-4:] for r, d in sorted(monitor.digests().items())},
+        "evidence": evidence_outputs(snapshot),
     }
 
 
@@ -90,6 +121,31 @@ def built_outputs() -> dict[str, Any]:
         "divergence": Divergence(
             3, 0, {1: None, 0: CollectiveOp("all_gather", "tp", "float16", 8)}, {1: "eager", 0: "FULL"}
         ).to_json(),
+        "stacks": [
+            _to_json(
+                StackDump(
+                    7,
+                    (
+                        ThreadStack("MainThread", 7, True, (Frame("wait", "a.py", 3), Frame("<module>", "b.py", 1))),
+                        ThreadStack("", 0, False, ()),
+                    ),
+                    native=True,
+                )
+            ),
+            _to_json(StackDump(8, ())),
+        ],
+        "procs": [
+            _to_json(ProcInfo(9, False)),
+            _to_json(ProcInfo(10, True, "disk-sleep", 1, 0.25, 3, "futex_wait", {"python": 0.5, "11": 0})),
+        ],
+        "gpus": [_to_json(GpuInfo(0, 100, 350.5, 1980)), _to_json(GpuInfo(1, 0.0, 0.0, 0.0, (79, 13), (4242,)))],
+        "rings": [
+            _to_json(
+                RingState("psm_1", "broadcast", 2, (RingChunk(True, (True, False)), RingChunk(False, (False, False))))
+            ),
+            _to_json(RingState("psm_2", "response", 0, (RingChunk(True, ()),))),
+            _to_json(RingState("psm_3", "response", 1, ())),
+        ],
     }
 
 
@@ -122,6 +178,16 @@ def test_what_is_read_back_round_trips(case: str) -> None:
     digests = [out["digest"]] if case == "built" else [d for ds in out["digests"].values() for d in ds]
     for d in digests:
         assert StepDigest.from_json(d).to_json() == d
+    evidence = out if case == "built" else out["evidence"]
+    for read, key in (
+        (StackDump.from_json, "stacks"),
+        (StackDump.from_json, "native_stacks"),
+        (ProcInfo.from_json, "procs"),
+        (GpuInfo.from_json, "gpus"),
+        (ring_from_json, "rings"),
+    ):
+        for entry in evidence.get(key, []):
+            assert read(json.loads(json.dumps(entry))).to_json() == entry
     if case == "built":
         assert RingLayout.from_json(out["ring_layout"]).to_json() == out["ring_layout"]
         assert DispatchConfig.from_json(out["dispatch"]).to_json() == out["dispatch"]

@@ -129,3 +129,30 @@ def test_v2_runner_ledger_holds_exactly_the_keys_vllm_dispatched(version: str, t
         full = want.mode is CUDAGraphMode.FULL and want.num_reqs is not None
         assert b.padded_reqs == (want.num_reqs - len(step["per_req"]) if full and want.num_reqs else 0)
     assert_the_seed_shapes(steps, begins)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_bench_wrappers_times_the_real_targets_both_ways(version: str, tmp_path: Path) -> None:
+    """``watchdog bench plugin --wrappers``: plain and exact-signature wrappers around vLLM's real targets,
+    measured in the vLLM environment (small counts: this checks the bench, not the figures)."""
+    from watchdog.bench_wrappers import SCHEMA, bench_wrappers
+
+    python = python_or_skip(version)
+    exe = python.parent / "vllm"
+    if not exe.exists():  # a layered environment without the console script: a stand-in naming its python
+        exe = tmp_path / "vllm"
+        exe.write_text(f"#!{python}\n")
+        exe.chmod(0o755)
+    out = bench_wrappers(vllm_exe=str(exe), calls=200, repeats=3, step_ms=3.0, collectives=2)
+    assert out["schema"] == SCHEMA and out["vllm"] == version
+    timed = {name: v for name, v in out["per_call"].items() if "absent" not in v}
+    # both runner generations have the step boundaries, the collectives and the engine side
+    assert {"Worker.execute_model", "Worker.sample_tokens", "GroupCoordinator._all_reduce_out_place"} <= set(timed)
+    assert {"MultiprocExecutor.execute_model", "Scheduler.schedule", "Scheduler.update_from_output"} <= set(timed)
+    for v in timed.values():
+        assert v["ns_bare_call"] > 0
+        assert abs(v["ns_plain_wrapper"] - v["ns_exact_wrapper"] - v["ns_exact_saves"]) < 0.25
+    worker = [v for v in timed.values() if v["side"] in ("worker", "drafter", "collective")]
+    assert out["calls_per_step_worker"] == sum(2 if v["side"] == "collective" else 1 for v in worker)
+    saved = out["ns_exact_saves_per_step_worker"]
+    assert abs(out["exact_saves_pct_of_gpu_step"] - 100 * saved / 3e6) < 1e-4

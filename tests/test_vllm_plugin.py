@@ -6,7 +6,6 @@ test_vllm_rings.py (they need the vLLM environments that tests/vllm_envs.py buil
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 from pathlib import Path
@@ -24,7 +23,7 @@ from collectors.reader import read_ledger
 from collectors.vllm import register
 from collectors.vllm import state as st
 from collectors.vllm import translate as tr
-from collectors.vllm.hooks import COLLECTIVE_OPS, TARGETS, Hook, Target, exact
+from collectors.vllm.hooks import COLLECTIVE_OPS, TARGETS, Hook, Target, wrap
 from collectors.vllm.install import _wrap
 
 
@@ -211,7 +210,7 @@ def test_wrapper_failure_disables_hook_with_one_warning(caplog: Any) -> None:
         def before(self: Any, x: int) -> None:
             raise OSError("disk full")
 
-        return exact(hook, orig, ("x",), before=before)
+        return wrap(hook, orig, ("x",), before=before)
 
     original = _Victim.method
     try:
@@ -229,34 +228,40 @@ def test_wrapper_failure_disables_hook_with_one_warning(caplog: Any) -> None:
         _Victim.method = original  # type: ignore[method-assign]
 
 
-def test_exact_wrappers_have_the_originals_parameters_and_forward_every_argument() -> None:
+def test_wrappers_forward_every_argument_and_give_the_bodies_the_named_ones() -> None:
     default = object()
 
     def orig(self: Any, a: Any, /, b: Any, c: Any = default, *args: Any, d: Any, e: Any = 5, **kw: Any) -> Any:
         return a, b, c, args, d, e, kw
 
     calls: list[tuple[Any, ...]] = []
-    w = exact(
+    w = wrap(
         Hook(Target("t", "orig", (), "t")),
         orig,
         ("b", "d"),
         before=lambda self, b, d: calls.append(("before", self, b, d)),
         after=lambda self, b, d, out: calls.append(("after", b, d, out[0])),
     )
-    # its own signature (annotations aside): no (*args, **kwargs)
-    assert inspect.signature(w) == inspect.signature(orig).replace(
-        parameters=[p.replace(annotation=p.empty) for p in inspect.signature(orig).parameters.values()],
-        return_annotation=inspect.Signature.empty,
-    )
     assert w("S", 1, 2, d=4) == (1, 2, default, (), 4, 5, {})  # defaults are the original's objects
     assert w("S", 1, b=2, c=3, d=4, z=9) == (1, 2, 3, (), 4, 5, {"z": 9})
     assert w("S", 1, 2, 3, 7, 8, d=4, e=6) == (1, 2, 3, (7, 8), 4, 6, {})
+    assert calls == [("before", "S", 2, 4), ("after", 2, 4, 1)] * 3  # by position or by name alike
+    with pytest.raises(TypeError):
+        w("S", 1, 2)  # a required argument missing: the original's own error, no body ran
+    assert len(calls) == 6
     with pytest.raises(TypeError):
         w("S", a=1, b=2, d=4)  # positional-only stays positional-only, as vLLM would see it
-    assert calls[:2] == [("before", "S", 2, 4), ("after", 2, 4, 1)] and len(calls) == 6
+
+    seen: list[Any] = []
+    w1 = wrap(Hook(Target("t", "orig", (), "t")), orig, ("c",), after=lambda self, c, out: seen.append(c))
+    assert w1("S", 1, 2, d=0)[2] is default and seen == [default]  # a default the caller left out
+    w0 = wrap(Hook(Target("t", "orig", (), "t")), orig, before=lambda self: seen.append(self))
+    assert w0("T", 1, 2, d=3) == (1, 2, default, (), 3, 5, {}) and seen[-1] == "T"
+    with pytest.raises(ValueError, match="at most two"):
+        wrap(Hook(Target("t", "orig", (), "t")), orig, ("b", "c", "d"))
 
 
-def test_exact_wrappers_pass_exceptions_through_and_switch_off_on_their_own_errors(caplog: Any) -> None:
+def test_wrappers_pass_exceptions_through_and_switch_off_on_their_own_errors(caplog: Any) -> None:
     boom = RuntimeError("from vLLM")
 
     def raising(self: Any, x: int) -> Any:
@@ -264,7 +269,7 @@ def test_exact_wrappers_pass_exceptions_through_and_switch_off_on_their_own_erro
 
     failed: list[int] = []
     hook = Hook(Target("t", "raising", (), "t"))
-    w = exact(hook, raising, ("x",), failed=lambda self, x: failed.append(x), after=lambda self, x, out: None)
+    w = wrap(hook, raising, ("x",), failed=lambda self, x: failed.append(x), after=lambda self, x, out: None)
     with pytest.raises(RuntimeError) as info:
         w(None, 7)
     assert info.value is boom and failed == [7] and hook.on
@@ -273,14 +278,14 @@ def test_exact_wrappers_pass_exceptions_through_and_switch_off_on_their_own_erro
         raise ValueError("bug in a body")
 
     broken = Hook(Target("t", "answer", (), "t"))
-    w2 = exact(broken, lambda self: 42, after=bad)
+    w2 = wrap(broken, lambda self: 42, after=bad)
     with caplog.at_level(logging.WARNING, logger="watchdog.vllm"):
         assert w2(None) == 42 and w2(None) == 42  # vLLM's result either way; the body ran once
     assert not broken.on and "bug in a body" in broken.error
     assert sum("disabled" in r.getMessage() for r in caplog.records) == 1
 
     with pytest.raises(ValueError, match="num_tokens"):  # a parameter the hook reads is gone: not installed
-        exact(Hook(Target("t", "moved", (), "t")), lambda self, n: n, ("num_tokens",))
+        wrap(Hook(Target("t", "moved", (), "t")), lambda self, n: n, ("num_tokens",))
 
 
 def test_every_collective_method_is_a_target() -> None:
@@ -430,6 +435,35 @@ def test_bench_plugin_runs_and_splits_the_cost() -> None:
     assert out["within_target"] == (total < out["target_us_per_step"])
     parts = out["us_records_floor_median"] + out["us_wrapper_frames_median"] + out["us_key_lookups_median"]
     assert abs(out["us_lower_bound"] - parts) < 0.01
+
+
+def test_bench_wrappers_reads_step_time_and_calls_per_step_from_rank_ledgers(tmp_path: Path) -> None:
+    """``--wrappers --ledgers``: steps whose begin and end are both in a rank ledger give the step time,
+    their collectives and drafter launches the calls per step; the engine ledger is not a rank's."""
+    from collectors.format import ProcessKind
+    from collectors.recorder import Recorder
+    from watchdog.bench_wrappers import ledger_facts
+
+    key = GraphKey(CUDAGraphMode.NONE, 8)
+    for rank in (0, 1):
+        rec = Recorder(tmp_path, kind=ProcessKind.WORKER, rank=rank, world_size=2)
+        for step in range(5):
+            rec.step_begin(step, key, unpadded_tokens=8, unpadded_reqs=2, launch_manifest=0)
+            for _ in range(3):
+                rec.collective(step, "tp", "all_reduce", "float32", 64)
+            rec.launch(step, Role.DRAFTER, GraphKey(CUDAGraphMode.PIECEWISE, 8), 0)  # no manifest: a record
+            rec.step_end(step)
+        rec.step_begin(5, key, unpadded_tokens=8, unpadded_reqs=2, launch_manifest=0)  # still open: not counted
+        rec.close()
+    eng = Recorder(tmp_path, kind=ProcessKind.ENGINE, rank=-1, world_size=2)
+    eng.engine_step(0, total_tokens=8, num_reqs=2, num_decode_reqs=2, placeholders=0, max_query_len=4,
+                    min_query_len=4, running=2, waiting=0)  # fmt: skip
+    eng.close()
+    facts = ledger_facts(tmp_path)
+    assert facts["steps"] == 10 and facts["collectives_per_step"] == 3 and facts["drafter_launches_per_step"] == 1
+    assert facts["step_ms_median"] > 0
+    with pytest.raises(ValueError, match="no rank ledger with a whole step"):
+        ledger_facts(tmp_path / "nothing")
 
 
 @pytest.mark.parametrize("with_loras", [False, True], ids=["0.20.x-descriptor", "0.33.x-descriptor"])

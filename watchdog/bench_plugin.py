@@ -92,12 +92,11 @@ def _interleaved(fns: list[Callable[[], None]], n: int, repeats: int) -> list[li
 
 def bench_plugin(*, steps: int = 20000, repeats: int = 7, reqs: int = 15) -> dict[str, Any]:
     """Median ns per step (hooked minus bare) for a ``reqs`` x 2-token decode step, and per eager collective."""
-    from collectors.format import CollectiveOp, CUDAGraphMode, GraphKey, Role, key_code
-    from collectors.packing import pack_launch
+    from collectors.format import CollectiveOp, CUDAGraphMode, GraphKey, Role
     from collectors.reader import read_ledger
     from collectors.vllm import state, translate
     from collectors.vllm import worker as wrappers
-    from collectors.vllm.hooks import Hook, Target, exact
+    from collectors.vllm.hooks import Hook, Target, wrap
 
     full = (_Mode("FULL"), _BatchDescriptor(32, 16, uniform=True), False, None, None)
     drafted = (_Mode("PIECEWISE"), 32, None)
@@ -171,7 +170,7 @@ def bench_plugin(*, steps: int = 20000, repeats: int = 7, reqs: int = 15) -> dic
             bare_step = step_through(execute_model, determine_batch, drafter_determine_batch, sample_tokens)
             # The same four calls through wrappers that do nothing but forward: the frames alone.
             originals = (execute_model, determine_batch, drafter_determine_batch, sample_tokens)
-            frames_step = step_through(*(exact(Hook(t(f.__name__)), f) for f in originals))
+            frames_step = step_through(*(wrap(Hook(t(f.__name__)), f) for f in originals))
 
             ws = proc.current_worker()
             assert ws is not None
@@ -185,11 +184,18 @@ def bench_plugin(*, steps: int = 20000, repeats: int = 7, reqs: int = 15) -> dic
                 ws.collective(CollectiveOp("all_reduce", "tp", "bfloat16", 4096 * k.num_tokens), lambda: True)
             ws.end_capture()
             h, hd = rec.recorded_manifest(Role.MODEL, key), rec.recorded_manifest(Role.DRAFTER, dkey)
-            code, dcode, drafter_launch = key_code(key), key_code(dkey), pack_launch(Role.DRAFTER, dkey, hd)
 
             def floor_step() -> None:  # the same writes, no hook
-                rec.step_open(0, code, 2 * reqs, reqs, 1, reqs, h)
-                rec.drafter_launch(0, dcode, drafter_launch)
+                rec.step_begin(
+                    0,
+                    key,
+                    unpadded_tokens=2 * reqs,
+                    unpadded_reqs=reqs,
+                    padded_reqs=1,
+                    placeholders=reqs,
+                    launch_manifest=h,
+                )
+                rec.launch(0, Role.DRAFTER, dkey, hd)
                 rec.step_end(0, True)
 
             def cursor() -> int:

@@ -46,7 +46,6 @@ from collectors.format import (
     Role,
     StepBegin,
     StepEnd,
-    key_code,
 )
 from collectors.reader import LedgerError, parse_ledger, read_ledger
 from collectors.recorder import Recorder, ledger_name
@@ -69,7 +68,15 @@ def write_forever(directory: str, n_slots: int) -> None:
         rec.engine_result(
             step, ok=bool(step & 1), running=(step * 37) & M32, waiting=(step * 41) & M32, finished=(step * 43) & M32
         )
-        rec.step_open(step, key_code(_key(step)), (step * 5) & M32, (step * 11) & M32, step & 7, step & 3, step * 13)
+        rec.step_begin(
+            step,
+            _key(step),
+            unpadded_tokens=(step * 5) & M32,
+            unpadded_reqs=(step * 11) & M32,
+            padded_reqs=step & 7,
+            placeholders=step & 3,
+            launch_manifest=step * 13,
+        )
         rec.step_end(step, ok=bool(step & 2))
         step += 1
 

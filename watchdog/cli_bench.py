@@ -49,16 +49,44 @@ def bench_plugin(
     vllm: Annotated[
         bool, typer.Option("--vllm", help="On a real `vllm serve` instead: decode tokens/s with the plugin on vs off.")
     ] = False,
-    vllm_exe: Annotated[str | None, typer.Option(help="--vllm: the `vllm` executable (default: on PATH).")] = None,
+    vllm_exe: Annotated[
+        str | None, typer.Option(help="--vllm, --wrappers: the `vllm` executable (default: on PATH).")
+    ] = None,
     blocks: Annotated[int, typer.Option(help="--vllm: alternating blocks per arm (a server start each).")] = 3,
     requests: Annotated[int, typer.Option(help="--vllm: requests per timed block.")] = 64,
     concurrency: Annotated[int, typer.Option(help="--vllm: requests in flight.")] = 16,
     output_len: Annotated[int, typer.Option(help="--vllm: output tokens per request (ignore_eos).")] = 64,
     tp: Annotated[int, typer.Option(help="--vllm: tensor-parallel size.")] = 2,
+    wrappers: Annotated[
+        bool,
+        typer.Option(
+            "--wrappers",
+            help="Instead: ns per call of the hooks' plain wrappers vs exact-signature ones around vLLM's real "
+            "targets, per step and as a share of a step.",
+        ),
+    ] = False,
+    ledgers: Annotated[
+        Path | None, typer.Option(help="--wrappers: a real server's ledger directory (step time, calls per step).")
+    ] = None,
+    step_ms: Annotated[float, typer.Option(help="--wrappers: the GPU decode step assumed, in ms.")] = 3.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
 ) -> int:
     """The vLLM plugin's hot path: microseconds per decode step per rank, and per eager collective; with
-    --vllm, throughput on a real server with the plugin on and off (alternating blocks, medians, ratio)."""
+    --vllm, throughput on a real server with the plugin on and off (alternating blocks, medians, ratio);
+    with --wrappers, what wrappers with each target's exact signature would save per step."""
+    if wrappers:
+        from watchdog.bench_wrappers import bench_wrappers
+
+        if step_ms <= 0 or steps < 1 or repeats < 1:
+            raise UsageError("--step-ms, --steps and --repeats must be positive")
+        if ledgers is not None and not ledgers.is_dir():
+            raise WatchdogError(f"--ledgers {ledgers}: not a directory")
+        try:
+            wresult = bench_wrappers(vllm_exe=vllm_exe, ledgers=ledgers, step_ms=step_ms, calls=steps, repeats=repeats)
+        except ValueError as exc:
+            raise WatchdogError(str(exc)) from None
+        print(json.dumps(wresult) if as_json else json.dumps(wresult, indent=2))
+        return EXIT_OK
     if vllm:
         import tempfile
 

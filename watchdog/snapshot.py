@@ -22,17 +22,16 @@ from collectors.format import ProcessKind
 from collectors.reader import Ledger, LedgerError, ledger_paths, parse_ledger
 from watchdog.evidence import EvidenceError, json_field, json_value
 from watchdog.evidence.discover import deployment_specs, discover_rings
-from watchdog.evidence.gpus import GpuSource, gpu_from_json, gpu_to_json
-from watchdog.evidence.procs import ProcSource, PsutilProcs, proc_from_json, proc_to_json
+from watchdog.evidence.gpus import GpuSource
+from watchdog.evidence.procs import ProcSource, PsutilProcs
 from watchdog.evidence.rings import RingError, RingLayout, inspect_ring
-from watchdog.evidence.stacks import PySpy, StackSource, dump_many, stack_from_json, stack_to_json
+from watchdog.evidence.stacks import PySpy, StackSource, dump_many
 from watchdog.evidence.titles import worker_titles
 from watchdog.types import (
     EVIDENCE_SCHEMA,
     GpuInfo,
     ProcessEvidence,
     ProcInfo,
-    RingChunk,
     RingState,
     Snapshot,
     StackDump,
@@ -118,36 +117,24 @@ def read_ledger_dir(directory: str | Path, ranks: frozenset[int] | None = None) 
     return LedgerSet(got.ranks, got.engine, got.raw, (*unreadable, *got.missing))
 
 
-# ---- JSON forms of the evidence that is not a ledger ------------------------------------
-
-
-def ring_to_json(r: RingState) -> dict[str, Any]:
-    return {
-        "name": r.name,
-        "role": r.role,
-        "n_readers": r.n_readers,
-        "chunks": [[int(c.written), *map(int, c.read)] for c in r.chunks],
-    }
-
+# ---- the shm rings as evidence.json holds them -----------------------------------------
 
 MAX_RING_READERS = 1 << 12
 MAX_RING_CHUNKS = 1 << 16
 
 
 def ring_from_json(d: Any) -> RingState:
-    """Inverse of ``ring_to_json``; ValueError naming the bad field: every chunk must hold its written flag
-    and one read flag per reader, so the analyzer can index any reader of any chunk."""
+    """``RingState.from_json`` within bounds; ValueError naming the bad field: every chunk must hold its
+    written flag and one read flag per reader, so the analyzer can index any reader of any chunk."""
     n = json_field(d, "n_readers", int, "ring")
     chunks = json_field(d, "chunks", list, "ring")
     if not 0 <= n <= MAX_RING_READERS or len(chunks) > MAX_RING_CHUNKS:
         raise ValueError(f"ring: {n} readers, {len(chunks)} chunks: out of range")
-    out: list[RingChunk] = []
-    for i, c in enumerate(chunks):
-        flags = json_value(c, list, f"ring.chunks[{i}]")
-        if len(flags) != 1 + n or not all(f in (0, 1) and isinstance(f, int) for f in flags):
+    ring = RingState.from_json(d)
+    for i, c in enumerate(ring.chunks):
+        if len(c.read) != n:
             raise ValueError(f"ring.chunks[{i}]: expected {1 + n} flags of 0 or 1 (written, then one per reader)")
-        out.append(RingChunk(bool(flags[0]), tuple(bool(x) for x in flags[1:])))
-    return RingState(json_field(d, "name", str, "ring"), json_field(d, "role", str, "ring"), n, tuple(out))
+    return ring
 
 
 def ring_specs(engine: Ledger) -> list[tuple[str, Any]] | None:
@@ -237,7 +224,7 @@ def collect(ledgers: LedgerSet, sources: Sources, stall: StallInfo | None = None
                 if isinstance(res, EvidenceError):
                     missing.append(f"{label} of pid {pid}: {res}")
                 else:
-                    out[str(pid)] = stack_to_json(res)
+                    out[str(pid)] = res.to_json()
             evidence[label] = out
         if procs_f is None:
             missing.append("process state: not collected (disabled)")
@@ -249,7 +236,7 @@ def collect(ledgers: LedgerSet, sources: Sources, stall: StallInfo | None = None
             missing.append("gpus: not collected (no GPU source)")
         else:
             try:
-                evidence["gpus"] = [gpu_to_json(g) for g in gpus_f.result()]
+                evidence["gpus"] = [g.to_json() for g in gpus_f.result()]
             except EvidenceError as exc:
                 missing.append(f"gpus: {exc}")
         workers = workers_f.result()
@@ -264,7 +251,7 @@ def collect(ledgers: LedgerSet, sources: Sources, stall: StallInfo | None = None
         taken_wall_ns=t0_wall,
         boot_id=_boot_id(),
         live=True,
-        rings=[ring_to_json(r) for r in rings],
+        rings=[r.to_json() for r in rings],
         missing=missing,
         stall=None if stall is None else dataclasses.asdict(stall),
     )
@@ -279,7 +266,7 @@ def _procs(sources: Sources, pids: list[int]) -> tuple[dict[str, Any], list[str]
         futs = {pid: pool.submit(sources.procs.info, pid, sample_s=sources.proc_sample_s) for pid in pids}
         for pid, fut in futs.items():
             try:
-                out[str(pid)] = proc_to_json(fut.result())
+                out[str(pid)] = fut.result().to_json()
             except EvidenceError as exc:
                 missing.append(f"process state of pid {pid}: {exc}")
     return out, missing
@@ -326,17 +313,17 @@ def assemble(ledgers: LedgerSet, evidence: Mapping[str, Any]) -> Snapshot:
 
     def stack(pid: int, table: Mapping[str, Any]) -> StackDump | None:
         raw = table.get(str(pid))
-        return None if raw is None else stack_from_json(raw)
+        return None if raw is None else StackDump.from_json(raw)
 
     def proc(pid: int) -> ProcInfo | None:
         raw = procs.get(str(pid))
-        return None if raw is None else proc_from_json(raw)
+        return None if raw is None else ProcInfo.from_json(raw)
 
     def ev(rank: int | None, ledger: Ledger) -> ProcessEvidence:
         pid = ledger.header.pid
         return ProcessEvidence(rank, pid, ledger, stack(pid, stacks), stack(pid, natives), proc(pid))
 
-    gpus: tuple[GpuInfo, ...] = tuple(gpu_from_json(g) for g in _items(evidence, "gpus"))
+    gpus: tuple[GpuInfo, ...] = tuple(GpuInfo.from_json(g) for g in _items(evidence, "gpus"))
     missing = list(ledgers.missing) + [json_value(m, str, "missing[]") for m in _items(evidence, "missing")]
     live = json_value(evidence.get("live", False), bool, "live")
     if not live:

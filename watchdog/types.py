@@ -72,14 +72,19 @@ class ThreadStack:
 
 
 @dataclass(frozen=True)
-class StackDump:
+class StackDump(JsonRecord):
+    JSON_NAME: ClassVar[str] = "stack"
+    JSON_ORDER: ClassVar[tuple[str, ...]] = ("pid", "native", "threads")
+
     pid: int
     threads: tuple[ThreadStack, ...]
     native: bool = False
 
 
 @dataclass(frozen=True)
-class ProcInfo:
+class ProcInfo(JsonRecord):
+    JSON_NAME: ClassVar[str] = "proc"
+
     pid: int
     alive: bool
     status: str = ""  # psutil status: running, sleeping, disk-sleep, zombie, ...
@@ -92,7 +97,9 @@ class ProcInfo:
 
 
 @dataclass(frozen=True)
-class GpuInfo:
+class GpuInfo(JsonRecord):
+    JSON_NAME: ClassVar[str] = "gpu"
+
     index: int
     utilization_pct: float
     power_w: float
@@ -107,14 +114,35 @@ class RingChunk:
     read: tuple[bool, ...]
 
 
+def _chunks_to_json(chunks: tuple[RingChunk, ...]) -> list[list[int]]:
+    return [[int(c.written), *map(int, c.read)] for c in chunks]
+
+
+def _chunks_from_json(raw: Any) -> tuple[RingChunk, ...]:
+    """Each chunk as its flags: written, then one read flag per reader, each 0 or 1."""
+    if not isinstance(raw, list):
+        raise ValueError(f"ring.chunks: expected list, got {type(raw).__name__}")
+    out: list[RingChunk] = []
+    for i, flags in enumerate(raw):
+        if not isinstance(flags, list):
+            raise ValueError(f"ring.chunks[{i}]: expected list, got {type(flags).__name__}")
+        if not flags or not all(f in (0, 1) and isinstance(f, int) for f in flags):
+            raise ValueError(f"ring.chunks[{i}]: expected flags of 0 or 1 (written, then one per reader)")
+        out.append(RingChunk(bool(flags[0]), tuple(bool(x) for x in flags[1:])))
+    return tuple(out)
+
+
 @dataclass(frozen=True)
-class RingState:
-    """One vLLM ShmRingBuffer, read from outside: per chunk its written flag and read flags."""
+class RingState(JsonRecord):
+    """One vLLM ShmRingBuffer, read from outside: per chunk its written flag and read flags. In JSON
+    each chunk is a list of 0/1 flags: written, then one per reader."""
+
+    JSON_NAME: ClassVar[str] = "ring"
 
     name: str
     role: str  # "broadcast" or "response"
     n_readers: int
-    chunks: tuple[RingChunk, ...]
+    chunks: tuple[RingChunk, ...] = field(metadata=json_as(encode=_chunks_to_json, decode=_chunks_from_json))
 
     def unread_by(self, reader: int) -> int:
         """Chunks written but not yet read by this reader."""

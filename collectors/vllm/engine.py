@@ -9,9 +9,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from collectors.vllm.exact import Hook, exact
 from collectors.vllm.state import STATE
 from collectors.vllm.translate import engine_batch
+from collectors.vllm.wrap import Hook, wrap
 
 
 def _mq_spec(mq: Any) -> dict[str, Any] | None:
@@ -38,7 +38,7 @@ def _init_executor(hook: Hook, orig: Any) -> Callable[..., Any]:
                     responses.append({**spec, "rank": rank})
             rec.meta({"t": "rings", "broadcast": bcast, "responses": responses})
 
-    return exact(hook, orig, after=after)
+    return wrap(hook, orig, after=after)
 
 
 def _engine_execute(hook: Hook, orig: Any) -> Callable[..., Any]:
@@ -62,14 +62,14 @@ def _engine_execute(hook: Hook, orig: Any) -> Callable[..., Any]:
                 waiting=waiting,
             )
 
-    return exact(hook, orig, ("scheduler_output",), before=before)
+    return wrap(hook, orig, ("scheduler_output",), before=before)
 
 
 def _schedule(hook: Hook, orig: Any) -> Callable[..., Any]:
     def after(self: Any, out: Any) -> None:
         STATE.engine_counts = (len(self.running), len(self.waiting))
 
-    return exact(hook, orig, after=after)
+    return wrap(hook, orig, after=after)
 
 
 def _update_from_output(hook: Hook, orig: Any) -> Callable[..., Any]:
@@ -79,7 +79,7 @@ def _update_from_output(hook: Hook, orig: Any) -> Callable[..., Any]:
     def failed(self: Any, scheduler_output: Any) -> None:
         _engine_result(self, scheduler_output, False)
 
-    return exact(hook, orig, ("scheduler_output",), after=after, failed=failed)
+    return wrap(hook, orig, ("scheduler_output",), after=after, failed=failed)
 
 
 def _engine_result(sched: Any, scheduler_output: Any, ok: bool) -> None:

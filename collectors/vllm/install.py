@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from collectors.vllm import engine, worker
-from collectors.vllm.exact import Hook
 from collectors.vllm.targets import TARGETS, WRAPPED, Target, resolve
+from collectors.vllm.wrap import Hook
 
 
 @dataclass

@@ -27,9 +27,7 @@ from collectors.format import (
     GraphKey,
     ProcessKind,
     Role,
-    key_code,
 )
-from collectors.packing import pack_key, pack_launch
 from collectors.recorder import Recorder, open_recorder
 
 log = logging.getLogger("watchdog.vllm")
@@ -55,27 +53,18 @@ MAX_KEYS = 4096  # translated keys kept per process (graph keys are a few dozen;
 
 
 class Keyed:
-    """A graph key as the hot path uses it: translated once, with what each record needs precomputed
-    (the key's 64-bit code, the key's and each role's launch fields packed for the separate records,
-    the request count that padding is measured against)."""
+    """A graph key as the hot path uses it: translated once, with the request count that padding is
+    measured against and the manifest hashes of its graphs (the recorder caches the rest by the key
+    object's identity, so the same ``key`` object is passed every step)."""
 
-    __slots__ = ("begin", "code", "drafter_code", "full_reqs", "graphed", "hashes", "key", "launches", "src")
+    __slots__ = ("full_reqs", "graphed", "hashes", "key", "src")
 
     def __init__(self, key: GraphKey, src: Any = None) -> None:
         self.key = key
         self.src = src  # the vLLM mode object the cache key names by id (kept alive, compared by identity)
         self.graphed = key.mode is not CUDAGraphMode.NONE
         self.full_reqs = key.num_reqs if key.mode is CUDAGraphMode.FULL and key.num_reqs is not None else -1
-        self.code = key_code(key)  # 0: too large for a code, written as separate records
-        self.begin = pack_key(key)
-        self.set_hashes((0, 0), 0)
-
-    def set_hashes(self, hashes: tuple[int, int], drafter_code: int) -> None:
-        """(model, drafter) manifest hash (0: not captured, or eager) and the code a drafter launch is
-        stored into the STEP record with (0: a record of its own; ``Recorder.drafter_code``)."""
-        self.hashes = hashes
-        self.launches = tuple(pack_launch(role, self.key, h) for role, h in zip(ROLES, hashes, strict=True))
-        self.drafter_code = drafter_code
+        self.hashes = (0, 0)  # (model, drafter) manifest hash (0: not captured, or eager)
 
 
 class WorkerState:
@@ -116,8 +105,7 @@ class WorkerState:
     def _set_hashes(self, k: Keyed) -> None:
         """``k``'s manifest hashes as the recorder has them (eager keys have none)."""
         rec = self.rec
-        hashes = (rec.recorded_manifest(Role.MODEL, k.key), rec.recorded_manifest(Role.DRAFTER, k.key))
-        k.set_hashes(hashes, rec.drafter_code(k.key, hashes[1]))
+        k.hashes = (rec.recorded_manifest(Role.MODEL, k.key), rec.recorded_manifest(Role.DRAFTER, k.key))
 
     # ---- steps ------------------------------------------------------------------------
 
@@ -161,16 +149,17 @@ class WorkerState:
             padded = k.full_reqs - unpadded_reqs if k.full_reqs > unpadded_reqs else 0
             # The step's begin and the model's launch: one STEP record, which the drafter's launch and
             # the step's end are stored into.
-            if k.code:
-                rec.step_open(self.step, k.code, unpadded_tokens, unpadded_reqs, padded, self.placeholders, k.hashes[0])
-            else:
-                rec.step_begin_packed(
-                    self.step, k.begin, unpadded_tokens, unpadded_reqs, padded, self.placeholders, k.hashes[0]
-                )
-        elif role == 1:
-            rec.drafter_launch(self.step, k.drafter_code, k.launches[1])
+            rec.step_begin(
+                self.step,
+                k.key,
+                unpadded_tokens=unpadded_tokens,
+                unpadded_reqs=unpadded_reqs,
+                padded_reqs=padded,
+                placeholders=self.placeholders,
+                launch_manifest=k.hashes[0],
+            )
         else:
-            rec.launch_packed(self.step, k.launches[role])
+            rec.launch(self.step, ROLES[role], k.key, k.hashes[role])
 
     def end_step(self, ok: bool) -> None:
         if not self.ended:

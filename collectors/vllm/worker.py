@@ -1,7 +1,7 @@
 """The worker-side wrappers: graph-key choice, graph capture, step boundaries and collectives.
 
 Each wrapper maker takes the hook's switch and the original and returns the wrapper
-(``exact``-generated where it runs every step). All of them write through this process's
+(``collectors.vllm.wrap``'s forwarder around the hook's bodies). All of them write through this process's
 ``STATE`` (collectors.vllm.state), which opens the worker ledger on first use.
 """
 
@@ -12,9 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from collectors.format import GraphKey, Role
-from collectors.packing import pack_collective
 from collectors.vllm import compiled
-from collectors.vllm.exact import Hook, exact
 from collectors.vllm.state import STATE, WorkerState
 from collectors.vllm.targets import COLLECTIVE_OPS, PARALLEL_STATE
 from collectors.vllm.translate import (
@@ -25,6 +23,7 @@ from collectors.vllm.translate import (
     mode_of,
     tensor_op,
 )
+from collectors.vllm.wrap import Hook, wrap
 
 # ---- worker-side description (rank, TP size, dispatcher config) -----------------------
 
@@ -70,7 +69,7 @@ def _v1_model_dispatch(hook: Hook, orig: Any) -> Callable[..., Any]:
                 k = ws.keyed(ck, key_from_descriptor(mode, d), mode)
             ws.launch(0, k, num_tokens, num_reqs)
 
-    return exact(hook, orig, ("num_tokens", "num_reqs"), after=after)
+    return wrap(hook, orig, ("num_tokens", "num_reqs"), after=after)
 
 
 def _v1_drafter_dispatch(hook: Hook, orig: Any) -> Callable[..., Any]:
@@ -84,7 +83,7 @@ def _v1_drafter_dispatch(hook: Hook, orig: Any) -> Callable[..., Any]:
                 k = ws.keyed(ck, GraphKey(mode_of(mode), int(padded)), mode)
             ws.launch(1, k, num_tokens, 0)
 
-    return exact(hook, orig, ("num_tokens",), after=after)
+    return wrap(hook, orig, ("num_tokens",), after=after)
 
 
 def _v2_role(manager: Any) -> Role | None:
@@ -115,7 +114,7 @@ def _v2_dispatch(hook: Hook, orig: Any) -> Callable[..., Any]:
                 k = ws.keyed(ck, key_from_execution_descriptor(out), mode)
             ws.launch(role, k, num_tokens, num_reqs)
 
-    return exact(hook, orig, ("num_reqs", "num_tokens"), after=after)
+    return wrap(hook, orig, ("num_reqs", "num_tokens"), after=after)
 
 
 def _capturing() -> bool:
@@ -191,7 +190,7 @@ def _execute_model(hook: Hook, orig: Any) -> Callable[..., Any]:
     def failed(self: Any, scheduler_output: Any) -> None:
         _end(False)
 
-    return exact(hook, orig, ("scheduler_output",), before=before, after=after, failed=failed)
+    return wrap(hook, orig, ("scheduler_output",), before=before, after=after, failed=failed)
 
 
 def _sample_tokens(hook: Hook, orig: Any) -> Callable[..., Any]:
@@ -203,7 +202,7 @@ def _sample_tokens(hook: Hook, orig: Any) -> Callable[..., Any]:
     def failed(self: Any) -> None:
         _end(False)
 
-    return exact(hook, orig, after=after, failed=failed)
+    return wrap(hook, orig, after=after, failed=failed)
 
 
 def _end(ok: bool) -> None:
@@ -228,8 +227,8 @@ def _group(unique_name: Any) -> str:
 
 def _collective(op_name: str, method: str) -> Callable[[Hook, Any], Callable[..., Any]]:
     def make(hook: Hook, orig: Any) -> Callable[..., Any]:
-        # (group's unique_name, torch dtype) -> (group, packed group/op/dtype): one lookup per eager call
-        idents: dict[tuple[Any, Any], tuple[str, bytes]] = {}
+        # (group's unique_name, torch dtype) -> (group, dtype name): one lookup per eager call
+        idents: dict[tuple[Any, Any], tuple[str, str]] = {}
 
         def before(self: Any, input_: Any) -> None:
             ws = STATE.ws
@@ -245,15 +244,14 @@ def _collective(op_name: str, method: str) -> Callable[[Hook, Any], Callable[...
                 ck = (self.unique_name, input_.dtype)
                 ident = idents.get(ck)
                 if ident is None:
-                    group = _group(self.unique_name)
-                    ident = (group, pack_collective(group, op_name, dtype_name(input_.dtype)))
+                    ident = (_group(self.unique_name), dtype_name(input_.dtype))
                     if len(idents) < 256:
                         idents[ck] = ident
-                ws.rec.collective_packed(ws.step, ident[0], ident[1], input_.numel())
+                ws.rec.collective(ws.step, ident[0], op_name, ident[1], input_.numel())
 
         # where Dynamo traces through the method (the CPU platform), the compiled graph calls a
         # watchdog op instead, which records at run time (compiled.py)
-        return compiled.route(method, orig, exact(hook, orig, ("input_",), before=before), before)
+        return compiled.route(method, orig, wrap(hook, orig, ("input_",), before=before), before)
 
     return make
 

@@ -13,7 +13,7 @@ import importlib
 import threading
 from typing import Any, Protocol
 
-from watchdog.evidence import EvidenceError, json_field, json_value
+from watchdog.evidence import EvidenceError
 from watchdog.types import GpuInfo
 
 _MAX_EVENTS_PER_SAMPLE = 256  # an XID storm must not stall a sample
@@ -130,28 +130,3 @@ class FakeGpus(GpuSource):
         if self.error is not None:
             raise self.error
         return self.gpus
-
-
-def gpu_to_json(g: GpuInfo) -> dict[str, Any]:
-    return {
-        "index": g.index,
-        "utilization_pct": g.utilization_pct,
-        "power_w": g.power_w,
-        "sm_clock_mhz": g.sm_clock_mhz,
-        "xid_events": list(g.xid_events),
-        "pids": list(g.pids),
-    }
-
-
-def gpu_from_json(d: Any) -> GpuInfo:
-    """Inverse of ``gpu_to_json``; ValueError naming the bad field on malformed input."""
-    xids = json_field(d, "xid_events", list, "gpu")
-    pids = json_field(d, "pids", list, "gpu")
-    return GpuInfo(
-        index=json_field(d, "index", int, "gpu"),
-        utilization_pct=json_field(d, "utilization_pct", float, "gpu"),
-        power_w=json_field(d, "power_w", float, "gpu"),
-        sm_clock_mhz=json_field(d, "sm_clock_mhz", float, "gpu"),
-        xid_events=tuple(json_value(x, int, f"gpu.xid_events[{i}]") for i, x in enumerate(xids)),
-        pids=tuple(json_value(p, int, f"gpu.pids[{i}]") for i, p in enumerate(pids)),
-    )

@@ -13,11 +13,11 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import psutil
 
-from watchdog.evidence import EvidenceError, json_field
+from watchdog.evidence import EvidenceError
 from watchdog.types import ProcInfo
 
 
@@ -109,31 +109,3 @@ class FakeProcs(ProcSource):
         if isinstance(got, EvidenceError):
             raise got
         return got
-
-
-def proc_to_json(p: ProcInfo) -> dict[str, Any]:
-    return {
-        "pid": p.pid,
-        "alive": p.alive,
-        "status": p.status,
-        "cpu_user_s": p.cpu_user_s,
-        "cpu_system_s": p.cpu_system_s,
-        "num_threads": p.num_threads,
-        "wchan": p.wchan,
-        "thread_cpu_s": dict(p.thread_cpu_s),
-    }
-
-
-def proc_from_json(d: Any) -> ProcInfo:
-    """Inverse of ``proc_to_json``; ValueError naming the bad field on malformed input."""
-    threads = json_field(d, "thread_cpu_s", dict, "proc")
-    return ProcInfo(
-        pid=json_field(d, "pid", int, "proc"),
-        alive=json_field(d, "alive", bool, "proc"),
-        status=json_field(d, "status", str, "proc"),
-        cpu_user_s=json_field(d, "cpu_user_s", float, "proc"),
-        cpu_system_s=json_field(d, "cpu_system_s", float, "proc"),
-        num_threads=json_field(d, "num_threads", int, "proc"),
-        wchan=json_field(d, "wchan", str, "proc"),
-        thread_cpu_s={str(k): json_field(threads, k, float, "proc.thread_cpu_s") for k in threads},
-    )
