@@ -144,22 +144,28 @@ def bench_detect(
     requests: Annotated[int, typer.Option(help="Requests per demo run.")] = 64,
     cpu_seconds: Annotated[float, typer.Option(help="Seconds the agent's CPU share is sampled (0 skips it).")] = 30.0,
     fault_rank: Annotated[
-        int | None, typer.Option(help="Culprit rank of rank faults (default 1; capped at each TP size's last rank).")
+        list[int] | None,
+        typer.Option(
+            help="Culprit rank of rank faults (repeat to measure several; default 1; -1 or past the last: the last)."
+        ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
 ) -> int:
     """Detection latency per fault class and TP size (median, max), and the agent's CPU share while healthy."""
     from watchdog.bench import bench_detect as run
 
-    result = run(
-        tps=tp,
-        faults=fault,
-        repeats=repeats,
-        requests=requests,
-        cpu_seconds=cpu_seconds,
-        say=_err,
-        fault_rank=fault_rank,
-    )
+    try:
+        result = run(
+            tps=tp,
+            faults=fault,
+            repeats=repeats,
+            requests=requests,
+            cpu_seconds=cpu_seconds,
+            say=_err,
+            fault_ranks=fault_rank,
+        )
+    except ValueError as exc:  # an unknown fault class
+        raise WatchdogError(str(exc)) from None
     print(json.dumps(result) if as_json else json.dumps(result, indent=2))
     return EXIT_OK
 
