@@ -13,6 +13,7 @@ beside a healthy deployment, ``watchdog.bench_agent``).
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import tempfile
@@ -50,6 +51,10 @@ DETECT_TARGETS: dict[str, Any] = {
     "stall_floor_s": 1.0,
     # ranks out of step are reported as their steps complete, before any stall: from the bite
     "divergence_within_s_of_bite": 1.0,
+    # no record shows a divergence before a rank finished the divergent step (a rank still issuing its
+    # launches may yet catch up), so the watchdog's own share is timed from that first end (an upper
+    # bound: to when the evidence was taken)
+    "divergence_within_s_of_step_end": 1.0,
     "stall_multiplier": 10.0,
     # the watcher polls every 50 ms and then reads the ledgers: a declaration this late past the
     # deadline still counts as on time
@@ -181,6 +186,8 @@ def _detect_run(tp: int, fault: str, seed: int, requests: int, native: bool, fau
             stall_to_diagnosis_s=round(diagnosed - detected, 3),
             fault_to_diagnosis_s=diagnosed,
         )
+        if not rec["matched"]:
+            rec["report"] = inc.report  # the bundle goes with the run's directory: keep what it said
         stall = _stall_of(inc.bundle)
         if stall is not None:
             deadline = float(stall["deadline_s"])
@@ -233,6 +240,12 @@ def _summarise(tp: int, fault: str, culprit: int, runs: list[dict[str, Any]]) ->
             1
             for r in hits
             if r.get("no_stall_yet") and r["fault_to_stall_s"] <= DETECT_TARGETS["divergence_within_s_of_bite"]
+        ),
+        "divergences_within_target_of_step_end": sum(
+            1
+            for r in hits
+            if r.get("no_stall_yet")
+            and r.get("evidence_after_step_end_s", math.inf) <= DETECT_TARGETS["divergence_within_s_of_step_end"]
         ),
         "divergent_step_s": _stats([r["divergent_step_s"] for r in hits if "divergent_step_s" in r]),
         "evidence_after_step_end_s": _stats(
@@ -303,6 +316,12 @@ def bench_detect(
     judged = [r for r in all_hits if "stall_within_target" in r]
     out["stall_within_target"] = f"{sum(1 for r in judged if r['stall_within_target'])}/{len(judged)}"
     out["verdicts_matched"] = f"{sum(1 for r in all_hits if r['matched'])}/{len(all_hits)}"
+    divs = [s for s in out["latency"] if s["divergences_no_stall_yet"]]
+    if divs:
+        n = sum(s["divergences_no_stall_yet"] for s in divs)
+        out["divergences_within_target_of_bite"] = f"{sum(s['divergences_within_target'] for s in divs)}/{n}"
+        ends = sum(s["divergences_within_target_of_step_end"] for s in divs)
+        out["divergences_within_target_of_step_end"] = f"{ends}/{n}"
     if cpu_seconds > 0:
         out["agent_cpu"] = agent_cpu_share(4, cpu_seconds, say)
     out["load_avg_at_end"] = [round(x, 2) for x in os.getloadavg()]
