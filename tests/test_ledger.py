@@ -61,6 +61,7 @@ from collectors.reader import Ledger, LedgerError, ledger_paths, parse_ledger, r
 from collectors.recorder import META_DROPPED_OFFSET, Recorder, open_recorder
 from collectors.tail import LedgerTail
 from tests.ledger_writer_child import RANK, WORLD, expected, write
+from watchdog.bench_torn import stress
 
 REPO = Path(__file__).resolve().parent.parent
 CHILD = Path(__file__).resolve().parent / "ledger_writer_child.py"
@@ -902,6 +903,20 @@ def test_killed_writer_leaves_a_readable_ledger_with_every_record(tmp_path: Path
         assert led.header.pid == proc.pid and led.config == {"writer": "ledger_writer_child"}
     finally:
         kill(proc)
+
+
+@pytest.mark.timeout(150)
+def test_live_hammer_tears_the_old_protocol_and_never_the_new() -> None:
+    """A real writer process rewrites an 8-slot ring as fast as it can while this process copies the file
+    16 bytes at a time (a reader preempted mid-copy). Today's protocol (busy trailer first; trailers read
+    through the map before and after the copy) accepts no torn record; the protocol before the fix (no
+    busy mark; seqs checked on the copy) is caught accepting one, so the hammer can see a tear."""
+    new = stress(seconds=2.0, n_slots=8, chunk=16, writer="new")
+    assert new["capture_reads"] >= 10 and new["capture_records"] > 8, new
+    assert new["capture_misread"] == 0, new
+    # Tens of tears a second, fewer on a loaded 2-core machine; the cap only bounds a starved run.
+    old = stress(seconds=100.0, n_slots=8, chunk=16, writer="old", until="copy")
+    assert old["copy_misread"] >= 1, old
 
 
 # ---- 6. torn and damaged data -------------------------------------------------------------

@@ -13,6 +13,7 @@ beside a healthy deployment, ``watchdog.bench_agent``).
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import tempfile
@@ -50,6 +51,10 @@ DETECT_TARGETS: dict[str, Any] = {
     "stall_floor_s": 1.0,
     # ranks out of step are reported as their steps complete, before any stall: from the bite
     "divergence_within_s_of_bite": 1.0,
+    # no record shows a divergence before a rank finished the divergent step (a rank still issuing its
+    # launches may yet catch up), so the watchdog's own share is timed from that first end (an upper
+    # bound: to when the evidence was taken)
+    "divergence_within_s_of_step_end": 1.0,
     "stall_multiplier": 10.0,
     # the watcher polls every 50 ms and then reads the ledgers: a declaration this late past the
     # deadline still counts as on time
@@ -63,8 +68,10 @@ DEMO_RUN_TIMEOUT_S = 180.0
 
 def _stats(values: list[float]) -> dict[str, float | None]:
     if not values:
-        return {"median": None, "max": None}
-    return {"median": round(statistics.median(values), 3), "max": round(max(values), 3)}
+        return {"median": None, "p95": None, "max": None}
+    ordered = sorted(values)
+    p95 = ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]  # nearest rank
+    return {"median": round(statistics.median(values), 3), "p95": round(p95, 3), "max": round(max(values), 3)}
 
 
 def _stall_of(bundle: str) -> dict[str, Any] | None:
@@ -106,6 +113,33 @@ def _kind_target(bundle: str, stall_step: int | None) -> dict[str, Any]:
         "target_p99_step_s": round(p99(recent), 4) if recent else None,
         "target_s": round(max(cfg.floor_s, cfg.multiplier * p99(recent)), 3) if enough else None,
     }
+
+
+def _divergent_step(bundle: str, step: int) -> dict[str, Any]:
+    """Where a divergence's time from the bite went, read from its bundle as any reader would: how long
+    the divergent step ran before the first rank finished it (until then no rank's records can show the
+    disagreement: a step's launches and collectives are recorded as they are issued, and a rank still
+    issuing them may yet catch up) and how soon after that first end the evidence was taken (gathering
+    starts right after the declaration: an upper bound of the watchdog's own share)."""
+    begins: list[int] = []
+    ends: list[int] = []
+    for path in sorted((Path(bundle) / "ledgers").glob("rank*.ledger")):
+        try:
+            records = read_ledger(path).records
+        except (LedgerError, OSError):
+            continue
+        begins += [r.mono_ns for r in records if isinstance(r, StepBegin) and r.step == step]
+        ends += [r.mono_ns for r in records if isinstance(r, StepEnd) and r.step == step]
+    try:
+        taken = int(json.loads((Path(bundle) / "evidence.json").read_text())["taken_mono_ns"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    out: dict[str, Any] = {}
+    if ends:
+        out["evidence_after_step_end_s"] = round((taken - min(ends)) / 1e9, 3)
+        if begins:
+            out["divergent_step_s"] = round((min(ends) - min(begins)) / 1e9, 3)
+    return out
 
 
 def _detect_run(tp: int, fault: str, seed: int, requests: int, native: bool, fault_rank: int = 1) -> dict[str, Any]:
@@ -152,6 +186,8 @@ def _detect_run(tp: int, fault: str, seed: int, requests: int, native: bool, fau
             stall_to_diagnosis_s=round(diagnosed - detected, 3),
             fault_to_diagnosis_s=diagnosed,
         )
+        if not rec["matched"]:
+            rec["report"] = inc.report  # the bundle goes with the run's directory: keep what it said
         stall = _stall_of(inc.bundle)
         if stall is not None:
             deadline = float(stall["deadline_s"])
@@ -166,10 +202,12 @@ def _detect_run(tp: int, fault: str, seed: int, requests: int, native: bool, fau
             rec.update(tgt)
             if tgt["target_s"] is not None:
                 rec["stall_within_target"] = detected <= tgt["target_s"] + DETECT_TARGETS["stall_poll_tolerance_s"]
+            if diag.no_stall_yet and isinstance(stall.get("step"), int):
+                rec.update(_divergent_step(inc.bundle, stall["step"]))
     return rec
 
 
-def _summarise(tp: int, fault: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
+def _summarise(tp: int, fault: str, culprit: int, runs: list[dict[str, Any]]) -> dict[str, Any]:
     hits = [r for r in runs if r.get("incident")]
     verdicts: dict[str, int] = {}
     for r in hits:
@@ -178,6 +216,7 @@ def _summarise(tp: int, fault: str, runs: list[dict[str, Any]]) -> dict[str, Any
     out: dict[str, Any] = {
         "tp": tp,
         "fault": fault,
+        "fault_rank": culprit,
         "expected_verdict": EXPECTED_VERDICTS.get(fault),
         "n": len(runs),
         "incidents": len(hits),
@@ -202,6 +241,16 @@ def _summarise(tp: int, fault: str, runs: list[dict[str, Any]]) -> dict[str, Any
             for r in hits
             if r.get("no_stall_yet") and r["fault_to_stall_s"] <= DETECT_TARGETS["divergence_within_s_of_bite"]
         ),
+        "divergences_within_target_of_step_end": sum(
+            1
+            for r in hits
+            if r.get("no_stall_yet")
+            and r.get("evidence_after_step_end_s", math.inf) <= DETECT_TARGETS["divergence_within_s_of_step_end"]
+        ),
+        "divergent_step_s": _stats([r["divergent_step_s"] for r in hits if "divergent_step_s" in r]),
+        "evidence_after_step_end_s": _stats(
+            [r["evidence_after_step_end_s"] for r in hits if "evidence_after_step_end_s" in r]
+        ),
         "runs": runs,
     }
     return out
@@ -215,9 +264,10 @@ def bench_detect(
     requests: int,
     cpu_seconds: float,
     say: Callable[[str], None],
-    fault_rank: int | None = None,
+    fault_ranks: list[int] | None = None,
 ) -> dict[str, Any]:
-    """``fault_rank``: the culprit of rank faults (None: rank 1, the demo's default; capped at the last rank)."""
+    """``fault_ranks``: the culprits of rank faults, each measured in turn (None: rank 1, the demo's
+    default; -1 or a rank past the last: the last rank of each TP size)."""
     chosen = [f for f in FAULTS if f != "none"] if not faults else list(faults)
     unknown = [f for f in chosen if f not in FAULTS]
     if unknown:
@@ -238,10 +288,10 @@ def bench_detect(
     }
     started = time.monotonic()
     for tp in tps:
-        for fault in chosen:
+        culprits = list(dict.fromkeys(tp - 1 if r < 0 else min(r, tp - 1) for r in fault_ranks or [1]))
+        for fault, culprit in ((f, c) for f in chosen for c in culprits):
             runs = []
             for seed in range(repeats):
-                culprit = min(1 if fault_rank is None else fault_rank, tp - 1)
                 say(f"detect: TP={tp} fault={fault} rank={culprit} seed={seed} ...")
                 rec = _detect_run(tp, fault, seed, requests, native, culprit)
                 runs.append(rec)
@@ -255,7 +305,7 @@ def bench_detect(
                         f"{'' if rec['matched'] else ' (MISMATCH)'} fault->stall {rec['fault_to_stall_s']:.2f} s "
                         f"(deadline {rec.get('stall_deadline_s')}) stall->diag {rec['stall_to_diagnosis_s']:.2f} s"
                     )
-            out["latency"].append(_summarise(tp, fault, runs))
+            out["latency"].append(_summarise(tp, fault, culprit, runs))
     out["latency_elapsed_s"] = round(time.monotonic() - started, 1)
     tp8 = [s for s in out["latency"] if s["tp"] == DETECT_TARGETS["diagnosis_target_tp"]]
     if tp8:
@@ -266,6 +316,12 @@ def bench_detect(
     judged = [r for r in all_hits if "stall_within_target" in r]
     out["stall_within_target"] = f"{sum(1 for r in judged if r['stall_within_target'])}/{len(judged)}"
     out["verdicts_matched"] = f"{sum(1 for r in all_hits if r['matched'])}/{len(all_hits)}"
+    divs = [s for s in out["latency"] if s["divergences_no_stall_yet"]]
+    if divs:
+        n = sum(s["divergences_no_stall_yet"] for s in divs)
+        out["divergences_within_target_of_bite"] = f"{sum(s['divergences_within_target'] for s in divs)}/{n}"
+        ends = sum(s["divergences_within_target_of_step_end"] for s in divs)
+        out["divergences_within_target_of_step_end"] = f"{ends}/{n}"
     if cpu_seconds > 0:
         out["agent_cpu"] = agent_cpu_share(4, cpu_seconds, say)
     out["load_avg_at_end"] = [round(x, 2) for x in os.getloadavg()]

@@ -2,7 +2,15 @@
 
 Every field of every record the writer stores is derived from its step number (``check``), so a
 read that hands back a record whose fields disagree with its step has accepted a torn slot. The
-readers, alternated so they see the same load:
+writer runs one of two protocols:
+
+* ``new``: ``Recorder`` as it is: the slot's trailer marked busy, the slot packed, the seq stored in
+  the trailer last, each seq one aligned 8-byte store;
+* ``old``: the protocol before the fix (``OldProtocolRecorder``): the slot packed (``pack_into``
+  zero-fills it, then stores the head seq and the fields), then the trailer seq and the cursor,
+  each with ``pack_into`` (zero first, then byte by byte); slot 0 of a new file not marked.
+
+The readers, alternated so they see the same load:
 
 * ``copy``: the file copied and each slot's head and trailer seq checked on the copy: how
   ``read_ledger`` worked before ``collectors.capture``;
@@ -12,6 +20,11 @@ Each runs with the plain copy (``read_bytes`` / ``bytearray``: a kernel memcpy p
 nanoseconds, so a tear needs the writer to land inside that window: rare, the way the failure was
 seen once in 7 test runs) and with a slow copy (``chunk`` bytes at a time, as a reader preempted
 mid-copy on a loaded machine makes it): the same race made frequent enough to count.
+
+Only the new writer with the new reader is guaranteed never to accept a torn record: the reader's
+check leans on the writer marking the trailer busy before it touches the slot, so the old writer
+defeats the new reader too (a copy taken inside ``pack_into`` holds the old head, zeros and the old
+trailer, and nothing in the trailer changed around it).
 """
 
 from __future__ import annotations
@@ -24,6 +37,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from struct import Struct
 from typing import Any
 
 from collectors.capture import capture
@@ -47,20 +61,78 @@ from collectors.format import (
     StepBegin,
     StepEnd,
 )
+from collectors.packing import W_STEP
 from collectors.reader import LedgerError, parse_ledger, read_ledger
 from collectors.recorder import Recorder, ledger_name
 
 M32 = 0xFFFFFFFF
+_K_STEP = int(RecordKind.STEP)
 RANK, WORLD = 0, 1
+WRITERS = ("new", "old")  # write protocols of the live writer (see the module doc)
 
 
 def _key(step: int) -> GraphKey:
     return GraphKey(CUDAGraphMode.FULL, 1 + step % 4096, 1 + step % 512, bool(step & 1))
 
 
-def write_forever(directory: str, n_slots: int) -> None:
-    """The writer: per step, an ENGINE_RESULT record and a STEP record whose end is stored into it."""
-    rec = Recorder(directory, kind=ProcessKind.WORKER, rank=RANK, world_size=WORLD, n_slots=n_slots, meta_size=0)
+class OldProtocolRecorder(Recorder):
+    """``Recorder`` writing its slots the way it did before the fix (commit a6d9d23), to show what the
+    fix buys: no busy mark, so a slot passes through zeros, then its fields, while its trailer still
+    holds the old seq; the trailer seq and the cursor stored by ``pack_into``, which zero-fills first.
+    Only the order of the stores differs: the bytes of every finished record are the same."""
+
+    def _create(self, kind: ProcessKind, rank: int, world_size: int, instance: str) -> mmap.mmap:
+        mm = super()._create(kind, rank, world_size, instance)
+        mm[self._ring_off + TRAILER_OFFSET : self._ring_off + SLOT_SIZE] = bytes(8)  # slot 0 left zero
+        return mm
+
+    def _store(self, layout: Struct, kind: int, *fields: Any) -> int:
+        mm = self._mm
+        assert mm is not None
+        seq = next(self._seqs)
+        off = self._ring_off + (seq % self._n) * SLOT_SIZE
+        layout.pack_into(mm, off, seq, kind, *fields)
+        U64.pack_into(mm, off + TRAILER_OFFSET, seq)
+        U64.pack_into(mm, CURSOR_OFFSET, seq + 1)
+        return seq
+
+    def _put(self, layout: Struct, kind: int, *fields: Any) -> None:
+        if not self.enabled:
+            return
+        try:
+            self._store(layout, kind, *fields)
+        except Exception as exc:
+            self._disable(exc)
+
+    def step_open(
+        self,
+        step: int,
+        code: int,
+        unpadded_tokens: int,
+        unpadded_reqs: int,
+        padded_reqs: int,
+        placeholders: int,
+        manifest: int,
+    ) -> None:
+        # The STEP record came after the fix; here it is stored in the old order and kept open for its
+        # in-place end as ``Recorder.step_open`` keeps it (that end is one aligned 8-byte store either way).
+        if not self.enabled:
+            return
+        try:
+            seq = self._store(
+                W_STEP, _K_STEP, step, time.monotonic_ns(), code, unpadded_tokens, unpadded_reqs, padded_reqs,
+                placeholders, manifest,
+            )  # fmt: skip
+            self._open_step, self._open_seq, self._open_word = step, seq, (seq % self._n) * (SLOT_SIZE // 8)
+        except Exception as exc:
+            self._disable(exc)
+
+
+def write_forever(directory: str, n_slots: int, protocol: str = "new") -> None:
+    """The writer: per step, an ENGINE_RESULT record and a STEP record whose end is stored into it,
+    with ``protocol`` ``new`` (``Recorder``) or ``old`` (``OldProtocolRecorder``)."""
+    cls = OldProtocolRecorder if protocol == "old" else Recorder
+    rec = cls(directory, kind=ProcessKind.WORKER, rank=RANK, world_size=WORLD, n_slots=n_slots, meta_size=0)
     if not rec.enabled:
         sys.exit(3)
     step = 1
@@ -115,27 +187,35 @@ def slow_copy(chunk: int) -> Callable[[mmap.mmap], bytearray]:
     return copy
 
 
-def _start_writer(directory: Path, n_slots: int) -> subprocess.Popen[bytes]:
-    code = f"from watchdog.bench_torn import write_forever; write_forever({str(directory)!r}, {n_slots})"
+def _start_writer(directory: Path, n_slots: int, protocol: str) -> subprocess.Popen[bytes]:
+    code = f"from watchdog.bench_torn import write_forever; write_forever({str(directory)!r}, {n_slots}, {protocol!r})"
     return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def stress(*, seconds: float, n_slots: int = 64, chunk: int = 0) -> dict[str, Any]:
-    """Read a hammered ledger both ways, alternating, for ``seconds``; count reads and misread records.
-    ``chunk`` > 0: copy the file that many bytes at a time (see the module doc)."""
+def stress(
+    *, seconds: float, n_slots: int = 64, chunk: int = 0, writer: str = "new", until: str | None = None
+) -> dict[str, Any]:
+    """Read a ledger hammered by a ``writer`` (``new`` or ``old`` protocol) both ways, alternating, for
+    ``seconds``; count reads, records and misread records. ``chunk`` > 0: copy the file that many bytes
+    at a time (see the module doc). ``until`` (``copy`` or ``capture``): stop as soon as that reader
+    has accepted a torn record (``seconds`` is then a cap)."""
+    if writer not in WRITERS:
+        raise ValueError(f"writer protocol {writer!r}: expected one of {', '.join(WRITERS)}")
     counts = {"copy": [0, 0, 0], "capture": [0, 0, 0]}  # reads, records, misread records
     copy: Callable[[mmap.mmap], bytearray] = slow_copy(chunk) if chunk > 0 else bytearray
     with tempfile.TemporaryDirectory(prefix="wd-torn-") as tmp:
         path = Path(tmp) / ledger_name(ProcessKind.WORKER, RANK)
-        proc = _start_writer(Path(tmp), n_slots)
+        proc = _start_writer(Path(tmp), n_slots, writer)
         try:
             deadline = time.monotonic() + 30
             while not path.exists() or read_ledger(path).cursor < 4 * n_slots:
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"ledger writer did not start (exit {proc.poll()})")
                 time.sleep(0.01)
-            end = time.monotonic() + seconds
-            while time.monotonic() < end:
+            first_cursor = read_ledger(path).cursor
+            start = time.monotonic()
+            end = start + seconds
+            while time.monotonic() < end and not (until and counts[until][2]):
                 for way in ("copy", "capture"):
                     try:
                         if way == "capture":
@@ -151,14 +231,23 @@ def stress(*, seconds: float, n_slots: int = 64, chunk: int = 0) -> dict[str, An
                     c[0] += 1
                     c[1] += len(led.records)
                     c[2] += check(led.records)
+            elapsed = time.monotonic() - start
         finally:
             proc.kill()
             proc.wait(timeout=10)
-    out: dict[str, Any] = {"seconds": seconds, "n_slots": n_slots, "copy_chunk_bytes": chunk or "whole file"}
+        written = read_ledger(path).cursor - first_cursor  # read once the writer is gone: a still cursor
+    out: dict[str, Any] = {
+        "writer": writer,
+        "seconds": round(elapsed, 3),
+        "n_slots": n_slots,
+        "copy_chunk_bytes": chunk or "whole file",
+        "records_written": written,
+    }
     for way, (reads, records, bad) in counts.items():
         out[f"{way}_reads"] = reads
         out[f"{way}_records"] = records
         out[f"{way}_misread"] = bad
+        out[f"{way}_misread_per_million"] = round(bad * 1e6 / records, 1) if records else None
     return out
 
 

@@ -140,19 +140,26 @@ def bench_fuzz(
 @bench_app.command(cls=GroupedCommand, name="torn")
 def bench_torn(
     seconds: Annotated[float, typer.Option(help="Seconds of live reading per copy mode (0 skips it).")] = 10.0,
-    slots: Annotated[int, typer.Option(help="Ring slots of the hammered ledger.")] = 16,
-    chunk: Annotated[list[int], typer.Option(help="Copy sizes in bytes for the live runs (0: whole file).")] = [0, 8],  # noqa: B006
+    slots: Annotated[int, typer.Option(help="Ring slots of the hammered ledger.")] = 8,
+    chunk: Annotated[list[int], typer.Option(help="Copy sizes in bytes for the live runs (0: whole file).")] = [0, 16],  # noqa: B006
+    writer: Annotated[
+        list[str], typer.Option(help="Write protocols of the live writer: new (Recorder) and/or old (before the fix).")
+    ] = ["old", "new"],  # noqa: B006
     schedules: Annotated[int, typer.Option(help="Replayed interleavings of one write with one read.")] = 20000,
     seed: Annotated[int, typer.Option(help="Seed of the replayed interleavings.")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
 ) -> int:
     """Torn records accepted by the old reader (checks on a copy) and by read_ledger, under a writer process
-    hammering the ledger, and over seeded interleavings of one write with one read replayed store by store."""
-    from watchdog.bench_torn import interleavings, stress
+    hammering the ledger (with the write protocol before the fix and with today's), and over seeded
+    interleavings of one write with one read replayed store by store."""
+    from watchdog.bench_torn import WRITERS, interleavings, stress
 
+    bad = [w for w in writer if w not in WRITERS]
+    if bad:
+        raise WatchdogError(f"--writer {bad[0]}: expected one of {', '.join(WRITERS)}")
     result: dict[str, object] = {"interleavings": interleavings(schedules=schedules, seed=seed)}
     if seconds > 0:
-        result["live"] = [stress(seconds=seconds, n_slots=slots, chunk=c) for c in chunk]
+        result["live"] = [stress(seconds=seconds, n_slots=slots, chunk=c, writer=w) for w in writer for c in chunk]
     print(json.dumps(result) if as_json else json.dumps(result, indent=2))
     return EXIT_OK
 
@@ -165,22 +172,28 @@ def bench_detect(
     requests: Annotated[int, typer.Option(help="Requests per demo run.")] = 64,
     cpu_seconds: Annotated[float, typer.Option(help="Seconds the agent's CPU share is sampled (0 skips it).")] = 30.0,
     fault_rank: Annotated[
-        int | None, typer.Option(help="Culprit rank of rank faults (default 1; capped at each TP size's last rank).")
+        list[int] | None,
+        typer.Option(
+            help="Culprit rank of rank faults (repeat to measure several; default 1; -1 or past the last: the last)."
+        ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
 ) -> int:
     """Detection latency per fault class and TP size (median, max), and the agent's CPU share while healthy."""
     from watchdog.bench import bench_detect as run
 
-    result = run(
-        tps=tp,
-        faults=fault,
-        repeats=repeats,
-        requests=requests,
-        cpu_seconds=cpu_seconds,
-        say=_err,
-        fault_rank=fault_rank,
-    )
+    try:
+        result = run(
+            tps=tp,
+            faults=fault,
+            repeats=repeats,
+            requests=requests,
+            cpu_seconds=cpu_seconds,
+            say=_err,
+            fault_ranks=fault_rank,
+        )
+    except ValueError as exc:  # an unknown fault class
+        raise WatchdogError(str(exc)) from None
     print(json.dumps(result) if as_json else json.dumps(result, indent=2))
     return EXIT_OK
 
