@@ -546,6 +546,18 @@ def test_fault_free_passthrough() -> None:
         }
 
 
+@pytest.mark.timeout(60)
+def test_client_connections_send_without_delay() -> None:
+    """Accepted client connections have TCP_NODELAY: without it Nagle holds a small write (a response's
+    body after its headers, a stream's next token) until the client's delayed ACK, ~40 ms each."""
+    with deployment() as (_upstream, _gate, proxy), socket.create_connection(("127.0.0.1", proxy.port), 30) as conn:
+        conn.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert conn.recv(65536).startswith(b"HTTP/1.1 200")
+        assert proxy._server is not None
+        socks = [p.transport.get_extra_info("socket") for p in list(proxy._server.server_state.connections)]
+        assert socks and all(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) for s in socks)
+
+
 @pytest.mark.timeout(180)
 def test_completion_stream_resumed_mid_stream_after_restart() -> None:
     prompt = "rank 1 replays a padded graph"
