@@ -595,6 +595,111 @@ def test_completion_stream_resumed_mid_stream_after_restart() -> None:
 
 
 @pytest.mark.timeout(180)
+def test_pooled_connections_of_a_restarted_upstream_lose_and_repeat_nothing() -> None:
+    """The proxy keeps upstream connections between requests. Those of a server that was killed and
+    started again on the same port, with the gate up all along (not the watchdog's restart) or through
+    going_down()/up() (the watchdog's), never cost a request: each is answered whole, and reaches the
+    new server once."""
+    prompt = "a server restarted under the pool"
+    with deployment(token_delay=0.001) as (upstream, gate, proxy):
+
+        def both() -> None:
+            status, _, body = request(proxy.port, "POST", "/v1/completions", completion_body(prompt, 8, False))
+            assert status == 200 and json.loads(body)["choices"][0]["text"] == expected(prompt, 8)
+            client = SseClient(proxy.port, "/v1/completions", completion_body(prompt, 8, True))
+            try:
+                client.rest()
+            finally:
+                client.close()
+            assert client.text() == expected(prompt, 8) and len(client.chunks_with_text()) == 8
+            assert_one_stream(client)
+
+        for watchdog_restart in (False, True):
+            for each in [Background(both) for _ in range(4)]:  # several connections left in the pool
+                each.result()
+            if watchdog_restart:
+                gate.going_down()
+                restart(upstream, gate)
+            else:
+                upstream.kill()
+                upstream.start()
+            for _ in range(3):
+                both()
+            assert upstream.stats()["started"] == 6
+        stats = proxy.stats
+        assert stats["forwarded"] == 28 and stats["resubmitted"] == 0 and stats["failed_unresumable"] == 0
+
+
+class OneAnswerPerConnection:
+    """A real HTTP server that answers the first request on each connection and keeps it open, then
+    reads the next request on it and closes it unanswered: a server closing an idle keep-alive
+    connection just as a request is sent on it."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(0.1)
+        self.port = self.sock.getsockname()[1]
+        self.answered = 0
+        self.dropped = 0
+        self.stopping = threading.Event()
+        self.threads = [threading.Thread(target=self._accept, daemon=True)]
+        self.threads[0].start()
+
+    def _accept(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            thread = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+            self.threads.append(thread)
+            thread.start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        conn.settimeout(30)
+        with conn, conn.makefile("rb") as reader:
+            for n in range(2):
+                length = 0
+                if not reader.readline():
+                    return
+                while (line := reader.readline()) not in (b"\r\n", b""):
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length":
+                        length = int(value)
+                reader.read(length)
+                if n == 1:
+                    self.dropped += 1
+                    return
+                body = json.dumps({"choices": [{"text": "ok"}]}).encode()
+                head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(body)
+                conn.sendall(head + body)
+                self.answered += 1
+
+    def close(self) -> None:
+        self.stopping.set()
+        for thread in self.threads:
+            thread.join(timeout=30)
+        self.sock.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_request_that_meets_a_connection_closed_under_it_goes_again_on_a_new_one() -> None:
+    server = OneAnswerPerConnection()
+    proxy = ResumingProxy(UpstreamGate(f"http://127.0.0.1:{server.port}"))
+    try:
+        proxy.start()
+        for _ in range(5):
+            status, _, body = request(proxy.port, "POST", "/v1/completions", completion_body("p", 1, False))
+            assert status == 200 and json.loads(body) == {"choices": [{"text": "ok"}]}
+        # every request after the first met a kept connection the server then closed, and went again
+        assert server.answered == 5 and server.dropped == 4
+        assert proxy.stats["forwarded"] == 5 and proxy.stats["resubmitted"] == 0
+    finally:
+        proxy.stop()
+        server.close()
+
+
+@pytest.mark.timeout(180)
 def test_non_stream_resubmitted_after_restart_and_new_requests_wait_for_up() -> None:
     prompt = "the engine stalls at step 91"
     with deployment() as (upstream, gate, proxy):
