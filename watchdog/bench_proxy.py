@@ -98,11 +98,28 @@ async def _serve_one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter)
 
 def _upstream_main(ports: Queue[int], stop: Event) -> None:
     async def main() -> None:
-        server = await asyncio.start_server(_serve_one, "127.0.0.1", 0, backlog=4096)
+        open_: dict[asyncio.Task[Any], asyncio.StreamWriter] = {}
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            task = asyncio.current_task()
+            assert task is not None
+            open_[task] = writer
+            try:
+                await _serve_one(reader, writer)
+            finally:
+                del open_[task]
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0, backlog=4096)
         ports.put(server.sockets[0].getsockname()[1])
         while not stop.is_set():
             await asyncio.sleep(0.2)
         server.close()
+        # The proxy keeps idle connections: end them, so that their handlers return rather than
+        # being cancelled by asyncio.run (which asyncio's stream protocol reports as an error).
+        for writer in list(open_.values()):
+            writer.close()
+        if open_:
+            await asyncio.wait(list(open_), timeout=5.0)
 
     asyncio.run(main())
 
