@@ -630,17 +630,20 @@ def test_pooled_connections_of_a_restarted_upstream_lose_and_repeat_nothing() ->
         assert stats["forwarded"] == 28 and stats["resubmitted"] == 0 and stats["failed_unresumable"] == 0
 
 
-class OneAnswerPerConnection:
-    """A real HTTP server that answers the first request on each connection and keeps it open, then
-    reads the next request on it and closes it unanswered: a server closing an idle keep-alive
-    connection just as a request is sent on it."""
+class KeepAliveServer:
+    """A real HTTP/1.1 server that answers ``answers`` requests on each connection, keeping it open,
+    then reads the next request on it and closes it unanswered (with ``answers=1``: a server closing
+    an idle keep-alive connection just as a request is sent on it)."""
 
-    def __init__(self) -> None:
+    def __init__(self, answers: int) -> None:
+        self.answers = answers
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.sock.settimeout(0.1)
         self.port = self.sock.getsockname()[1]
+        self.connections = 0
         self.answered = 0
         self.dropped = 0
+        self.closed_by_client = 0
         self.stopping = threading.Event()
         self.threads = [threading.Thread(target=self._accept, daemon=True)]
         self.threads[0].start()
@@ -651,6 +654,7 @@ class OneAnswerPerConnection:
                 conn, _ = self.sock.accept()
             except TimeoutError:
                 continue
+            self.connections += 1
             thread = threading.Thread(target=self._serve, args=(conn,), daemon=True)
             self.threads.append(thread)
             thread.start()
@@ -658,16 +662,17 @@ class OneAnswerPerConnection:
     def _serve(self, conn: socket.socket) -> None:
         conn.settimeout(30)
         with conn, conn.makefile("rb") as reader:
-            for n in range(2):
+            for n in range(self.answers + 1):
                 length = 0
                 if not reader.readline():
+                    self.closed_by_client += 1
                     return
                 while (line := reader.readline()) not in (b"\r\n", b""):
                     name, _, value = line.partition(b":")
                     if name.strip().lower() == b"content-length":
                         length = int(value)
                 reader.read(length)
-                if n == 1:
+                if n == self.answers:
                     self.dropped += 1
                     return
                 body = json.dumps({"choices": [{"text": "ok"}]}).encode()
@@ -682,18 +687,40 @@ class OneAnswerPerConnection:
         self.sock.close()
 
 
+def ok_request(port: int) -> None:
+    status, _, body = request(port, "POST", "/v1/completions", completion_body("p", 1, False))
+    assert status == 200 and json.loads(body) == {"choices": [{"text": "ok"}]}
+
+
 @pytest.mark.timeout(60)
 def test_a_request_that_meets_a_connection_closed_under_it_goes_again_on_a_new_one() -> None:
-    server = OneAnswerPerConnection()
+    server = KeepAliveServer(answers=1)
     proxy = ResumingProxy(UpstreamGate(f"http://127.0.0.1:{server.port}"))
     try:
         proxy.start()
         for _ in range(5):
-            status, _, body = request(proxy.port, "POST", "/v1/completions", completion_body("p", 1, False))
-            assert status == 200 and json.loads(body) == {"choices": [{"text": "ok"}]}
+            ok_request(proxy.port)
         # every request after the first met a kept connection the server then closed, and went again
-        assert server.answered == 5 and server.dropped == 4
+        assert server.answered == 5 and server.dropped == 4 and server.connections == 5
         assert proxy.stats["forwarded"] == 5 and proxy.stats["resubmitted"] == 0
+    finally:
+        proxy.stop()
+        server.close()
+
+
+@pytest.mark.timeout(60)
+def test_upstream_connections_are_kept_between_requests_and_closed_once_idle_too_long() -> None:
+    server = KeepAliveServer(answers=100)
+    proxy = ResumingProxy(UpstreamGate(f"http://127.0.0.1:{server.port}"))
+    try:
+        proxy.start()
+        for _ in range(3):
+            ok_request(proxy.port)
+        assert server.connections == 1 and server.answered == 3
+        time.sleep(1.5)  # longer than the proxy keeps an idle connection (1 s)
+        ok_request(proxy.port)
+        assert server.connections == 2 and server.dropped == 0
+        wait_for(lambda: server.closed_by_client == 1, 10, "the proxy to close the connection it kept too long")
     finally:
         proxy.stop()
         server.close()

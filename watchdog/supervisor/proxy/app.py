@@ -19,6 +19,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from .exchange import Exchange
 from .gate import UpstreamGate
+from .pool import ConnectionPool
 from .upstream import CONNECT_TIMEOUT_S
 
 __all__ = ["CONNECT_TIMEOUT_S", "ResumingProxy"]
@@ -27,7 +28,7 @@ __all__ = ["CONNECT_TIMEOUT_S", "ResumingProxy"]
 # connection per request cost more than the rest of the proxy's work on it. They expire well
 # before a server closes an idle one (uvicorn's and so vLLM's keep-alive is 5 s), and a request
 # that still meets a connection closed under it is sent again on another (upstream.py).
-_LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=None, keepalive_expiry=1.0)
+_KEEPALIVE_S = 1.0
 _STAT_KEYS = ("forwarded", "resubmitted", "resumed_mid_stream", "failed_unresumable", "client_cancelled")
 _METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
 
@@ -169,7 +170,7 @@ class ResumingProxy:
             return self._transport
         if self._pool is None or generation > self._pool_generation:
             self._retire_pool()
-            self._pool = httpx.AsyncHTTPTransport(verify=ssl.create_default_context(), limits=_LIMITS, retries=0)
+            self._pool = ConnectionPool(keepalive_expiry=_KEEPALIVE_S, ssl_context=ssl.create_default_context())
             self._pool_generation = generation
         return self._pool
 
