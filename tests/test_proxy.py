@@ -546,6 +546,18 @@ def test_fault_free_passthrough() -> None:
         }
 
 
+@pytest.mark.timeout(60)
+def test_client_connections_send_without_delay() -> None:
+    """Accepted client connections have TCP_NODELAY: without it Nagle holds a small write (a response's
+    body after its headers, a stream's next token) until the client's delayed ACK, ~40 ms each."""
+    with deployment() as (_upstream, _gate, proxy), socket.create_connection(("127.0.0.1", proxy.port), 30) as conn:
+        conn.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert conn.recv(65536).startswith(b"HTTP/1.1 200")
+        assert proxy._server is not None
+        socks = [p.transport.get_extra_info("socket") for p in list(proxy._server.server_state.connections)]
+        assert socks and all(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) for s in socks)
+
+
 @pytest.mark.timeout(180)
 def test_completion_stream_resumed_mid_stream_after_restart() -> None:
     prompt = "rank 1 replays a padded graph"
@@ -580,6 +592,138 @@ def test_completion_stream_resumed_mid_stream_after_restart() -> None:
         finally:
             fault_free.close()
         assert fault_free.text() == client.text()
+
+
+@pytest.mark.timeout(180)
+def test_pooled_connections_of_a_restarted_upstream_lose_and_repeat_nothing() -> None:
+    """The proxy keeps upstream connections between requests. Those of a server that was killed and
+    started again on the same port, with the gate up all along (not the watchdog's restart) or through
+    going_down()/up() (the watchdog's), never cost a request: each is answered whole, and reaches the
+    new server once."""
+    prompt = "a server restarted under the pool"
+    with deployment(token_delay=0.001) as (upstream, gate, proxy):
+
+        def both() -> None:
+            status, _, body = request(proxy.port, "POST", "/v1/completions", completion_body(prompt, 8, False))
+            assert status == 200 and json.loads(body)["choices"][0]["text"] == expected(prompt, 8)
+            client = SseClient(proxy.port, "/v1/completions", completion_body(prompt, 8, True))
+            try:
+                client.rest()
+            finally:
+                client.close()
+            assert client.text() == expected(prompt, 8) and len(client.chunks_with_text()) == 8
+            assert_one_stream(client)
+
+        for watchdog_restart in (False, True):
+            for each in [Background(both) for _ in range(4)]:  # several connections left in the pool
+                each.result()
+            if watchdog_restart:
+                gate.going_down()
+                restart(upstream, gate)
+            else:
+                upstream.kill()
+                upstream.start()
+            for _ in range(3):
+                both()
+            assert upstream.stats()["started"] == 6
+        stats = proxy.stats
+        assert stats["forwarded"] == 28 and stats["resubmitted"] == 0 and stats["failed_unresumable"] == 0
+
+
+class KeepAliveServer:
+    """A real HTTP/1.1 server that answers ``answers`` requests on each connection, keeping it open,
+    then reads the next request on it and closes it unanswered (with ``answers=1``: a server closing
+    an idle keep-alive connection just as a request is sent on it)."""
+
+    def __init__(self, answers: int) -> None:
+        self.answers = answers
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(0.1)
+        self.port = self.sock.getsockname()[1]
+        self.connections = 0
+        self.answered = 0
+        self.dropped = 0
+        self.closed_by_client = 0
+        self.stopping = threading.Event()
+        self.threads = [threading.Thread(target=self._accept, daemon=True)]
+        self.threads[0].start()
+
+    def _accept(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            self.connections += 1
+            thread = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+            self.threads.append(thread)
+            thread.start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        conn.settimeout(30)
+        with conn, conn.makefile("rb") as reader:
+            for n in range(self.answers + 1):
+                length = 0
+                if not reader.readline():
+                    self.closed_by_client += 1
+                    return
+                while (line := reader.readline()) not in (b"\r\n", b""):
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length":
+                        length = int(value)
+                reader.read(length)
+                if n == self.answers:
+                    self.dropped += 1
+                    return
+                body = json.dumps({"choices": [{"text": "ok"}]}).encode()
+                head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(body)
+                conn.sendall(head + body)
+                self.answered += 1
+
+    def close(self) -> None:
+        self.stopping.set()
+        for thread in self.threads:
+            thread.join(timeout=30)
+        self.sock.close()
+
+
+def ok_request(port: int) -> None:
+    status, _, body = request(port, "POST", "/v1/completions", completion_body("p", 1, False))
+    assert status == 200 and json.loads(body) == {"choices": [{"text": "ok"}]}
+
+
+@pytest.mark.timeout(60)
+def test_a_request_that_meets_a_connection_closed_under_it_goes_again_on_a_new_one() -> None:
+    server = KeepAliveServer(answers=1)
+    proxy = ResumingProxy(UpstreamGate(f"http://127.0.0.1:{server.port}"))
+    try:
+        proxy.start()
+        for _ in range(5):
+            ok_request(proxy.port)
+        # every request after the first met a kept connection the server then closed, and went again
+        assert server.answered == 5 and server.dropped == 4 and server.connections == 5
+        assert proxy.stats["forwarded"] == 5 and proxy.stats["resubmitted"] == 0
+    finally:
+        proxy.stop()
+        server.close()
+
+
+@pytest.mark.timeout(60)
+def test_upstream_connections_are_kept_between_requests_and_closed_once_idle_too_long() -> None:
+    server = KeepAliveServer(answers=100)
+    proxy = ResumingProxy(UpstreamGate(f"http://127.0.0.1:{server.port}"))
+    try:
+        proxy.start()
+        for _ in range(3):
+            ok_request(proxy.port)
+        assert server.connections == 1 and server.answered == 3
+        time.sleep(1.5)  # longer than the proxy keeps an idle connection (1 s)
+        ok_request(proxy.port)
+        assert server.connections == 2 and server.dropped == 0
+        wait_for(lambda: server.closed_by_client == 1, 10, "the proxy to close the connection it kept too long")
+    finally:
+        proxy.stop()
+        server.close()
 
 
 @pytest.mark.timeout(180)

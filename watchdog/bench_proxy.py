@@ -8,7 +8,10 @@ measures, each time straight to the upstream and through the proxy:
 * added latency per request: median of sequential non-streamed requests (one token each);
 * added latency per token: median time of sequential streams divided by their tokens;
 * streams/s at a given concurrency (default 128): completed streams per second over a window;
-* memory per open stream: the proxy's RSS growth while N streams are held open, divided by N.
+* memory per open stream: the proxy's RSS growth while N streams are held open, divided by N;
+* the proxy's CPU time (user + system, all its threads) per request, per token of the sequential
+  streams (their requests' share included) and per stream of the throughput runs: the cost itself,
+  where the latencies above also hold the waits for a core on a loaded machine.
 
 Every stream is checked to arrive whole (all its tokens, then ``[DONE]``): a fast but lossy proxy
 does not get a figure.
@@ -98,11 +101,28 @@ async def _serve_one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter)
 
 def _upstream_main(ports: Queue[int], stop: Event) -> None:
     async def main() -> None:
-        server = await asyncio.start_server(_serve_one, "127.0.0.1", 0, backlog=4096)
+        open_: dict[asyncio.Task[Any], asyncio.StreamWriter] = {}
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            task = asyncio.current_task()
+            assert task is not None
+            open_[task] = writer
+            try:
+                await _serve_one(reader, writer)
+            finally:
+                del open_[task]
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0, backlog=4096)
         ports.put(server.sockets[0].getsockname()[1])
         while not stop.is_set():
             await asyncio.sleep(0.2)
         server.close()
+        # The proxy keeps idle connections: end them, so that their handlers return rather than
+        # being cancelled by asyncio.run (which asyncio's stream protocol reports as an error).
+        for writer in list(open_.values()):
+            writer.close()
+        if open_:
+            await asyncio.wait(list(open_), timeout=5.0)
 
     asyncio.run(main())
 
@@ -155,7 +175,10 @@ async def _request(client: httpx.AsyncClient, url: str) -> float:
     return time.perf_counter() - t0
 
 
-async def _streams_per_s(client: httpx.AsyncClient, url: str, concurrency: int, tokens: int, seconds: float) -> float:
+async def _streams_per_s(
+    client: httpx.AsyncClient, url: str, concurrency: int, tokens: int, seconds: float
+) -> tuple[float, int]:
+    """(streams/s, streams completed)."""
     done = 0
     stop_at = time.perf_counter() + seconds
 
@@ -167,7 +190,7 @@ async def _streams_per_s(client: httpx.AsyncClient, url: str, concurrency: int, 
 
     t0 = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return done / (time.perf_counter() - t0)
+    return done / (time.perf_counter() - t0), done
 
 
 async def _rss_per_stream(client: httpx.AsyncClient, url: str, proxy_pid: int, n: int) -> float:
@@ -232,16 +255,27 @@ async def _measure(
         kib = await _rss_per_stream(client, proxied, proxy_pid, open_streams)
         say(f"bench proxy: {requests} sequential requests and {requests} streams of {tokens} tokens, each way")
         lat: dict[str, list[float]] = {"req_direct": [], "req_proxy": [], "tok_direct": [], "tok_proxy": []}
+        cpu = {"request": 0.0, "stream": 0.0, "throughput": 0.0}  # proxy CPU seconds while it served them
+        proc = psutil.Process(proxy_pid)
         for _ in range(requests):  # interleaved, so that load from elsewhere hits both alike
             lat["req_direct"].append(await _request(client, direct))
+            c0 = _cpu_s(proc)
             lat["req_proxy"].append(await _request(client, proxied))
+            cpu["request"] += _cpu_s(proc) - c0
             lat["tok_direct"].append(await _stream(client, direct, tokens) / tokens)
+            c0 = _cpu_s(proc)
             lat["tok_proxy"].append(await _stream(client, proxied, tokens) / tokens)
+            cpu["stream"] += _cpu_s(proc) - c0
         rates: dict[str, list[float]] = {"direct": [], "proxy": []}
+        streams = 0
         for i in range(repeats):
             say(f"bench proxy: {seconds:g} s of {concurrency} concurrent streams each way ({i + 1}/{repeats})")
-            rates["direct"].append(await _streams_per_s(client, direct, concurrency, stream_tokens, seconds))
-            rates["proxy"].append(await _streams_per_s(client, proxied, concurrency, stream_tokens, seconds))
+            rates["direct"].append((await _streams_per_s(client, direct, concurrency, stream_tokens, seconds))[0])
+            c0 = _cpu_s(proc)
+            rate, done = await _streams_per_s(client, proxied, concurrency, stream_tokens, seconds)
+            cpu["throughput"] += _cpu_s(proc) - c0
+            rates["proxy"].append(rate)
+            streams += done
     med = {k: statistics.median(v) for k, v in lat.items()}
     return {
         "request_ms_direct": round(med["req_direct"] * 1e3, 3),
@@ -255,7 +289,15 @@ async def _measure(
         "streams_per_s_proxy": round(statistics.median(rates["proxy"]), 1),
         "open_streams": open_streams,
         "proxy_rss_kib_per_open_stream": round(kib, 1),
+        "proxy_cpu_ms_per_request": round(cpu["request"] / requests * 1e3, 3),
+        "proxy_cpu_us_per_token": round(cpu["stream"] / (requests * tokens) * 1e6, 1),
+        "proxy_cpu_ms_per_stream_at_concurrency": round(cpu["throughput"] / max(streams, 1) * 1e3, 3),
     }
+
+
+def _cpu_s(proc: psutil.Process) -> float:
+    times = proc.cpu_times()
+    return float(times.user + times.system)
 
 
 def bench_proxy(

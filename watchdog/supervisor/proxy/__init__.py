@@ -2,8 +2,10 @@
 
 Split in four: ``gate`` (the supervisor's side: where the server is and whether it is up),
 ``policy`` and ``sse`` (pure: what to send after an interruption, SSE framing, token accounting),
-``exchange`` (the loop over upstream attempts on ``httpx.AsyncClient``; cancelling a stale
-attempt is task cancellation) and ``app`` (the uvicorn/FastAPI server and its httpx client).
+``exchange`` and ``upstream`` (the loop over upstream attempts through one httpx transport;
+cancelling a stale attempt is task cancellation; ``pool``: the default transport, connections kept
+between requests) and ``app`` (the uvicorn server, its ASGI application, a pool per server
+generation).
 
 
 Clients talk to the proxy; the proxy forwards every request (any method, path, body and header but

@@ -1,10 +1,13 @@
-"""The resuming proxy's server: uvicorn + FastAPI in a background thread, one asyncio loop, one
-``httpx.AsyncClient`` towards the upstream (its ``transport=`` is the seam tests fill)."""
+"""The resuming proxy's server: uvicorn in a background thread, one asyncio loop, a plain ASGI
+application (every path and method is forwarded: a router and middleware would only be paid for on
+every request and every token) and a pool of upstream connections per server generation (its
+``transport=`` is the seam tests fill)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import socket
 import ssl
 import threading
@@ -12,59 +15,88 @@ import time
 
 import httpx
 import uvicorn
-from fastapi import FastAPI, Request
-from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
 from .exchange import Exchange
 from .gate import UpstreamGate
+from .pool import ConnectionPool
+from .upstream import CONNECT_TIMEOUT_S
 
 __all__ = ["CONNECT_TIMEOUT_S", "ResumingProxy"]
 
-CONNECT_TIMEOUT_S = 10.0
-# One upstream connection per attempt, as a server that may be killed and restarted under us
-# wants: a pooled connection could be reused just as the server closes it (a spurious failure
-# the gate cannot tell from a real one). A localhost connect costs far less than the request.
-_LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=0)
+# Upstream connections are kept for the next request of the same server generation: a new
+# connection per request cost more than the rest of the proxy's work on it. They expire well
+# before a server closes an idle one (uvicorn's and so vLLM's keep-alive is 5 s), and a request
+# that still meets a connection closed under it is sent again on another (upstream.py).
+_KEEPALIVE_S = 1.0
 _STAT_KEYS = ("forwarded", "resubmitted", "resumed_mid_stream", "failed_unresumable", "client_cancelled")
+_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
 
 
-class _ProxyResponse(Response):
-    """Runs one :class:`Exchange` with full control over ``send``; a client disconnect cancels it."""
+class _App:
+    """The ASGI application: each HTTP request is one :class:`Exchange`; a client disconnect cancels it."""
 
-    def __init__(self, proxy: ResumingProxy, request: Request, body: bytes) -> None:
-        super().__init__()
+    def __init__(self, proxy: ResumingProxy) -> None:
         self._proxy = proxy
-        self._request = request
-        self._body = body
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        req = self._request
+        if scope["type"] != "http":  # no lifespan (off), no websockets
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 1000})
+            return
+        method: str = scope["method"]
+        if method not in _METHODS:
+            body = json.dumps({"detail": "Method Not Allowed"}).encode()
+            allow = ", ".join(sorted(_METHODS)).encode()
+            raw = [(b"allow", allow), (b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+            await send({"type": "http.response.start", "status": 405, "headers": raw})
+            await send({"type": "http.response.body", "body": body})
+            return
+        request_body = await _read_body(receive)
+        if request_body is None:  # the client left before its request was whole
+            return
+        proxy = self._proxy
+        proxy._bind_loop()
+        path: str = scope.get("root_path", "") + scope["path"]
         raw_path = scope.get("raw_path")
-        target = raw_path.decode("latin-1") if isinstance(raw_path, bytes) and raw_path else req.url.path
+        target = raw_path.decode("latin-1") if isinstance(raw_path, bytes) and raw_path else path
         query = scope.get("query_string", b"")
         if query:
             target += "?" + query.decode("latin-1")
         headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
-        exchange = Exchange(self._proxy, req.method, target, req.url.path, headers, self._body, send)
+        exchange = Exchange(proxy, method, target, path, headers, request_body, send)
         main = asyncio.ensure_future(exchange.run())
         watcher = asyncio.ensure_future(_wait_disconnect(receive))
         try:
             done, _ = await asyncio.wait({main, watcher}, return_when=asyncio.FIRST_COMPLETED)
             if main in done:
                 main.result()
+            elif exchange.out.ended:  # uvicorn says "disconnect" once the answer is out: not the client's
+                await main  # the exchange finishes its upstream side (bounded)
             else:
                 main.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await main
                 if not exchange.out.ended:
-                    self._proxy.count("client_cancelled")
+                    proxy.count("client_cancelled")
         finally:
             for task in (main, watcher):
                 if not task.done():
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
+
+
+async def _read_body(receive: Receive) -> bytes | None:
+    """The whole request body, or None if the client disconnected first."""
+    parts: list[bytes] = []
+    while True:
+        message: Message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        parts.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(parts)
 
 
 async def _wait_disconnect(receive: Receive) -> None:
@@ -75,7 +107,7 @@ async def _wait_disconnect(receive: Receive) -> None:
 
 
 class ResumingProxy:
-    """The reverse proxy (uvicorn + FastAPI in a background thread).
+    """The reverse proxy (uvicorn in a background thread).
 
     ``stats``: ``forwarded`` client requests sent upstream, ``resubmitted`` transparent
     re-submissions (nothing of the answer had reached the client), ``resumed_mid_stream``
@@ -83,8 +115,9 @@ class ResumingProxy:
     a restart (unresumable stream, gave up, timed out), ``client_cancelled`` client disconnects
     before the answer was complete (their upstream request is cancelled).
 
-    ``transport``: what the upstream client sends through (default: HTTP over TCP); tests give an
-    ``httpx.MockTransport`` and drive :attr:`app` in-process without :meth:`start`.
+    ``transport``: what the upstream requests are sent through (default: HTTP over TCP, connections
+    pooled per server generation); tests give an ``httpx.MockTransport`` and drive :attr:`app`
+    (ASGI) in-process without :meth:`start`.
     """
 
     def __init__(
@@ -106,12 +139,14 @@ class ResumingProxy:
         self._stats_lock = threading.Lock()
         self._stopping = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._client: httpx.AsyncClient | None = None
+        self._pool: httpx.AsyncBaseTransport | None = None
+        self._pool_generation = -1
+        self._retiring: set[asyncio.Task[None]] = set()
         self._changed: asyncio.Event | None = None
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
         self._sock: socket.socket | None = None
-        self.app = self._make_app()
+        self.app = _App(self)
 
     @property
     def stats(self) -> dict[str, int]:
@@ -128,11 +163,24 @@ class ResumingProxy:
     def stopping(self) -> bool:
         return self._stopping.is_set()
 
-    @property
-    def client(self) -> httpx.AsyncClient:
-        self._bind_loop()
-        assert self._client is not None
-        return self._client
+    def transport_for(self, generation: int) -> httpx.AsyncBaseTransport:
+        """What an attempt made for server ``generation`` is sent through: connections are reused
+        within a generation, never across one (a restarted server on the same port is a new pool)."""
+        if self._transport is not None:
+            return self._transport
+        if self._pool is None or generation > self._pool_generation:
+            self._retire_pool()
+            self._pool = ConnectionPool(keepalive_expiry=_KEEPALIVE_S, ssl_context=ssl.create_default_context())
+            self._pool_generation = generation
+        return self._pool
+
+    def _retire_pool(self) -> None:
+        """Close the pool of a replaced server generation (its attempts are aborted already)."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            task = asyncio.ensure_future(pool.aclose())
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
 
     async def wait_gate(self, timeout_s: float) -> None:
         """Return after the next up()/gave_up()/stop(), or after ``timeout_s``."""
@@ -144,16 +192,12 @@ class ResumingProxy:
     # ---- the event loop side
 
     def _bind_loop(self) -> None:
-        """Make the client and the gate's wake-up belong to the running loop (the server's, or a test's)."""
+        """Make the upstream pool and the gate's wake-up belong to the running loop (the server's, or a test's)."""
         loop = asyncio.get_running_loop()
         if self._loop is loop:
             return
-        transport = self._transport
-        if transport is None:
-            transport = httpx.AsyncHTTPTransport(verify=ssl.create_default_context(), limits=_LIMITS, retries=0)
-        self._client = httpx.AsyncClient(
-            transport=transport, timeout=httpx.Timeout(None, connect=CONNECT_TIMEOUT_S), trust_env=False
-        )
+        self._pool = None  # a previous loop's (a test's asyncio.run): its connections went with it
+        self._pool_generation = -1
         self._changed = asyncio.Event()
         self._loop = loop
         self.gate._add_listener(self._on_gate_change)
@@ -173,17 +217,8 @@ class ResumingProxy:
         for exchange in list(self.live):
             if everything or exchange.generation < gen:
                 exchange.abort()
-
-    def _make_app(self) -> FastAPI:
-        app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
-        methods = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
-
-        @app.api_route("/{path:path}", methods=methods, include_in_schema=False)
-        async def proxy(request: Request) -> Response:
-            self._bind_loop()
-            return _ProxyResponse(self, request, await request.body())
-
-        return app
+        if gen > self._pool_generation:  # the old server's idle connections go now, not at the next request
+            self._retire_pool()
 
     # ---- the server thread
 
@@ -192,7 +227,10 @@ class ResumingProxy:
         if self._thread is not None:
             raise RuntimeError("proxy already started")
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets whose proto says TCP, and an
+        # accepted socket inherits the listener's. Without it Nagle holds each small write (a
+        # response's body after its headers, a stream's next token) for the client's delayed ACK.
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((self.host, self.port))
@@ -233,8 +271,8 @@ class ResumingProxy:
         try:
             await server.serve(sockets=[sock])
         finally:
-            if self._client is not None:
-                await self._client.aclose()
+            self._retire_pool()
+            await asyncio.gather(*self._retiring, return_exceptions=True)
 
     def stop(self) -> None:
         """Stop serving; in-flight requests end (a waiting one gets a 503). Idempotent."""

@@ -1,7 +1,8 @@
 """One client request through as many upstream attempts as restarts require: the proxy's only I/O.
 
-Each attempt is one ``httpx.AsyncClient.send(..., stream=True)`` (what ``AsyncClient.stream`` does,
-without the client's default headers: the upstream sees the client's own). Every upstream await
+Each attempt is one request with the client's own headers, handed to the proxy's upstream transport
+(:mod:`.upstream`: a pool of connections per server generation, or a test's ``MockTransport``).
+Every upstream await
 goes through :meth:`_Exchange._up`; an attempt made for a server generation that has since been
 replaced is aborted by cancelling the exchange's task while it waits on the upstream (never while
 it writes to the client), and the cancellation comes back as :class:`Aborted`, an upstream error
@@ -20,6 +21,7 @@ from typing import Any, Literal, Protocol, TypeVar
 import httpx
 from starlette.types import Send
 
+from . import upstream
 from .gate import UpstreamGate
 from .policy import StreamState, forward_headers, header, hide_ids, plan_resume
 from .sse import DONE_EVENT, carries_token, error_event, event_data, split_events
@@ -41,6 +43,7 @@ class Aborted(Exception):
 
 
 _UPSTREAM_ERRORS = (httpx.TransportError, Aborted)
+_DRAIN_S = 1.0
 
 
 class Host(Protocol):
@@ -50,8 +53,7 @@ class Host(Protocol):
     resume_timeout_s: float
     live: set[Exchange]
 
-    @property
-    def client(self) -> httpx.AsyncClient: ...
+    def transport_for(self, generation: int) -> httpx.AsyncBaseTransport: ...
     @property
     def stopping(self) -> bool: ...
     def count(self, key: str) -> None: ...
@@ -239,20 +241,24 @@ class Exchange:
         try:
             async with contextlib.AsyncExitStack() as stack:
                 try:
-                    request = httpx.Request(self.method, base_url + self.target, headers=self.headers, content=body)
-                    resp = await self._up(self.host.client.send(request, stream=True))
+                    resp = await upstream.send(
+                        self.host.transport_for(gen),
+                        httpx.Request(self.method, base_url + self.target, headers=self.headers, content=body),
+                        self._up,
+                        lambda: self._restart_caused(gen),
+                    )
                 except _UPSTREAM_ERRORS as exc:
                     if self._restart_caused(gen):
                         return "interrupted"
                     await self._upstream_failed(f"upstream connection failed: {exc!r}")
                     return "done"
-                stack.push_async_callback(_close, resp)
+                stack.push_async_callback(upstream.close, resp)
                 status = resp.status_code
                 if status >= 500 and self._restart_caused(gen):
                     return "interrupted"
                 raw = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in resp.headers.raw]
                 headers = forward_headers(raw, identity=False)
-                chunks = _raw_chunks(resp)
+                chunks = upstream.raw_chunks(resp)
                 if status == 200 and header(headers, "content-type").startswith("text/event-stream"):
                     return await self._pump_sse(chunks, gen, headers)
                 if self.out.started:  # a re-submitted stream got no stream back
@@ -341,8 +347,19 @@ class Exchange:
             buf += data
             for raw in split_events(buf):
                 outcome = await self._on_event(raw, gen)
+                if outcome == "done":  # [DONE]
+                    await self._drain(chunks)
                 if outcome is not None:
                     return outcome
+
+    async def _drain(self, chunks: AsyncIterator[bytes]) -> None:
+        """Read the upstream body to its end after the client's has ended (its last chunk follows
+        [DONE] at once), so that the connection serves another request instead of being closed; a
+        body that goes on is cut."""
+        with contextlib.suppress(*_UPSTREAM_ERRORS, TimeoutError):
+            async with asyncio.timeout(_DRAIN_S):
+                while await self._read(chunks):
+                    pass
 
     async def _on_event(self, raw: bytes, gen: int) -> _Done | None:
         data = event_data(raw)
@@ -378,20 +395,3 @@ class Exchange:
     async def _flush_held(self) -> None:
         held, self.stream.held = self.stream.held, []
         await self.out.body(b"".join(held))
-
-
-def _raw_chunks(resp: httpx.Response) -> AsyncIterator[bytes]:
-    """The body's bytes as they arrive, undecoded (content-encoding passes through to the client)."""
-    if resp.is_stream_consumed:  # built in memory (e.g. a MockTransport's content=): already read
-        return _once(resp.content)
-    return resp.aiter_raw()
-
-
-async def _once(data: bytes) -> AsyncIterator[bytes]:
-    yield data
-
-
-async def _close(resp: httpx.Response) -> None:
-    # Closing an unfinished response drops its connection (the server sees the client go away).
-    with contextlib.suppress(httpx.HTTPError):
-        await resp.aclose()
