@@ -61,7 +61,6 @@ from collectors.format import (
     StepBegin,
     StepEnd,
 )
-from collectors.packing import W_STEP
 from collectors.reader import LedgerError, parse_ledger, read_ledger
 from collectors.recorder import Recorder, ledger_name
 
@@ -86,46 +85,21 @@ class OldProtocolRecorder(Recorder):
         mm[self._ring_off + TRAILER_OFFSET : self._ring_off + SLOT_SIZE] = bytes(8)  # slot 0 left zero
         return mm
 
-    def _store(self, layout: Struct, kind: int, *fields: Any) -> int:
-        mm = self._mm
-        assert mm is not None
-        seq = next(self._seqs)
-        off = self._ring_off + (seq % self._n) * SLOT_SIZE
-        layout.pack_into(mm, off, seq, kind, *fields)
-        U64.pack_into(mm, off + TRAILER_OFFSET, seq)
-        U64.pack_into(mm, CURSOR_OFFSET, seq + 1)
-        return seq
-
-    def _put(self, layout: Struct, kind: int, *fields: Any) -> None:
+    def _put(self, layout: Struct, kind: int, *fields: Any) -> int:
         if not self.enabled:
-            return
+            return -1
         try:
-            self._store(layout, kind, *fields)
+            mm = self._mm
+            assert mm is not None
+            seq = next(self._seqs)
+            off = self._ring_off + (seq % self._n) * SLOT_SIZE
+            layout.pack_into(mm, off, seq, kind, *fields)
+            U64.pack_into(mm, off + TRAILER_OFFSET, seq)
+            U64.pack_into(mm, CURSOR_OFFSET, seq + 1)
+            return seq
         except Exception as exc:
             self._disable(exc)
-
-    def step_open(
-        self,
-        step: int,
-        code: int,
-        unpadded_tokens: int,
-        unpadded_reqs: int,
-        padded_reqs: int,
-        placeholders: int,
-        manifest: int,
-    ) -> None:
-        # The STEP record came after the fix; here it is stored in the old order and kept open for its
-        # in-place end as ``Recorder.step_open`` keeps it (that end is one aligned 8-byte store either way).
-        if not self.enabled:
-            return
-        try:
-            seq = self._store(
-                W_STEP, _K_STEP, step, time.monotonic_ns(), code, unpadded_tokens, unpadded_reqs, padded_reqs,
-                placeholders, manifest,
-            )  # fmt: skip
-            self._open_step, self._open_seq, self._open_word = step, seq, (seq % self._n) * (SLOT_SIZE // 8)
-        except Exception as exc:
-            self._disable(exc)
+            return -1
 
 
 def write_forever(directory: str, n_slots: int, protocol: str = "new") -> None:
