@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from watchdog.bench import DETECT_SCHEMA, bench_detect
+from watchdog.bench.detect import DETECT_SCHEMA, bench_detect
 
 
 @pytest.mark.slow

@@ -37,8 +37,8 @@ from collectors.format import (
 from collectors.reader import LedgerError, parse_ledger, read_ledger
 from collectors.recorder import Recorder
 from collectors.tail import LedgerTail
-from watchdog.bench_fuzz import fuzz_range, ledger_cases
-from watchdog.bench_torn import interleavings, stress
+from watchdog.bench.fuzz import fuzz_range, ledger_cases
+from watchdog.bench.torn import interleavings, stress
 from watchdog.bundle import load_snapshot
 from watchdog.cli import main
 from watchdog.snapshot import read_ledger_dir

@@ -22,7 +22,7 @@ PACKAGES = ("watchdog", "collectors")
 
 # The command line is the composition root: it registers every command, the demo's and the
 # benches' included, and nothing imports it.
-ENTRY_POINTS = frozenset({"watchdog.cli", "watchdog.cli_bench"})
+ENTRY_POINTS = frozenset({"watchdog.cli", "watchdog.bench.cli"})
 
 # What the analyzer may reach: records, key rules, the analyzer itself. No module here does I/O.
 PURE = frozenset({"collectors.format", "collectors.jsonrecords", "watchdog.types", "watchdog.keys"})

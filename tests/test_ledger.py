@@ -61,7 +61,7 @@ from collectors.reader import Ledger, LedgerError, ledger_paths, parse_ledger, r
 from collectors.recorder import META_DROPPED_OFFSET, Recorder, open_recorder
 from collectors.tail import LedgerTail
 from tests.ledger_writer_child import RANK, WORLD, expected, write
-from watchdog.bench_torn import stress
+from watchdog.bench.torn import stress
 
 REPO = Path(__file__).resolve().parent.parent
 CHILD = Path(__file__).resolve().parent / "ledger_writer_child.py"

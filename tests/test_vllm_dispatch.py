@@ -135,7 +135,7 @@ def test_v2_runner_ledger_holds_exactly_the_keys_vllm_dispatched(version: str, t
 def test_bench_wrappers_times_the_real_targets_both_ways(version: str, tmp_path: Path) -> None:
     """``watchdog bench plugin --wrappers``: plain and exact-signature wrappers around vLLM's real targets,
     measured in the vLLM environment (small counts: this checks the bench, not the figures)."""
-    from watchdog.bench_wrappers import SCHEMA, bench_wrappers
+    from watchdog.bench.wrappers import SCHEMA, bench_wrappers
 
     python = python_or_skip(version)
     exe = python.parent / "vllm"

@@ -423,7 +423,7 @@ def test_hook_wrappers_cache_keys_and_pick_up_manifests(tmp_path: Path, monkeypa
 def test_bench_plugin_runs_and_splits_the_cost() -> None:
     """``watchdog bench plugin``: the hooked step, the bare records and the plugin's own part are all
     measured (small counts: this checks the bench, not the figures)."""
-    from watchdog.bench_plugin import SCHEMA, bench_plugin
+    from watchdog.bench.plugin import SCHEMA, bench_plugin
 
     out = bench_plugin(steps=300, repeats=3)
     assert out["schema"] == SCHEMA and out["ledger_enabled_throughout"] is True
@@ -442,7 +442,7 @@ def test_bench_wrappers_reads_step_time_and_calls_per_step_from_rank_ledgers(tmp
     their collectives and drafter launches the calls per step; the engine ledger is not a rank's."""
     from collectors.format import ProcessKind
     from collectors.recorder import Recorder
-    from watchdog.bench_wrappers import ledger_facts
+    from watchdog.bench.wrappers import ledger_facts
 
     key = GraphKey(CUDAGraphMode.NONE, 8)
     for rank in (0, 1):

@@ -33,7 +33,7 @@ except ImportError:  # pragma: no cover
     from click import exceptions as click_exc  # type: ignore[no-redef]
 
 from collectors.reader import LedgerError
-from watchdog.cli_bench import bench_app
+from watchdog.bench.cli import bench_app
 from watchdog.cli_options import GroupedCommand, version_callback, with_settings
 from watchdog.demo.result import DemoResult
 from watchdog.errors import UsageError, WatchdogError

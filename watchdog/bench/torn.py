@@ -162,7 +162,7 @@ def slow_copy(chunk: int) -> Callable[[mmap.mmap], bytearray]:
 
 
 def _start_writer(directory: Path, n_slots: int, protocol: str) -> subprocess.Popen[bytes]:
-    code = f"from watchdog.bench_torn import write_forever; write_forever({str(directory)!r}, {n_slots}, {protocol!r})"
+    code = f"from watchdog.bench.torn import write_forever; write_forever({str(directory)!r}, {n_slots}, {protocol!r})"
     return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 

@@ -1,6 +1,6 @@
 """``watchdog bench agent``: what the sidecar itself costs while the server is healthy.
 
-A writer process (``python -m watchdog.bench_agent DIR TP RATE``) writes an engine ledger and TP
+A writer process (``python -m watchdog.bench.agent DIR TP RATE``) writes an engine ledger and TP
 worker ledgers through ``collectors.recorder``, as a decoding deployment does: per step an engine
 step and result, and on every rank a step begin with its graph key and launch, one all-reduce and
 the step end, at RATE steps per second. A real ``watchdog agent`` process tails them (and looks
@@ -179,7 +179,7 @@ def measure(tp: int, rate: float, seconds: float, warmup_s: float, say: Callable
     procs: list[subprocess.Popen[bytes]] = []
     out: dict[str, Any] = {"tp": tp, "steps_per_s_target": rate, "window_s": seconds}
     try:
-        writer_argv = [sys.executable, "-m", "watchdog.bench_agent", str(ledgers), str(tp), str(rate)]
+        writer_argv = [sys.executable, "-m", "watchdog.bench.agent", str(ledgers), str(tp), str(rate)]
         agent_argv = [sys.executable, "-m", "watchdog.cli", "agent", "--ledger-dir", str(ledgers), "--incidents-dir",
                       str(work / "incidents"), "--port", str(port), "--log-level", "warning"]  # fmt: skip
         procs.append(subprocess.Popen(writer_argv, stdin=subprocess.DEVNULL, start_new_session=True))
@@ -228,6 +228,6 @@ def bench_agent(
 
 if __name__ == "__main__":
     if len(sys.argv) != 4:
-        print("usage: python -m watchdog.bench_agent LEDGER_DIR TP STEPS_PER_S", file=sys.stderr)
+        print("usage: python -m watchdog.bench.agent LEDGER_DIR TP STEPS_PER_S", file=sys.stderr)
         raise SystemExit(2)
     writer_main(sys.argv[1], int(sys.argv[2]), float(sys.argv[3]))

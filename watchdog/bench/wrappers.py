@@ -209,7 +209,7 @@ def _measure_in_vllm_env(vllm_exe: str | None, calls: int, repeats: int) -> tupl
     python = vllm_python(find_vllm(vllm_exe))
     root = Path(__file__).resolve().parent.parent
     code = (
-        "import json; from importlib.metadata import version; from watchdog.bench_wrappers import measure; "
+        "import json; from importlib.metadata import version; from watchdog.bench.wrappers import measure; "
         f"print('RESULT ' + json.dumps([measure(calls={calls}, repeats={repeats}), version('vllm')]))"
     )
     env = {**os.environ, "PYTHONPATH": str(root), "VLLM_LOGGING_LEVEL": "ERROR"}

@@ -7,7 +7,7 @@ vs off in ONE deployment.
 ``watchdog bench detect``: the fault catalogue injected into real demo deployments, ``repeats`` seeds
 each: whether the expected verdict (``watchdog.demo.faults.EXPECTED_VERDICTS``) came, and how long
 the stall declaration and the diagnosis took (and, with ``cpu_seconds``, the agent's CPU share
-beside a healthy deployment, ``watchdog.bench_agent``).
+beside a healthy deployment, ``watchdog.bench.agent``).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any
 
 from collectors.format import StepBegin, StepEnd
 from collectors.reader import LedgerError, read_ledger
-from watchdog.bench_agent import agent_cpu_share
+from watchdog.bench.agent import agent_cpu_share
 from watchdog.demo.faults import EXPECTED_VERDICTS, FAULTS
 from watchdog.demo.options import DemoOptions
 from watchdog.demo.overhead import demo_on_off, recorder_ns

@@ -34,7 +34,7 @@ def bench_recorder(
     as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
 ) -> int:
     """Ledger cost: ns per record (median), and demo steps/s with the ledger on vs off."""
-    from watchdog.bench import bench_recorder as run
+    from watchdog.bench.detect import bench_recorder as run
 
     result = run(records=records, repeats=repeats, tp=tp, steps=steps, say=_err)
     print(json.dumps(result) if as_json else "\n".join(f"{k}: {v}" for k, v in result.items()))
@@ -75,7 +75,7 @@ def bench_plugin(
     --vllm, throughput on a real server with the plugin on and off (alternating blocks, medians, ratio);
     with --wrappers, what wrappers with each target's exact signature would save per step."""
     if wrappers:
-        from watchdog.bench_wrappers import bench_wrappers
+        from watchdog.bench.wrappers import bench_wrappers
 
         if step_ms <= 0 or steps < 1 or repeats < 1:
             raise UsageError("--step-ms, --steps and --repeats must be positive")
@@ -90,7 +90,7 @@ def bench_plugin(
     if vllm:
         import tempfile
 
-        from watchdog.bench_vllm import bench_vllm_plugin
+        from watchdog.bench.vllm import bench_vllm_plugin
 
         if blocks < 1 or requests < 1 or concurrency < 1 or output_len < 1 or tp < 1:
             raise UsageError("--blocks, --requests, --concurrency, --output-len and --tp must be positive")
@@ -107,7 +107,7 @@ def bench_plugin(
             )
         print(json.dumps(vresult) if as_json else "\n".join(f"{k}: {v}" for k, v in vresult.items()))
         return EXIT_OK
-    from watchdog.bench_plugin import bench_plugin as run
+    from watchdog.bench.plugin import bench_plugin as run
 
     result = run(steps=steps, repeats=repeats, reqs=reqs)
     print(json.dumps(result) if as_json else "\n".join(f"{k}: {v}" for k, v in result.items()))
@@ -125,7 +125,7 @@ def bench_fuzz(
 ) -> int:
     """Damaged ledgers and bundles through diagnose and the live tail: failures (anything but a one-line
     error), the slowest case and the peak RSS. Exit 1 if any case failed."""
-    from watchdog.bench_fuzz import bench_fuzz as run
+    from watchdog.bench.fuzz import bench_fuzz as run
 
     if not scenarios.is_dir():
         raise WatchdogError(f"--scenarios {scenarios}: not a directory")
@@ -152,7 +152,7 @@ def bench_torn(
     """Torn records accepted by the old reader (checks on a copy) and by read_ledger, under a writer process
     hammering the ledger (with the write protocol before the fix and with today's), and over seeded
     interleavings of one write with one read replayed store by store."""
-    from watchdog.bench_torn import WRITERS, interleavings, stress
+    from watchdog.bench.torn import WRITERS, interleavings, stress
 
     bad = [w for w in writer if w not in WRITERS]
     if bad:
@@ -180,7 +180,7 @@ def bench_detect(
     as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
 ) -> int:
     """Detection latency per fault class and TP size (median, max), and the agent's CPU share while healthy."""
-    from watchdog.bench import bench_detect as run
+    from watchdog.bench.detect import bench_detect as run
 
     try:
         result = run(
@@ -207,7 +207,7 @@ def bench_agent(
     as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
 ) -> int:
     """The agent's own cost while the server is healthy: CPU share of one core and RSS, per TP size."""
-    from watchdog.bench_agent import bench_agent as run
+    from watchdog.bench.agent import bench_agent as run
 
     if rate <= 0 or seconds <= 0 or warmup < 0 or any(t < 1 for t in tp):
         raise UsageError("--rate, --seconds and every --tp must be positive, --warmup >= 0")
@@ -227,8 +227,8 @@ def bench_soak(
     Exit 1 on any false alarm or failed request."""
     import tempfile
 
-    from watchdog.bench_soak import bench_soak as run
-    from watchdog.bench_soak import failures
+    from watchdog.bench.soak import bench_soak as run
+    from watchdog.bench.soak import failures
 
     if seconds <= 0 or tp < 1:
         raise UsageError("--seconds and --tp must be positive")
@@ -255,7 +255,7 @@ def bench_proxy(
 ) -> int:
     """The resuming proxy's cost against a real upstream: added latency per request and per token,
     streams/s at a concurrency, and the proxy's RSS per open stream (direct vs proxied, medians)."""
-    from watchdog.bench_proxy import bench_proxy as run
+    from watchdog.bench.proxy import bench_proxy as run
 
     try:
         result = run(
