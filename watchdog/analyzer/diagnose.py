@@ -207,6 +207,8 @@ def _stall_passed(ctx: Context) -> str:
         return ""
     for f in ctx.facts.values():
         t = f.steps.get(stall.step)
+        if t is not None and t.end is not None and not t.end.ok:
+            return ""  # the step failed (an exception in it): not a slow step
         ended = t is not None and t.end is not None
         if not ended and not (f.last_begun is not None and f.last_begun > stall.step):
             return ""

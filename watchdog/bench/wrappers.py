@@ -207,7 +207,7 @@ def _measure_in_vllm_env(vllm_exe: str | None, calls: int, repeats: int) -> tupl
             "pass --vllm-exe PATH/TO/bin/vllm"
         )
     python = vllm_python(find_vllm(vllm_exe))
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]  # the checkout (watchdog/bench/ is two below it)
     code = (
         "import json; from importlib.metadata import version; from watchdog.bench.wrappers import measure; "
         f"print('RESULT ' + json.dumps([measure(calls={calls}, repeats={repeats}), version('vllm')]))"
