@@ -84,8 +84,11 @@ MODES_BY_CODE: Final = {v: k for k, v in MODE_CODES.items()}
 
 OPS: Final = (
     "unknown", "all_reduce", "all_gather", "reduce_scatter", "broadcast",
-    "all_to_all", "send", "recv", "barrier",
+    "all_to_all", "send", "recv", "barrier", "all_gatherv", "reduce_scatterv",
 )  # fmt: skip
+# Ops whose size differs between ranks by design (vLLM's all_gatherv / reduce_scatterv take a size per
+# rank): compared by op, group and dtype, never by numel.
+VARIABLE_SIZE_OPS: Final = frozenset(("all_gatherv", "reduce_scatterv", "all_to_all", "send", "recv"))
 DTYPES: Final = (
     "unknown", "float32", "float16", "bfloat16", "int32", "int64", "uint8",
     "float8_e4m3fn", "float64", "int8",

@@ -234,3 +234,46 @@ def test_a_different_key_with_same_shaped_collectives_is_a_divergence_to_the_ana
     assert d.first_divergence is not None and d.first_divergence.index == len(OPS)  # after the model graph's
     assert d.first_divergence.sources[culprit] == "drafter launch PIECEWISE(tokens=24)"
     ranks.close()
+
+
+@pytest.mark.parametrize("culprit", [0, 1, 2])
+def test_an_eager_collective_of_another_size_is_caught_when_the_step_completes(ranks: Ranks, culprit: int) -> None:
+    """Same count, one rank's all-gather a shard short (a size mismatch that did not hang): caught as
+    soon as every rank completed the step, whichever rank it is."""
+    for s in range(5):
+        ranks.all(s, key=EAGER, drafter=None, eager=2)
+    assert ranks.poll() is None
+    for r, rec in enumerate(ranks.recs):
+        rec.step_begin(5, EAGER, unpadded_tokens=30, unpadded_reqs=15, padded_reqs=1, placeholders=15)
+        rec.collective(5, "tp", "all_reduce", "float32", 4096)
+        rec.collective(5, "tp", "all_gather", "float32", 4095 if r == culprit else 4096)
+        rec.step_end(5, True)
+    stall = ranks.poll()
+    assert stall is not None and stall.kind == "divergence" and stall.step == 5
+    ranks.close()
+
+
+def test_variable_size_gathers_differ_by_design_and_raise_nothing(ranks: Ranks) -> None:
+    for s in range(6):
+        for r, rec in enumerate(ranks.recs):
+            rec.step_begin(s, EAGER, unpadded_tokens=30, unpadded_reqs=15, padded_reqs=1, placeholders=15)
+            rec.collective(s, "dp", "all_gatherv", "bfloat16", 1024 * (r + 1) + s)
+            rec.collective(s, "dp", "reduce_scatterv", "bfloat16", 512 * (r + 2))
+            rec.step_end(s, True)
+        assert ranks.poll() is None
+    ranks.close()
+
+
+def test_the_reason_names_the_group_and_a_size_difference() -> None:
+    from collectors.format import Collective, StepBegin, StepEnd
+
+    mon = DivergenceMonitor()
+    for rank, numel in ((0, 4096), (1, 4095)):
+        mon.observe(rank, [
+            StepBegin(1, 7, 10, EAGER, 30, 15, 1, 15, None),
+            Collective(2, 7, 11, "tp", "all_gather", "float32", numel, 0),
+            StepEnd(3, 7, 12, True),
+        ])  # fmt: skip
+    found = mon.check(13)
+    assert found is not None and found.step == 7 and found.ranks == (0, 1)
+    assert "group tp" in found.reason and "sizes" in found.reason

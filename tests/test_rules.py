@@ -5,6 +5,9 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import pytest
+
+from collectors.format import CUDAGraphMode, GraphKey
 from watchdog.analyzer import diagnose
 from watchdog.types import RankState, RingChunk, RingState, StallInfo, Verdict
 
@@ -133,6 +136,26 @@ def test_finished_run_is_no_deadlock(tmp_path: Path) -> None:
     dep.engine_result(4, running=0)
     d = diagnose(dep.snapshot(procs=False))
     assert d.verdict is Verdict.NO_DEADLOCK
+
+
+@pytest.mark.parametrize(("op", "verdict"), [("all_gather", "collective_mismatch"), ("all_gatherv", "no_deadlock")])
+def test_gathers_of_different_sizes_are_a_divergence_unless_variable_by_design(
+    tmp_path: Path, op: str, verdict: str
+) -> None:
+    """An all_gather whose shard differs by a column between ranks diverged; vLLM's all_gatherv takes
+    a size per rank, so its sizes differ on a healthy server."""
+    dep = Deployment(tmp_path, tp=2)
+    warm(dep)
+    dep.engine_step(5, 16, 16, 16, running=16)
+    for r, rec in enumerate(dep.ranks):
+        rec.step_begin(5, GraphKey(CUDAGraphMode.NONE, 16), unpadded_tokens=16, unpadded_reqs=16)
+        rec.collective(5, "tp", op, "float32", 16 * (4096 - r))
+        rec.step_end(5)
+    dep.engine_result(5, running=0)
+    d = diagnose(dep.snapshot(procs=False))
+    assert d.verdict.value == verdict, d.summary
+    if op == "all_gather":
+        assert d.first_divergence is not None and d.first_divergence.step == 5
 
 
 def test_pending_requests_post_mortem_is_inconclusive_not_healthy(tmp_path: Path) -> None:

@@ -5,10 +5,13 @@ skipped all-reduce), the rank with fewer does not block: its next step's transfe
 other rank's leftovers and the group keeps running, reductions mixing different steps, until traffic
 stops. A stall detector alone waits for a hang that may never come. So every rank's step is reduced
 to a small digest (the graph keys it launched, with their capture-manifest hashes, and its eager
-collectives per group) and compared with its peers' as soon as a step completes:
+collectives per group: how many, and a running CRC of their op, dtype and size) and compared with
+its peers' as soon as a step completes:
 
 * two ranks that completed the same step must have launched the same keys and manifests, and issued
-  the same eager collectives per group;
+  the same eager collectives per group, in the same order and of the same sizes (TP ranks issue
+  identical shapes; the variable-size gathers, whose sizes differ by design, are compared by op and
+  dtype only);
 * a rank still inside a step must not already have launched something a peer that completed it did
   not, nor issued more eager collectives in a group than that peer did in the whole step;
 * no rank may stay inside a step for longer than ``grace_s`` after every peer finished it.
@@ -22,11 +25,12 @@ restarted rank) re-arms the monitor.
 
 from __future__ import annotations
 
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from collectors.format import Collective, GraphKey, Launch, Record, Role, StepBegin, StepEnd
+from collectors.format import VARIABLE_SIZE_OPS, Collective, GraphKey, Launch, Record, Role, StepBegin, StepEnd
 from collectors.jsonrecords import JsonRecord
 
 KEEP_STEPS = 512  # digests kept per rank: far more than ranks ever drift apart on a healthy server
@@ -45,6 +49,7 @@ class StepDigest(JsonRecord):
     ended_ns: int | None = None
     ok: bool = True
     gap: bool = False  # a record of this step may be missing: not compared
+    shapes: dict[str, int] = field(default_factory=dict)  # per group: CRC-32 chain of (op, dtype, numel)
 
 
 @dataclass(frozen=True)
@@ -61,6 +66,11 @@ def _launch(role: Role, key: GraphKey, manifest: int) -> LaunchId:
 
 def _same_launch(a: LaunchId, b: LaunchId) -> bool:
     return a[:2] == b[:2] and (a[2] == b[2] or 0 in (a[2], b[2]))
+
+
+def _shape_crc(rec: Collective, prev: int) -> int:
+    numel = -1 if rec.op in VARIABLE_SIZE_OPS else rec.numel
+    return zlib.crc32(f"{rec.op}/{rec.dtype}/{numel};".encode(), prev)
 
 
 def _what(launch: LaunchId | None) -> str:
@@ -118,6 +128,7 @@ class DivergenceMonitor:
                 d_.launches.append(_launch(rec.role, rec.key, rec.manifest_hash))
             else:
                 d_.eager[rec.group] += 1
+                d_.shapes[rec.group] = _shape_crc(rec, d_.shapes.get(rec.group, 0))
         if len(st.steps) > KEEP_STEPS:
             for s in sorted(st.steps)[: len(st.steps) - KEEP_STEPS]:
                 del st.steps[s]
@@ -202,6 +213,15 @@ class DivergenceMonitor:
                         (ref_rank, r),
                         f"eager collectives in group {group}: rank {ref_rank} {mine}, "
                         f"rank {r} {theirs}{'' if finished else ' so far'}",
+                    )
+                # A digest merged from an agent of an older version has no shapes: counts only.
+                a, b = ref.shapes.get(group), d.shapes.get(group)
+                if finished and a is not None and b is not None and a != b:
+                    return Disagreement(
+                        step,
+                        (ref_rank, r),
+                        f"eager collectives in group {group}: rank {ref_rank} and rank {r} issued {mine} each, "
+                        "with different ops or sizes",
                     )
         left = tuple(r for r in sorted(have) if r not in done)
         if left and 2 * len(left) < len(have):

@@ -82,8 +82,8 @@ COLLECTIVE_OPS: dict[str, str] = {
     "_all_reduce_out_place": "all_reduce",
     "_all_gather_out_place": "all_gather",
     "_reduce_scatter_out_place": "reduce_scatter",
-    "all_gatherv": "all_gather",
-    "reduce_scatterv": "reduce_scatter",
+    "all_gatherv": "all_gatherv",  # sizes per rank differ by design: never compared by numel
+    "reduce_scatterv": "reduce_scatterv",
     "broadcast": "broadcast",
 }
 

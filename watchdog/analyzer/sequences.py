@@ -8,9 +8,10 @@ not compared; a failed step is compared as far as it went (``RankFacts.sequence`
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 
-from collectors.format import Collective, CollectiveOp, CUDAGraphMode
+from collectors.format import VARIABLE_SIZE_OPS, Collective, CollectiveOp, CUDAGraphMode
 from watchdog.analyzer.facts import RankFacts, Sequence
 from watchdog.types import Divergence
 
@@ -38,12 +39,19 @@ def find_divergence(facts: Mapping[int, RankFacts]) -> Divergence | None:
                 elif s.complete:
                     ops[r] = None  # finished the step: it will never issue this one
                     sources[r] = "nothing: the step ended"
-            if len(set(ops.values())) > 1:
+            if len({_comparable(op) for op in ops.values()}) > 1:
                 return Divergence(step, i, ops, sources)
         launched = _launch_divergence(facts, step, present)
         if launched is not None:
             return launched
     return None
+
+
+def _comparable(op: CollectiveOp | None) -> CollectiveOp | None:
+    """``op`` as ranks must agree on it: a variable-size gather's size differs by design."""
+    if op is not None and op.op in VARIABLE_SIZE_OPS:
+        return dataclasses.replace(op, numel=-1)
+    return op
 
 
 def _launch_divergence(facts: Mapping[int, RankFacts], step: int, present: Mapping[int, Sequence]) -> Divergence | None:
