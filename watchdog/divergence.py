@@ -215,8 +215,8 @@ class DivergenceMonitor:
                         f"rank {r} {theirs}{'' if finished else ' so far'}",
                     )
                 # A digest merged from an agent of an older version has no shapes: counts only.
-                a, b = ref.shapes.get(group), d.shapes.get(group)
-                if finished and a is not None and b is not None and a != b:
+                crc_a, crc_b = ref.shapes.get(group), d.shapes.get(group)
+                if finished and crc_a is not None and crc_b is not None and crc_a != crc_b:
                     return Disagreement(
                         step,
                         (ref_rank, r),
