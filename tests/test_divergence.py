@@ -277,3 +277,57 @@ def test_the_reason_names_the_group_and_a_size_difference() -> None:
     found = mon.check(13)
     assert found is not None and found.step == 7 and found.ranks == (0, 1)
     assert "group tp" in found.reason and "sizes" in found.reason
+
+
+def _step(mon: DivergenceMonitor, rank: int, step: int, begin_ns: int, end_ns: int | None, eager: int = 1) -> None:
+    from collectors.format import Collective, StepBegin, StepEnd
+
+    # one slot per record, numbered without gaps as a writer does (a jump would mark the step unread)
+    st = mon._ranks.get(rank)
+    seq = 1 if st is None or st.last_seq is None else st.last_seq + 1
+    recs: list[object] = []
+    if st is None or step not in st.steps:
+        recs.append(StepBegin(seq, step, begin_ns, EAGER, 30, 15, 1, 15, None))
+        recs += [Collective(seq + 1 + i, step, begin_ns, "tp", "all_reduce", "float32", 4096, i) for i in range(eager)]
+    if end_ns is not None:
+        recs.append(StepEnd(seq + len(recs), step, end_ns, True))
+    mon.observe(rank, recs)  # type: ignore[arg-type]
+
+
+def test_a_slow_rank_that_catches_up_re_arms_the_monitor_with_a_wider_grace() -> None:
+    """(Three ranks: with two, neither is a minority left behind.) A rank seen lagging, that then
+    finishes the step with the same content, was slow: the monitor
+    reports it once, re-arms, no longer calls a lag of that size out, and still catches a real
+    divergence later."""
+    s = 1_000_000_000
+    mon = DivergenceMonitor(grace_s=2.0)
+    for r in (0, 2):
+        _step(mon, r, 1, 0, 1 * s)
+    _step(mon, 1, 1, 0, None)
+    assert mon.check(2 * s) is None  # within the grace
+    lag = mon.check(int(3.5 * s))
+    assert lag is not None and lag.ranks == (1,) and lag.lag_s == pytest.approx(2.5)
+    _step(mon, 1, 1, 0, 5 * s)  # it finishes, 4 s after its peer
+    assert mon.check(6 * s) is None and mon.grace_s == pytest.approx(6.0)
+    for r in (0, 2):
+        _step(mon, r, 2, 6 * s, 7 * s)
+    _step(mon, 1, 2, 6 * s, None)
+    assert mon.check(int(10 * s)) is None  # 3 s behind: inside the widened grace
+    _step(mon, 1, 2, 6 * s, 10 * s)
+    for r in (0, 2):
+        _step(mon, r, 3, 11 * s, 12 * s, eager=2)
+    _step(mon, 1, 3, 11 * s, 12 * s, eager=1)
+    found = mon.check(13 * s)
+    assert found is not None and found.step == 3 and found.lag_s == 0 and "eager collectives" in found.reason
+    assert mon.check(14 * s) is None  # a divergence in content: once
+
+
+def test_the_widened_grace_is_bounded() -> None:
+    s = 1_000_000_000
+    mon = DivergenceMonitor(grace_s=2.0, max_grace_s=5.0)
+    for r in (0, 2):
+        _step(mon, r, 1, 0, 1 * s)
+    _step(mon, 1, 1, 0, None)
+    assert mon.check(4 * s) is not None
+    _step(mon, 1, 1, 0, 60 * s)
+    assert mon.check(61 * s) is None and mon.grace_s == 5.0

@@ -106,7 +106,9 @@ class Coordinator:
         if stall is None or self._fired:
             return None
         self._fired = True
-        if stall.kind == "divergence":
+        if stall.kind == "divergence" and not stall.ranks:
+            # a member saw the steps' contents differ: what this monitor would report too. A member's
+            # lagging rank is not (it may be slow, and this monitor compares contents only).
             self.monitor.mark_reported()
         return stall
 

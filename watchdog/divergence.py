@@ -19,8 +19,11 @@ its peers' as soon as a step completes:
 Tolerated, because they happen on healthy servers: a rank that has not reached the step yet (it is
 only compared once it has), records lost to the ring wrapping or slots that could not be read (that
 step is not compared), steps that ended with ok=False (a failed step may stop early), and a manifest
-hash a reader could not know (0). The first disagreement is reported once; ``forget_rank`` (a
-restarted rank) re-arms the monitor.
+hash a reader could not know (0). The first disagreement in content is reported once;
+``forget_rank`` (a restarted rank) re-arms the monitor. A rank reported lagging that then finishes
+the step was slow, not out of step: the monitor re-arms by itself and widens the grace to 1.5 times
+the lag it saw (at most ``max_grace_s``), so one slow rank on a loaded host neither silences the
+monitor for good nor is reported at every step.
 """
 
 from __future__ import annotations
@@ -87,8 +90,10 @@ class _RankState:
 @dataclass
 class DivergenceMonitor:
     grace_s: float = 2.0
+    max_grace_s: float = 10.0
     _ranks: dict[int, _RankState] = field(default_factory=dict)
     _fired: bool = False
+    _lagging: Disagreement | None = None  # the lag reported last: re-armed once those ranks finish
     _checked: dict[int, int] = field(default_factory=dict)  # step -> what was compared (to skip repeats)
     _settled: int = -1  # every rank finished this step and it matched: earlier ones need no look
 
@@ -98,6 +103,7 @@ class DivergenceMonitor:
         self._checked.clear()
         self._settled = -1
         self._fired = False
+        self._lagging = None
 
     def observe(self, rank: int | None, records: list[Record]) -> None:
         if rank is None:
@@ -158,12 +164,35 @@ class DivergenceMonitor:
 
     def check(self, now_ns: int) -> Disagreement | None:
         """The first disagreement, once; None while the ranks agree (or after it was reported)."""
+        if self._fired and self._lagging is not None:
+            self._caught_up(self._lagging)
         if self._fired or len(self._ranks) < 2:
             return None
         found = self._first(now_ns)
         if found is not None:
             self._fired = True
+            self._lagging = found if found.lag_s else None
         return found
+
+    def _caught_up(self, lag: Disagreement) -> None:
+        """Re-arm once every rank reported lagging has ended ``lag.step`` (or begun a later one), with
+        the grace widened to the lag it took them."""
+        ends: list[int] = []
+        for r in lag.ranks:
+            st = self._ranks.get(r)
+            d = None if st is None else st.steps.get(lag.step)
+            if d is not None and d.ended_ns is not None:
+                ends.append(d.ended_ns)
+            elif st is None or st.last_step is None or st.last_step <= lag.step:
+                return
+        peers = [
+            st.steps[lag.step].ended_ns
+            for r, st in self._ranks.items()
+            if r not in lag.ranks and lag.step in st.steps and st.steps[lag.step].ended_ns is not None
+        ]
+        took = max(lag.lag_s, (max(ends) - max(p for p in peers if p is not None)) / 1e9 if ends and peers else 0.0)
+        self.grace_s = min(self.max_grace_s, max(self.grace_s, 1.5 * took))
+        self._fired, self._lagging = False, None
 
     def _first(self, now_ns: int) -> Disagreement | None:
         steps = sorted({s for st in self._ranks.values() for s in st.steps if s > self._settled - 8})
