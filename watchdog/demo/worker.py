@@ -304,6 +304,10 @@ class Worker:
     def _bite(self) -> None:
         if self.bites is not None:
             self.bites.put((self.args.rank, time.monotonic_ns()))
+            # Flush it through the pipe now: a worker-killed bite is followed by SIGKILL 2 ms
+            # later, and under load the queue's feeder thread had not written it yet.
+            self.bites.close()
+            self.bites.join_thread()
             self.bites = None  # the first bite is the one the demo times
 
 
