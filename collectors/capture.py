@@ -13,6 +13,11 @@ the copy and after it. Before: that seq was stored after the record's fields, so
 before the copy began. After: the next record in that slot starts by marking the trailer busy, so it
 had not started when the copy ended. A slot that fails is made unreadable in the copy (its trailer
 busy), so every later parse of these bytes (a bundle's included) skips it as torn.
+
+A writer that keeps going during the copy is not damage: the copy keeps the cursor read before the
+trailers, so the records written since lie past it (read only where whole), and the slots they
+took at the old end of the ring read as overwritten, i.e. lost to the wrap (``reader.scan_ring``),
+never as unreadable slots that would make the whole ledger untrusted.
 """
 
 from __future__ import annotations
@@ -23,9 +28,10 @@ import stat
 from collections.abc import Callable
 
 from collectors.bounds import LedgerError, parse_header
-from collectors.format import HEADER_SIZE, SLOT_SIZE, TRAILER_OFFSET
+from collectors.format import CURSOR_OFFSET, HEADER_SIZE, SLOT_SIZE, TRAILER_OFFSET
 
 _BUSY = b"\xff" * 8
+ATTEMPTS = 3  # copies of a ledger whose writer laps most of its ring while it is copied
 _SLOT_WORDS = SLOT_SIZE // 8
 _TRAILER_WORD = TRAILER_OFFSET // 8
 
@@ -64,9 +70,14 @@ def capture(path: str | os.PathLike[str], copy: Callable[[mmap.mmap], bytearray]
             words = ring.cast("Q")  # n_slots x 96 bytes: always whole words
             trailers = words[_TRAILER_WORD::_SLOT_WORDS]
             try:
-                before = trailers.tobytes()
-                image = copy(mm)
-                after = trailers.tobytes()
+                for _ in range(ATTEMPTS):
+                    cursor = mm[CURSOR_OFFSET : CURSOR_OFFSET + 8]  # one 8-byte copy, before the trailers
+                    before = trailers.tobytes()
+                    image = copy(mm)
+                    after = trailers.tobytes()
+                    moved = _u64(mm[CURSOR_OFFSET : CURSOR_OFFSET + 8]) - _u64(cursor)
+                    if moved <= header.n_slots // 2:
+                        break  # else the writer went round most of the ring meanwhile (a preempted copy)
             finally:
                 for view in (trailers, words, ring):
                     view.release()  # the mapping cannot close while views of it exist
@@ -74,18 +85,37 @@ def capture(path: str | os.PathLike[str], copy: Callable[[mmap.mmap], bytearray]
         raise LedgerError(f"{where}: cannot read ledger: {exc.strerror or exc}") from None
     finally:
         os.close(fd)
-    _invalidate_torn(image, header.ring_offset, header.n_slots, before, after)
+    # The copy is the ledger as of the cursor read first: it keeps that cursor, and the slots that the
+    # writer has moved on to since (a later seq, or changed while copied) are marked busy, so a reader
+    # sees records lost to the wrap at the old end of its window, not damaged slots.
+    image[CURSOR_OFFSET : CURSOR_OFFSET + 8] = cursor
+    pinned = _u64(cursor)
+    # (a record stored but not yet counted by the cursor is left alone: a writer killed there left it whole)
+    _invalidate_torn(image, header.ring_offset, header.n_slots, (before, after), range(pinned, pinned + moved))
     return bytes(image)
 
 
-def _invalidate_torn(image: bytearray, ring_offset: int, n_slots: int, before: bytes, after: bytes) -> None:
+def _u64(b: bytes) -> int:
+    return int.from_bytes(b, "little")
+
+
+def _invalidate_torn(
+    image: bytearray, ring_offset: int, n_slots: int, trailers: tuple[bytes, bytes], span: range
+) -> None:
+    """Mark busy, in the copy, every slot that changed while copied or holds a record the writer wrote
+    after the pinned cursor (a seq in ``span``, in its own slot; a planted seq elsewhere is damage)."""
+    before, after = trailers
     view = memoryview(image)[ring_offset : ring_offset + n_slots * SLOT_SIZE]
     copied = view.cast("Q")[_TRAILER_WORD::_SLOT_WORDS].tobytes()
     view.release()
-    if before == copied == after:
-        return  # the usual case: nothing was written into the ring during the copy
-    for i in range(n_slots):
-        word = slice(8 * i, 8 * i + 8)
-        if not before[word] == copied[word] == after[word]:
-            off = ring_offset + i * SLOT_SIZE + TRAILER_OFFSET
-            image[off : off + 8] = _BUSY
+    seqs = memoryview(copied).cast("Q")
+    marked = {seq % n_slots for seq in span[-n_slots:] if seqs[seq % n_slots] == seq}
+    if not before == copied == after:  # else the usual case: nothing was rewritten during the copy
+        marked.update(
+            i
+            for i in range(n_slots)
+            if not before[8 * i : 8 * i + 8] == copied[8 * i : 8 * i + 8] == after[8 * i : 8 * i + 8]
+        )
+    for i in marked:
+        off = ring_offset + i * SLOT_SIZE + TRAILER_OFFSET
+        image[off : off + 8] = _BUSY

@@ -255,6 +255,12 @@ class OpenStep:
     taken: int  # in-place parts already returned
 
 
+def _overtaken(data: bytes | mmap.mmap, trailer: int) -> bool:
+    """Whether a slot's trailer says it is being rewritten (by the writer, or marked so by ``capture``
+    because it changed while copied). A later seq is not taken as proof: damage can write one too."""
+    return data[trailer : trailer + 8] == b"\xff" * 8
+
+
 def scan_ring(
     data: bytes | mmap.mmap,
     header: Header,
@@ -318,9 +324,24 @@ def scan_ring(
         else:
             open_step = None  # overwritten: its end, if any, is a STEP_END record
 
+    # Slots at the old end of the window that fail because the writer has already begun the next lap
+    # in them (trailer busy: the writer's mark, or ``capture``'s for a slot that changed while it was
+    # copied) were overwritten, not damaged: lost to the wrap. Only such a run at the
+    # very start that a valid record follows counts so; anything else that fails is skipped (damage).
+    run, in_prefix = 0, True
     for seq in range(first, cursor):
-        if not take(seq):
-            skipped += 1
+        if take(seq):
+            if in_prefix:
+                lost, in_prefix = lost + run, False
+            continue
+        if in_prefix and _overtaken(data, base + (seq % n) * SLOT_SIZE + TRAILER_OFFSET):
+            run += 1
+            continue
+        if in_prefix:
+            skipped, in_prefix = skipped + run, False
+        skipped += 1
+    if in_prefix:
+        skipped += run
     # The cursor can lag: a writer killed between storing a slot and bumping it, or two
     # writer threads finishing out of order. Take valid records past it (from ``start`` if an
     # earlier poll already took some), and never hand back a position before ``start``.

@@ -22,6 +22,7 @@ import zlib
 from collections import Counter
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -823,6 +824,41 @@ def test_full_disk_disables_instead_of_killing_the_host(tmp_path: Path) -> None:
 
 
 # ---- 5. reading a live, stuck and killed writer -------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_a_writer_that_keeps_writing_while_read_is_never_damage(tmp_path: Path) -> None:
+    """A live writer overwrites the oldest slots and fills new ones while its ledger is copied: those are
+    records lost to the wrap or not yet written, never "unreadable slots" (which would make the analyzer
+    distrust the rank: a real vLLM rank running ahead of its peer was read so, 7 slots, and the incident
+    came out inconclusive). Slow copies (4 KiB at a time) widen the window; no record is misread."""
+    from collectors.capture import capture
+    from watchdog.analyzer.completeness import damage
+
+    def slow(mm: Any) -> bytearray:
+        out = bytearray()
+        for off in range(0, len(mm), 4096):
+            out += mm[off : off + 4096]
+        return out
+
+    n_slots = 1024
+    path = tmp_path / f"rank{RANK:03d}.ledger"
+    proc = start_child(tmp_path, n_slots)
+    try:
+        wait_for_records(proc, path, 4 * n_slots)
+        reads, moved = 0, 0
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline or reads < 20:
+            before = read_ledger(path).cursor
+            led = parse_ledger(capture(path, slow), str(path))
+            reads += 1
+            assert_valid_child_records(led.records)
+            assert led.skipped == 0, led.problems
+            assert damage(led, 0) is None
+            moved += led.cursor > before
+        assert reads >= 20 and moved, (reads, moved)  # the writer really wrote during the reads
+    finally:
+        kill(proc)
 
 
 @pytest.mark.timeout(60)
