@@ -111,8 +111,7 @@ def test_coordinator_over_two_member_agents_matches_a_single_agent(tmp_path: Pat
 
 
 def test_merge_marks_an_unreachable_agent_missing_and_keeps_the_rest() -> None:
-    from watchdog.agent import snapshot_payload
-    from watchdog.snapshot import LedgerSet
+    from watchdog.snapshot import LedgerSet, snapshot_payload
 
     part = snapshot_payload(
         LedgerSet({}, None, {"rank000.ledger": b"\x00" * 64}, ()),

@@ -6,6 +6,7 @@ Kept apart from ``watchdog.cli`` (the commands) so that each stays readable in o
 from __future__ import annotations
 
 import inspect
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Concatenate, Literal, ParamSpec, TypeVar, get_origin, get_type_hints
@@ -18,7 +19,14 @@ if TYPE_CHECKING:
 S = TypeVar("S", bound="CommandSettings")
 P = ParamSpec("P")
 
-EXIT_OK = 0
+# Exit codes, shared by every command (the table is in watchdog/cli.py's docstring).
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_DEADLOCK, EXIT_INCONCLUSIVE = 0, 1, 2, 3, 4
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+
+
+def err(msg: str) -> None:
+    """A message for the user: stderr, one line, flushed (data goes to stdout)."""
+    print(msg, file=sys.stderr, flush=True)
 
 
 class GroupedCommand(typer.core.TyperCommand):

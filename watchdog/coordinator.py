@@ -25,7 +25,7 @@ from watchdog.analyzer import AnalyzerConfig
 from watchdog.divergence import DivergenceMonitor
 from watchdog.incident import Incident
 from watchdog.logs import event
-from watchdog.snapshot import assemble, read_ledger_files
+from watchdog.snapshot import assemble, payload_ledgers, read_ledger_files
 from watchdog.types import EVIDENCE_SCHEMA, StallInfo
 
 log = logging.getLogger("watchdog")
@@ -167,8 +167,6 @@ class Coordinator:
 
 def merge(pulled: dict[str, Any], stall: StallInfo | None) -> tuple[dict[str, bytes], dict[str, Any]]:
     """Ledger files and one evidence object from every agent's snapshot payload (or its failure)."""
-    from watchdog.agent import payload_ledgers
-
     files: dict[str, bytes] = {}
     evidence: dict[str, Any] = {"pids": {}, "gpus": [], "rings": [], **{k: {} for k in PER_PID}}
     missing: list[str] = []

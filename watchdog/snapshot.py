@@ -9,8 +9,10 @@ The same ``assemble`` builds the Snapshot from a live gather and from an inciden
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import time
+import zlib
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -350,3 +352,24 @@ def _workers(table: Mapping[str, Any]) -> dict[int, str]:
             raise ValueError(f"workers: {pid[:20]!r} is not a pid")
         out[int(pid)] = json_value(name, str, "workers[]")[:128]
     return out
+
+
+SNAPSHOT_SCHEMA = "watchdog.snapshot/v1"  # a node's evidence as an agent serves it to a coordinator
+
+
+def snapshot_payload(ledgers: LedgerSet, evidence: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "schema": SNAPSHOT_SCHEMA,
+        "ledgers": {name: base64.b64encode(zlib.compress(data, 1)).decode() for name, data in ledgers.raw.items()},
+        "evidence": evidence,
+    }
+
+
+def payload_ledgers(payload: dict[str, Any]) -> dict[str, bytes]:
+    """Inverse of the ledger part of ``snapshot_payload``; ValueError if damaged."""
+    if payload.get("schema") != SNAPSHOT_SCHEMA:
+        raise ValueError(f"not a {SNAPSHOT_SCHEMA} payload")
+    try:
+        return {str(n): zlib.decompress(base64.b64decode(d)) for n, d in payload["ledgers"].items()}
+    except (KeyError, TypeError, AttributeError, zlib.error, ValueError) as exc:
+        raise ValueError(f"damaged ledgers in snapshot: {exc}") from None

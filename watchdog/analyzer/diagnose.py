@@ -5,9 +5,10 @@ from __future__ import annotations
 from collectors.format import CUDAGraphMode, Role
 from watchdog.analyzer.completeness import completeness
 from watchdog.analyzer.config import AnalyzerConfig
+from watchdog.analyzer.context import Context, key_modes
 from watchdog.analyzer.facts import RankFacts, engine_facts, facts_of
 from watchdog.analyzer.rings import ring_verdict
-from watchdog.analyzer.rules import PRIORITY, RULES, Context, key_modes
+from watchdog.analyzer.rules import PRIORITY, RULES
 from watchdog.analyzer.stacks import where
 from watchdog.keys import next_rung
 from watchdog.types import (

@@ -7,22 +7,15 @@ only when their command runs.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from watchdog.cli_options import GroupedCommand
+from watchdog.cli_options import EXIT_ERROR, EXIT_OK, GroupedCommand, err
 from watchdog.errors import UsageError, WatchdogError
 
-EXIT_OK, EXIT_ERROR = 0, 1
-
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print figures.", rich_markup_mode=None)
-
-
-def _err(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 @bench_app.command(cls=GroupedCommand, name="recorder")
@@ -36,7 +29,7 @@ def bench_recorder(
     """Ledger cost: ns per record (median), and demo steps/s with the ledger on vs off."""
     from watchdog.bench.detect import bench_recorder as run
 
-    result = run(records=records, repeats=repeats, tp=tp, steps=steps, say=_err)
+    result = run(records=records, repeats=repeats, tp=tp, steps=steps, say=err)
     print(json.dumps(result) if as_json else "\n".join(f"{k}: {v}" for k, v in result.items()))
     return EXIT_OK
 
@@ -103,7 +96,7 @@ def bench_plugin(
                 concurrency=concurrency,
                 output_len=output_len,
                 tp=tp,
-                say=_err,
+                say=err,
             )
         print(json.dumps(vresult) if as_json else "\n".join(f"{k}: {v}" for k, v in vresult.items()))
         return EXIT_OK
@@ -189,7 +182,7 @@ def bench_detect(
             repeats=repeats,
             requests=requests,
             cpu_seconds=cpu_seconds,
-            say=_err,
+            say=err,
             fault_ranks=fault_rank,
         )
     except ValueError as exc:  # an unknown fault class
@@ -211,7 +204,7 @@ def bench_agent(
 
     if rate <= 0 or seconds <= 0 or warmup < 0 or any(t < 1 for t in tp):
         raise UsageError("--rate, --seconds and every --tp must be positive, --warmup >= 0")
-    result = run(tps=tp, rate=rate, seconds=seconds, warmup_s=warmup, say=_err)
+    result = run(tps=tp, rate=rate, seconds=seconds, warmup_s=warmup, say=err)
     print(json.dumps(result) if as_json else json.dumps(result, indent=2))
     return EXIT_OK
 
@@ -233,11 +226,11 @@ def bench_soak(
     if seconds <= 0 or tp < 1:
         raise UsageError("--seconds and --tp must be positive")
     with tempfile.TemporaryDirectory(prefix="watchdog-soak-") as tmp:
-        result = run(seconds=seconds, workdir=Path(tmp), tp=tp, say=_err)
+        result = run(seconds=seconds, workdir=Path(tmp), tp=tp, say=err)
     print(json.dumps(result) if as_json else json.dumps(result, indent=2))
     failed = failures(result, tp)
     if failed:
-        _err(f"watchdog: the soak failed: {'; '.join(failed)}")
+        err(f"watchdog: the soak failed: {'; '.join(failed)}")
         return EXIT_ERROR
     return EXIT_OK
 
@@ -266,7 +259,7 @@ def bench_proxy(
             seconds=seconds,
             repeats=repeats,
             open_streams=open_streams,
-            say=_err,
+            say=err,
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None

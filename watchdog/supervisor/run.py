@@ -26,7 +26,7 @@ import httpx
 from prometheus_client import Counter, Gauge
 
 from collectors.jsonrecords import JsonRecord, json_as
-from watchdog.agent import Agent, announce, is_loopback, make_app
+from watchdog.agent import Agent
 from watchdog.bundle import record_supervisor
 from watchdog.errors import WatchdogError
 from watchdog.incident import Incident
@@ -389,23 +389,6 @@ def healthy(base_url: str, timeout_s: float = 1.0, *, transport: httpx.BaseTrans
             return c.get(f"{scheme}://{parts.netloc or '127.0.0.1'}/health").status_code == 200
     except (httpx.HTTPError, httpx.InvalidURL):
         return False
-
-
-def serve_api(agent: Agent, host: str, port: int) -> Callable[[], None]:
-    """The agent's HTTP API in a background thread; returns a function that stops it."""
-    import uvicorn
-
-    agent.public = not is_loopback(host)
-    server = uvicorn.Server(uvicorn.Config(make_app(agent), host=host, port=port, workers=1, log_level="warning"))
-    thread = threading.Thread(target=server.run, name="api", daemon=True)
-    thread.start()
-    announce(server, agent, host, port)
-
-    def stop() -> None:
-        server.should_exit = True
-        thread.join(timeout=5)
-
-    return stop
 
 
 def handle_signals(sup: Supervisor) -> None:
