@@ -18,6 +18,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import time
 from collections.abc import Mapping, Sequence
 from multiprocessing.process import BaseProcess
 from pathlib import Path
@@ -109,6 +110,29 @@ class Tree:
         return out
 
 
+def wait_gone(procs: list[psutil.Process], timeout_s: float) -> None:
+    """Wait until every process has exited, at most ``timeout_s``. An exited process that nobody has
+    reaped yet (a zombie) is gone: ``psutil.wait_procs`` waits out its whole timeout on one whose parent
+    is dead and whose new parent, PID 1 in many containers, reaps late or never."""
+    deadline = time.monotonic() + timeout_s
+    pending = list(procs)
+    while pending:
+        still = []
+        for p in pending:
+            try:
+                if p.status() == psutil.STATUS_ZOMBIE:
+                    with contextlib.suppress(ChildProcessError, OSError):
+                        os.waitpid(p.pid, os.WNOHANG)  # ours (a child, or an orphan re-parented to us): reap it
+                    continue
+                still.append(p)
+            except psutil.Error:
+                continue
+        pending = still
+        if not pending or time.monotonic() >= deadline:
+            return
+        time.sleep(0.02)
+
+
 def stop_tree(proc: subprocess.Popen[bytes], grace_s: float, tree: Tree | None = None) -> None:
     """SIGTERM the server's session, process group and every process of its tree, wait ``grace_s``,
     then SIGKILL whatever is left, until nothing of the tree is alive (workers that ignore SIGTERM,
@@ -121,7 +145,7 @@ def stop_tree(proc: subprocess.Popen[bytes], grace_s: float, tree: Tree | None =
     for p in family:
         with contextlib.suppress(psutil.Error):
             p.terminate()
-    psutil.wait_procs(family, timeout=grace_s)
+    wait_gone(family, grace_s)
     for _ in range(5):  # a process may fork while we kill: look again until the tree is empty
         tree.track()
         left = tree.alive()
@@ -132,7 +156,7 @@ def stop_tree(proc: subprocess.Popen[bytes], grace_s: float, tree: Tree | None =
         for p in left:
             with contextlib.suppress(psutil.Error):
                 p.kill()
-        psutil.wait_procs(left, timeout=10)
+        wait_gone(left, 10)
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=10)
     tree.alive()  # reaps the orphans that re-parented to us
@@ -150,7 +174,7 @@ def kill_tree(proc: BaseProcess) -> None:
     for p in family:
         with contextlib.suppress(psutil.NoSuchProcess):
             p.kill()
-    psutil.wait_procs(family, timeout=10)
+    wait_gone(family, 10)
     proc.join(timeout=5)
 
 
