@@ -140,6 +140,11 @@ def last_json_line(stdout: str) -> dict[str, Any]:
     return data
 
 
+# A workload whose decode batches hold 16 requests from the first steps: graph-key-divergence (decode
+# batches of 15-18) bites there instead of in the tail of the default workload (~50 s later at TP=4).
+DIVERGENT_WORKLOAD = ("--concurrency", "16", "--requests", "48")
+
+
 def demo(
     tmp: Path, *args: str, timeout: float = 200, fallback: bool = False, check: bool = True
 ) -> tuple[dict[str, Any], subprocess.CompletedProcess[str]]:

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import demo, run_cli
+from tests.helpers import DIVERGENT_WORKLOAD, demo, run_cli
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -58,7 +58,8 @@ def bit(result: dict[str, Any], culprit: int | None = None) -> None:
 
 @pytest.mark.parametrize(("tp", "culprit"), CULPRITS)
 def test_graph_key_divergence(tmp_path: Path, tp: int, culprit: int) -> None:
-    result, _ = demo(tmp_path, "--tp", str(tp), "--fault", "graph-key-divergence", "--fault-rank", str(culprit))
+    args = ("--tp", str(tp), "--fault", "graph-key-divergence", "--fault-rank", str(culprit), *DIVERGENT_WORKLOAD)
+    result, _ = demo(tmp_path, *args)
     bit(result, culprit)
     inc = one_incident(result)
     d = inc["diagnosis"]

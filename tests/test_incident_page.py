@@ -20,7 +20,7 @@ import pytest
 from collectors.format import CUDAGraphMode, GraphKey
 from tests import browser
 from tests.factory import Deployment
-from tests.helpers import demo, run_cli
+from tests.helpers import DIVERGENT_WORKLOAD, demo, run_cli
 from watchdog.analyzer import diagnose
 from watchdog.bundle import load_snapshot, load_supervisor, record_supervisor
 from watchdog.cli import main
@@ -169,7 +169,8 @@ def test_fresh_tp8_demo_incident_page(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_fresh_demo_incident_page_and_supervisor_record(tmp_path: Path) -> None:
     """A real hang, culprit rank 2 of 3; the page the watcher wrote into the bundle."""
-    result, _ = demo(tmp_path, "--tp", "3", "--fault", "graph-key-divergence", "--fault-rank", "2", timeout=240)
+    args = ("--tp", "3", "--fault", "graph-key-divergence", "--fault-rank", "2", *DIVERGENT_WORKLOAD)
+    result, _ = demo(tmp_path, *args, timeout=240)
     (inc,) = result["incidents"]
     bundle = Path(inc["bundle"])
     d = inc["diagnosis"]

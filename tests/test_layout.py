@@ -253,4 +253,3 @@ def test_long_modules_say_why(name: str) -> None:
     lines = len(text.splitlines())
     doc = ast.get_docstring(ast.parse(text)) or ""
     assert lines <= 420 or "Why one module:" in doc, f"{name}: {lines} lines and no 'Why one module:' in its docstring"
-

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import free_port, get, start, stop, wait_for
+from tests.helpers import DIVERGENT_WORKLOAD, free_port, get, start, stop, wait_for
 from watchdog.coordinator import AgentUnreachable, merge
 from watchdog.types import StallInfo
 
@@ -72,6 +72,7 @@ def test_coordinator_over_two_member_agents_matches_a_single_agent(tmp_path: Pat
                 str(work),
                 "--timeout",
                 "200",
+                *DIVERGENT_WORKLOAD,
             ]
         )
         procs.append(demo)
