@@ -41,16 +41,30 @@ def stop_group(p: subprocess.Popen[bytes], first: signal.Signals = signal.SIGINT
     kill_group(p)
 
 
+def live_pids(*, pgid: int | None = None, sid: int | None = None) -> list[int]:
+    """The processes of process group ``pgid`` (or session ``sid``) that have not exited. A zombie has:
+    ``kill(-pgid, 0)`` still finds one, and PID 1 in many containers reaps re-parented orphans late
+    or never, so waiting for the group to be empty that way waits out every timeout."""
+    out = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                state, _ppid, pgrp, session = f.read().rsplit(")", 1)[1].split()[:4]
+        except (OSError, ValueError):
+            continue
+        if state != "Z" and (int(pgrp) == pgid or int(session) == sid):
+            out.append(int(pid))
+    return out
+
+
 def kill_group(p: subprocess.Popen[bytes] | subprocess.Popen[str], grace_s: float = 5.0) -> None:
     """Give ``p``'s process group ``grace_s`` to end by itself (multiprocessing's resource tracker
     unlinks the queues' semaphores on its way out), then SIGKILL whatever is left, and reap ``p``."""
     deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(p.pid, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.1)
+    while time.monotonic() < deadline and (p.poll() is None or live_pids(pgid=p.pid)):
+        time.sleep(0.05)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(p.pid, signal.SIGKILL)
     p.wait()

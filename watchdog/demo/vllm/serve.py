@@ -22,6 +22,7 @@ from pathlib import Path
 import collectors
 import watchdog
 from watchdog.errors import WatchdogError
+from watchdog.procgroup import live_pids
 
 MODEL_NAME = "tiny-llama"
 MODEL_VERSION = "v1"  # bump when model.py builds a different model
@@ -231,26 +232,10 @@ def remove_leftovers(before: set[str], min_age_s: float = 5.0) -> list[str]:
     return gone
 
 
-def session_pids(sid: int) -> list[int]:
-    """Every live process of session ``sid`` (vLLM's workers stay in their server's session)."""
-    out = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[3]) == sid and fields[0] != "Z":
-            out.append(int(pid))
-    return out
-
-
 def kill_session(sid: int, timeout_s: float = 10.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        pids = session_pids(sid)
+        pids = live_pids(sid=sid)
         if not pids:
             return
         for pid in pids:
@@ -329,7 +314,7 @@ class VllmServer:
             return ""
 
     def pids(self) -> list[int]:
-        return session_pids(self.proc.pid) if self.proc is not None else []
+        return live_pids(sid=self.proc.pid) if self.proc is not None else []
 
     def close(self) -> list[str]:
         if self.proc is not None:
