@@ -153,7 +153,9 @@ def test_tp8_page(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_fresh_tp8_demo_incident_page(tmp_path: Path) -> None:
     """A real TP=8 deployment (eight worker processes) whose rank 5 hangs in host code."""
-    result, _ = demo(tmp_path, "--tp", "8", "--fault", "host-hang", "--fault-rank", "5", timeout=400)
+    # a light workload: at TP=8 on two cores the default one's prefills take seconds a step
+    light = ("--requests", "16", "--concurrency", "8", "--input-len", "32", "--output-len", "8")
+    result, _ = demo(tmp_path, "--tp", "8", "--fault", "host-hang", "--fault-rank", "5", *light, timeout=400)
     (inc,) = result["incidents"]
     d = inc["diagnosis"]
     assert d["verdict"] == "host_hang" and d["culprit_ranks"] == [5]
