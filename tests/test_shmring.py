@@ -19,42 +19,14 @@ from typing import Any
 
 import pytest
 
+from tests.shmring_child import LAYOUT, inspect_from_outside, read_messages
 from watchdog.analyzer.rings import describe
 from watchdog.demo.shmring import ShmRing
 from watchdog.evidence.rings import RingError, RingLayout, inspect_ring
 from watchdog.types import RingChunk
 
 REPO = Path(__file__).resolve().parents[1]
-LAYOUT = RingLayout(n_readers=3, max_chunks=4, max_chunk_bytes=1024)
 CTX = mp.get_context("spawn")
-
-
-# ---- child processes (module level: spawn imports them by name) ---------------------------
-
-
-def _reader(
-    name: str, layout: dict[str, int], rank: int, n: int, out: Any, stop_after: int = -1, gate: Any = None
-) -> None:
-    """Read ``n`` messages; if ``stop_after`` >= 0, report and wait for ``gate`` after that many (a stuck worker)."""
-    ring = ShmRing.attach(name, RingLayout.from_json(layout), reader_rank=rank)
-    try:
-        got: list[Any] = []
-        for i in range(n):
-            if i == stop_after:
-                out.put((rank, got))
-                got = []
-                gate.wait(30)
-            got.append(ring.dequeue(timeout=30))
-            if rank == 1 and i % 7 == 0:
-                time.sleep(0.002)  # one slower reader, so the writer really waits on the ring
-        out.put((rank, got))
-    finally:
-        ring.close()
-
-
-def _inspect(name: str, layout: dict[str, int], out: Any) -> None:
-    state = inspect_ring(name, RingLayout.from_json(layout), "broadcast")
-    out.put((state, describe(state)))
 
 
 # ---- helpers -------------------------------------------------------------------------------
@@ -105,7 +77,8 @@ def test_three_reader_processes_get_fifty_messages_in_order_across_wraps() -> No
     out = CTX.Queue()
     procs: list[Any] = []
     try:
-        procs = _start(*(CTX.Process(target=_reader, args=(ring.name, LAYOUT.to_json(), r, 50, out)) for r in range(3)))
+        layout = LAYOUT.to_json()
+        procs = _start(*(CTX.Process(target=read_messages, args=(ring.name, layout, r, 50, out)) for r in range(3)))
         for i in range(50):  # 4 chunks: 12 wraps, each one waiting on the slowest reader
             ring.enqueue(_payload(i), timeout=30)
         results = dict(out.get(timeout=30) for _ in procs)
@@ -129,9 +102,9 @@ def test_a_stopped_reader_blocks_the_writer_and_a_third_process_sees_which() -> 
     procs: list[Any] = []
     try:
         procs = _start(
-            CTX.Process(target=_reader, args=(ring.name, layout, 0, 9, out)),
-            CTX.Process(target=_reader, args=(ring.name, layout, 1, 9, out)),
-            CTX.Process(target=_reader, args=(ring.name, layout, 2, 10, out, 5, gate)),  # stops after 5
+            CTX.Process(target=read_messages, args=(ring.name, layout, 0, 9, out)),
+            CTX.Process(target=read_messages, args=(ring.name, layout, 1, 9, out)),
+            CTX.Process(target=read_messages, args=(ring.name, layout, 2, 10, out, 5, gate)),  # stops after 5
         )
         # Reader 2 read 0..4, so 5..8 still fit (chunks 1, 2, 3, 0); message 9 needs chunk 1 back.
         for i in range(9):
@@ -144,7 +117,7 @@ def test_a_stopped_reader_blocks_the_writer_and_a_third_process_sees_which() -> 
         assert time.monotonic() - t0 >= 0.5
 
         # Seen from outside, while reader 2 is alive but stuck: [written=1, r0=1, r1=1, r2=0] everywhere.
-        spy = _start(CTX.Process(target=_inspect, args=(ring.name, layout, out)))
+        spy = _start(CTX.Process(target=inspect_from_outside, args=(ring.name, layout, out)))
         procs += spy
         state, line = out.get(timeout=30)
         assert state.chunks == (RingChunk(True, (True, True, False)),) * 4
@@ -167,11 +140,12 @@ def test_no_resource_tracker_noise_from_readers_or_the_creator() -> None:
     # interpreter and require a silent stderr.
     script = (
         "import multiprocessing as mp\n"
-        "from tests.test_shmring import LAYOUT, _reader\n"
+        "from tests.shmring_child import LAYOUT, read_messages\n"
         "from watchdog.demo.shmring import ShmRing\n"
         "if __name__ == '__main__':\n"
         "    ctx = mp.get_context('spawn'); ring = ShmRing.create(LAYOUT); out = ctx.Queue()\n"
-        "    ps = [ctx.Process(target=_reader, args=(ring.name, LAYOUT.to_json(), r, 6, out)) for r in range(3)]\n"
+        "    lay = LAYOUT.to_json()\n"
+        "    ps = [ctx.Process(target=read_messages, args=(ring.name, lay, r, 6, out)) for r in range(3)]\n"
         "    [p.start() for p in ps]\n"
         "    [ring.enqueue(i, timeout=30) for i in range(6)]\n"
         "    assert sorted(out.get(timeout=30) for _ in ps) == [(r, list(range(6))) for r in range(3)]\n"
