@@ -17,25 +17,26 @@ from tests import helpers
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's hook reads the group marker into the test's id
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The real-vLLM tests run one after another on one worker (``--dist loadgroup``): each server pins a
-    rank to each core, and they share the compile caches. They run first."""
+    """The tests that start a real ``vllm serve`` run one after another on one worker (``--dist
+    loadgroup``): each server pins a rank to each core, and they share the compile caches. They run
+    first. (The other vLLM tests load vLLM's code without serving: any worker takes them.)"""
     for item in items:
-        if item.get_closest_marker("vllm") is not None:
+        if item.get_closest_marker("vllm_serve") is not None:
             item.add_marker(pytest.mark.xdist_group("vllm"))
-    # The vLLM group (a third of the suite's time, on one worker) goes first: collected in file order it
-    # came last, and the other worker, done with everything else, sat idle through its tail.
-    items.sort(key=lambda item: item.get_closest_marker("vllm") is None)
+    # The server group (the suite's longest pole, on one worker) goes first: collected in file order it
+    # came last, and the other workers, done with everything else, sat idle through its tail.
+    items.sort(key=lambda item: item.get_closest_marker("vllm_serve") is None)
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
     """On an xdist worker with ``--dist loadgroup``, xdist has put each group into its tests' ids by
-    now; a vLLM test without it would run beside another vLLM server (as with pytest 9.2, whose ids
+    now; a server test without it would run beside another vLLM server (as with pytest 9.2, whose ids
     xdist 3.8 cannot change): stop instead of running the servers two at a time."""
     if getattr(session.config.option, "loadgroup", False):
-        vllm = [i.nodeid for i in session.items if i.get_closest_marker("vllm") is not None]
-        stray = [n for n in vllm if not n.endswith("@vllm")]
+        serve = [i.nodeid for i in session.items if i.get_closest_marker("vllm_serve") is not None]
+        stray = [n for n in serve if not n.endswith("@vllm")]
         if stray:
-            raise pytest.UsageError(f"--dist loadgroup did not group the vLLM tests (e.g. {stray[0]})")
+            raise pytest.UsageError(f"--dist loadgroup did not group the vLLM server tests (e.g. {stray[0]})")
 
 
 @pytest.fixture

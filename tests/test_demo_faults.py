@@ -152,10 +152,11 @@ def test_worker_killed(tmp_path: Path, tp: int, culprit: int) -> None:
 def test_a_bite_with_no_incident_fails_the_demo(tmp_path: Path) -> None:
     """A watchdog that misses a fault that bit must never read as "succeeded": here the detector's
     deadline is out of reach and a host hang is no divergence, so nothing fires. (--timeout covers the
-    start-up too: 15 s was not enough for it on a loaded 2-core machine.)"""
+    start-up too: 15 s was not enough for it on a loaded 2-core machine; short requests bite within
+    a few steps.)"""
     result, cp = demo(
         tmp_path, "--tp", "2", "--fault", "host-hang", "--fault-rank", "0", "--stall-floor-s", "100000",
-        "--timeout", "40", check=False,
+        "--requests", "16", "--output-len", "8", "--timeout", "30", check=False,
     )  # fmt: skip
     assert cp.returncode == 1, cp.stderr
     assert result["incidents"] == [] and result["fault_bites"]
@@ -180,7 +181,7 @@ def test_ranks_out_of_step_cannot_produce_correct_text(tmp_path: Path) -> None:
     deployment keeps serving, but every answer sampled from the mixed reductions is wrong text."""
     result, _ = demo(
         tmp_path, "--tp", "2", "--fault", "rank-skips-collective", "--fault-rank", "0", "--no-watch",
-        "--requests", "48", "--timeout", "120",
+        "--requests", "48", "--output-len", "16", "--timeout", "120",
     )  # fmt: skip
     assert result["fault_bites"] and result["incidents"] == []
     assert result["requests"]["failed"] > 0, result["requests"]

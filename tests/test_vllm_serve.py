@@ -32,7 +32,7 @@ from collectors.format import Collective, ProcessKind, StepBegin, StepEnd
 from collectors.reader import read_ledger
 from tests.helpers import last_json_line, run_cli
 
-pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.vllm, pytest.mark.vllm_serve, pytest.mark.slow, pytest.mark.timeout(900)]
 
 FAULT_STEP = 20  # late enough that every rank has run steps the detector can learn from
 INCIDENT_TIMEOUT_S = 90.0
