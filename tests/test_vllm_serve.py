@@ -113,9 +113,10 @@ def deployment(tmp: Path, fault: str = "") -> Iterator[tuple[VllmServer, Path]]:
     agent: subprocess.Popen[bytes] | None = None
     try:
         server.start()
-        server.wait_ready()
         assert server.ledgers is not None
+        # the sidecar starts beside the server, as in a pod, and watches the ledgers as they appear
         agent = start_agent(server.ledgers, incidents, tmp / "agent.log")
+        server.wait_ready()
         yield server, incidents
     finally:
         if agent is not None:
