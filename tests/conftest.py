@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -39,17 +37,6 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         stray = [n for n in serve if not n.endswith("@vllm")]
         if stray:
             raise pytest.UsageError(f"--dist loadgroup did not group the vLLM server tests (e.g. {stray[0]})")
-
-
-@pytest.fixture(autouse=True)
-def _server_tests_first_in_line(request: pytest.FixtureRequest) -> None:
-    """The worker that runs the vLLM server group (the suite's longest pole) asks for a larger share of
-    the CPU, for itself and the servers it starts (nice -5, where allowed: CI runs as root); the other
-    workers' tests, mostly waiting on real processes, take the rest. Once per worker."""
-    if request.node.get_closest_marker("vllm_serve") is None or os.getpriority(os.PRIO_PROCESS, 0) < 0:
-        return
-    with contextlib.suppress(PermissionError, OSError):
-        os.setpriority(os.PRIO_PROCESS, 0, -5)
 
 
 @pytest.fixture
