@@ -11,6 +11,9 @@ Outputs:
 Metric names are the agent's (``watchdog/metrics.py``), the supervisor's (``watchdog run``:
 ``watchdog_supervisor_*``) and vLLM's own (``vllm:*``). Every expression here is also run by
 ``tests/test_dashboards.py`` against a real Prometheus that scraped a real agent and demo server.
+
+Why one module: about 500 lines, most of them the panels and rules themselves, a table read top to
+bottom beside the few builders that turn it into the three files.
 """
 
 from __future__ import annotations
