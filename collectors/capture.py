@@ -28,9 +28,8 @@ import stat
 from collections.abc import Callable
 
 from collectors.bounds import LedgerError, parse_header
-from collectors.format import CURSOR_OFFSET, HEADER_SIZE, SLOT_SIZE, TRAILER_OFFSET
+from collectors.format import BUSY_TRAILER, CURSOR_OFFSET, HEADER_SIZE, SLOT_SIZE, TRAILER_OFFSET
 
-_BUSY = b"\xff" * 8
 ATTEMPTS = 3  # copies of a ledger whose writer laps most of its ring while it is copied
 _SLOT_WORDS = SLOT_SIZE // 8
 _TRAILER_WORD = TRAILER_OFFSET // 8
@@ -118,4 +117,4 @@ def _invalidate_torn(
         )
     for i in marked:
         off = ring_offset + i * SLOT_SIZE + TRAILER_OFFSET
-        image[off : off + 8] = _BUSY
+        image[off : off + 8] = BUSY_TRAILER

@@ -43,6 +43,9 @@ HEADER_SIZE: Final = 512
 SLOT_SIZE: Final = 96
 PAYLOAD_SIZE: Final = SLOT_SIZE - 24
 TRAILER_OFFSET: Final = SLOT_SIZE - 8
+# A trailer being rewritten (the writer's mark, or a reader's copy's for a slot that changed while
+# copied): never a record seq.
+BUSY_TRAILER: Final = b"\xff" * 8
 DEFAULT_SLOTS: Final = 8192
 DEFAULT_META_SIZE: Final = 256 * 1024
 # The largest ledger a reader accepts (and a writer makes): 32 x the default ring, 16 x the default

@@ -19,6 +19,7 @@ from typing import Any, Generic, TypeVar
 from collectors.bounds import JsonError, LedgerError, fixed_text, load_json, parse_header
 from collectors.capture import capture
 from collectors.format import (
+    BUSY_TRAILER,
     CURSOR_OFFSET,
     DTYPES,
     HEADER_SIZE,
@@ -258,7 +259,7 @@ class OpenStep:
 def _overtaken(data: bytes | mmap.mmap, trailer: int) -> bool:
     """Whether a slot's trailer says it is being rewritten (by the writer, or marked so by ``capture``
     because it changed while copied). A later seq is not taken as proof: damage can write one too."""
-    return data[trailer : trailer + 8] == b"\xff" * 8
+    return data[trailer : trailer + 8] == BUSY_TRAILER
 
 
 def scan_ring(

@@ -32,6 +32,7 @@ from struct import Struct
 from typing import Any
 
 from collectors.format import (
+    BUSY_TRAILER,
     CURSOR_OFFSET,
     DEFAULT_META_SIZE,
     DEFAULT_SLOTS,
@@ -78,8 +79,7 @@ from collectors.packing import (
 log = logging.getLogger("watchdog.ledger")
 
 META_DROPPED_OFFSET = 280  # u32: meta entries that did not fit
-_BUSY = b"\xff" * 8  # trailer of a slot being rewritten; never a record seq
-_BUSY_U64 = (1 << 64) - 1
+_BUSY_U64 = int.from_bytes(BUSY_TRAILER, "little")  # the busy mark as one 8-byte store
 _CURSOR_WORD = CURSOR_OFFSET // 8
 _SLOT_WORDS = SLOT_SIZE // 8
 _TRAILER_WORD = TRAILER_OFFSET // 8
@@ -194,7 +194,7 @@ class Recorder:
             mm[: len(static)] = static
             U32.pack_into(mm, HEADER_CRC_OFFSET, zlib.crc32(static))
             # Zero-filled slot 0 would read as "seq 0"; mark it so the first record is published by its trailer.
-            mm[self._ring_off + TRAILER_OFFSET : self._ring_off + SLOT_SIZE] = _BUSY
+            mm[self._ring_off + TRAILER_OFFSET : self._ring_off + SLOT_SIZE] = BUSY_TRAILER
             os.replace(tmp, self.path)  # readers never see a half-made header
         except BaseException:
             if mm is not None:
