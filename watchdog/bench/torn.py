@@ -42,6 +42,7 @@ from typing import Any
 
 from collectors.capture import capture
 from collectors.format import (
+    BUSY_TRAILER,
     CURSOR_OFFSET,
     HEADER_SIZE,
     P_ENGINE_RESULT,
@@ -254,7 +255,7 @@ def _writer_stores(mm: mmap.mmap, slot: int) -> list[Callable[[], None]]:
     def put(at: int, data: bytes) -> Callable[[], None]:
         return lambda: mm.__setitem__(slice(at, at + len(data)), data)
 
-    stores = [put(slot + TRAILER_OFFSET, b"\xff" * 8), put(slot, bytes(TRAILER_OFFSET))]
+    stores = [put(slot + TRAILER_OFFSET, BUSY_TRAILER), put(slot, bytes(TRAILER_OFFSET))]
     stores += [put(slot + i, body[i : i + 8]) for i in range(0, len(body), 8)]
     return [*stores, put(slot + TRAILER_OFFSET, U64.pack(_SEQ)), put(CURSOR_OFFSET, U64.pack(_SEQ + 1))]
 
