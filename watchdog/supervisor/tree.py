@@ -98,16 +98,25 @@ class Tree:
         for pid, created in list(self.members.items()):
             try:
                 p = psutil.Process(pid)
-                if p.create_time() == created and p.status() != psutil.STATUS_ZOMBIE:
+                if not exited(p) and p.create_time() == created:
                     out.append(p)
                     continue
-                if p.status() == psutil.STATUS_ZOMBIE:
-                    with contextlib.suppress(ChildProcessError, OSError):
-                        os.waitpid(pid, os.WNOHANG)  # a re-parented orphan of ours: reap it
             except psutil.Error:
                 pass
             self.members.pop(pid, None)
         return out
+
+
+def exited(p: psutil.Process) -> bool:
+    """Whether ``p`` is gone or a zombie; a zombie of ours (a child, or an orphan re-parented to us) is reaped."""
+    try:
+        if p.status() != psutil.STATUS_ZOMBIE:
+            return False
+    except psutil.Error:
+        return True
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(p.pid, os.WNOHANG)
+    return True
 
 
 def wait_gone(procs: list[psutil.Process], timeout_s: float) -> None:
@@ -117,17 +126,7 @@ def wait_gone(procs: list[psutil.Process], timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     pending = list(procs)
     while pending:
-        still = []
-        for p in pending:
-            try:
-                if p.status() == psutil.STATUS_ZOMBIE:
-                    with contextlib.suppress(ChildProcessError, OSError):
-                        os.waitpid(p.pid, os.WNOHANG)  # ours (a child, or an orphan re-parented to us): reap it
-                    continue
-                still.append(p)
-            except psutil.Error:
-                continue
-        pending = still
+        pending = [p for p in pending if not exited(p)]
         if not pending or time.monotonic() >= deadline:
             return
         time.sleep(0.02)
