@@ -2,11 +2,16 @@
 vLLM itself, the real ``watchdog agent`` beside it, and faults switched on inside real vLLM code by
 the test-only plugin ``tests/vllm_faults.py`` (never by anything the watchdog reads).
 
-Each fault test starts its own server (a fault is final), sends streaming-free completions from a
-few client threads until the fault bites, and checks the incident the agent wrote: the verdict, the
-culprit rank, the step, what the ledgers, the rings and the stacks of every process said, and that
-``watchdog diagnose`` gives the same verdict again from the bundle. A healthy server must give no
-incident at all while it serves.
+The tests send streaming-free completions from a few client threads until the fault bites, and check
+the incident the agent wrote: the verdict, the culprit rank, the step, what the ledgers, the rings and
+the stacks of every process said, and that ``watchdog diagnose`` gives the same verdict again from
+the bundle. A healthy server must give no incident at all while it serves.
+
+A server start is most of a test's time here (~40 s alone, 60-90 s beside the other test workers),
+so the tests that leave the server working share one (``TestOneServer``: the healthy run, then the
+two hangs, armed and released while it runs through the fault plugin's control file, each followed
+by the server serving again). A fault that breaks the server (a dead worker, ranks out of step) gets
+a server of its own.
 """
 
 from __future__ import annotations
@@ -107,8 +112,10 @@ class Load:
 
 
 @contextlib.contextmanager
-def deployment(tmp: Path, fault: str = "") -> Iterator[tuple[VllmServer, Path]]:
+def deployment(tmp: Path, fault: str = "", control: Path | None = None) -> Iterator[tuple[VllmServer, Path]]:
     server = VllmServer(tmp / "server", fault=fault)
+    if control is not None:
+        server.env["VLLM_TEST_FAULT_FILE"] = str(control)
     incidents = tmp / "incidents"
     agent: subprocess.Popen[bytes] | None = None
     try:
@@ -126,12 +133,17 @@ def deployment(tmp: Path, fault: str = "") -> Iterator[tuple[VllmServer, Path]]:
         del left
 
 
-def wait_incident(incidents: Path, timeout_s: float = INCIDENT_TIMEOUT_S) -> Path:
+def bundles(incidents: Path) -> list[Path]:
+    return sorted(p for p in incidents.glob("*") if p.is_dir() and not p.name.startswith("."))
+
+
+def wait_incident(incidents: Path, timeout_s: float = INCIDENT_TIMEOUT_S, known: int = 0) -> Path:
+    """The first bundle after the ``known`` ones already there."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        found = sorted(p for p in incidents.glob("*") if p.is_dir() and not p.name.startswith("."))
-        if found:
-            return found[0]
+        found = bundles(incidents)
+        if len(found) > known:
+            return found[known]
         time.sleep(0.2)
     raise AssertionError(f"no incident in {incidents} after {timeout_s:.0f} s")
 
@@ -147,17 +159,68 @@ def diagnose_again(bundle: Path) -> dict[str, Any]:
     return json.loads(cp.stdout)  # type: ignore[no-any-return]
 
 
-def run_fault(tmp: Path, fault: str) -> tuple[dict[str, Any], dict[str, Any], Path]:
-    with deployment(tmp, fault) as (server, incidents), Load(server.port):
-        bundle = wait_incident(incidents)
+def read_bundle(bundle: Path) -> tuple[dict[str, Any], dict[str, Any], Path]:
     diagnosis = json.loads((bundle / "diagnosis.json").read_text())
     evidence = json.loads((bundle / "evidence.json").read_text())
     assert diagnose_again(bundle)["verdict"] == diagnosis["verdict"]
     return diagnosis, evidence, bundle
 
 
-def test_healthy_server_records_every_step_and_raises_no_incident(tmp_path: Path) -> None:
-    with deployment(tmp_path) as (server, incidents):
+def run_fault(tmp: Path, fault: str) -> tuple[dict[str, Any], dict[str, Any], Path]:
+    """A server of its own, the fault set from its start; the first incident."""
+    with deployment(tmp, fault) as (server, incidents), Load(server.port):
+        bundle = wait_incident(incidents)
+    return read_bundle(bundle)
+
+
+class Shared:
+    """One server and its agent for the tests that leave it working (``TestOneServer``)."""
+
+    def __init__(self, server: VllmServer, incidents: Path, control: Path) -> None:
+        self.server, self.incidents, self.control = server, incidents, control
+
+    def hang(self, kind: str, rank: int, after: int = 5) -> tuple[dict[str, Any], dict[str, Any], Path]:
+        """Arm a releasable hang ``after`` steps from now under load, take the incident it causes,
+        release it, and wait until the server answers again (the next test starts from a working one)."""
+        known = len(bundles(self.incidents))
+        bit = self.control.with_name(self.control.name + ".bit")
+        bit.unlink(missing_ok=True)
+        try:
+            with Load(self.server.port):
+                self.control.write_text(f"{kind}:{rank}:{after}")
+                bundle = wait_incident(self.incidents, known=known)
+        finally:
+            self.control.unlink(missing_ok=True)  # released: the leaked lock is let go
+        assert bit.exists(), "an incident, but the armed hang never bit"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                complete(self.server.port, "the server serves again", 4, timeout=30)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, f"the server did not recover: {self.server.log_tail()}"
+                time.sleep(0.5)
+        # one incident for the one hang (its end, a stall that was over after all, only teaches the
+        # detector's floor), so the next test's incident is its own
+        assert len(bundles(self.incidents)) == known + 1, [p.name for p in bundles(self.incidents)]
+        return read_bundle(bundle)
+
+
+@pytest.fixture(scope="class")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shared]:
+    tmp = tmp_path_factory.mktemp("shared")
+    control = tmp / "fault"
+    with deployment(tmp, control=control) as (server, incidents):
+        yield Shared(server, incidents, control)
+
+
+class TestOneServer:
+    """The tests that leave the server working, on one server and one agent, in this order: the
+    healthy run first (no incident from a fresh server), then each hang, released once diagnosed."""
+
+    def test_healthy_server_records_every_step_and_raises_no_incident(self, shared: Shared) -> None:
+        server, incidents = shared.server, shared.incidents
+        known = bundles(incidents)
         with Load(server.port) as load:
             deadline = time.monotonic() + 20
             while time.monotonic() < deadline and load.done < 12:
@@ -167,8 +230,7 @@ def test_healthy_server_records_every_step_and_raises_no_incident(tmp_path: Path
         # No incident at all. A step slowed past the floor on this 2-core machine (the server, its
         # client threads and the agent share it) is a stall that was over when the evidence was read:
         # a line in recovered.jsonl, not an incident.
-        bundles = [p.name for p in incidents.glob("*") if p.is_dir() and not p.name.startswith(".")]
-        assert bundles == [], f"incident on a healthy server: {bundles}"
+        assert bundles(incidents) == known == [], f"incident on a healthy server: {bundles(incidents)}"
         recovered = incidents / "recovered.jsonl"
         if recovered.exists():
             print("recovered stalls:", recovered.read_text())
@@ -194,20 +256,25 @@ def test_healthy_server_records_every_step_and_raises_no_incident(tmp_path: Path
         engine = read_ledger(server.ledgers / "engine.ledger")
         assert any(m.get("t") == "rings" for m in engine.meta)  # vLLM's broadcast and response rings
 
+    @pytest.mark.parametrize("rank", [0, 1])
+    def test_host_hang(self, shared: Shared, rank: int) -> None:
+        d, ev, _ = shared.hang("host-hang", rank)
+        assert d["verdict"] == "host_hang", d["summary"]
+        assert d["culprit_ranks"] == [rank]
+        peer = 1 - rank
+        assert d["ranks"][str(rank)]["state"] == "host_busy"
+        assert "_update_states" in d["ranks"][str(rank)]["detail"]
+        assert d["ranks"][str(peer)]["step"] == d["step"]
+        assert d["rings"] is not None
+        assert ev["stacks"], "no stacks gathered"
+        # the deployment's processes state the TP size too (vLLM's worker titles), and agree
+        assert sorted(ev["workers"].values()) == ["Worker_TP0", "Worker_TP1"], ev.get("workers")
 
-@pytest.mark.parametrize("rank", [0, 1])
-def test_host_hang(tmp_path: Path, rank: int) -> None:
-    d, ev, _ = run_fault(tmp_path, f"host-hang:{rank}:{FAULT_STEP}")
-    assert d["verdict"] == "host_hang", d["summary"]
-    assert d["culprit_ranks"] == [rank]
-    peer = 1 - rank
-    assert d["ranks"][str(rank)]["state"] == "host_busy"
-    assert "_update_states" in d["ranks"][str(rank)]["detail"]
-    assert d["ranks"][str(peer)]["step"] == d["step"]
-    assert d["rings"] is not None
-    assert ev["stacks"], "no stacks gathered"
-    # the deployment's processes state the TP size too (vLLM's worker titles), and agree
-    assert sorted(ev["workers"].values()) == ["Worker_TP0", "Worker_TP1"], ev.get("workers")
+    def test_engine_stall_in_the_scheduler(self, shared: Shared) -> None:
+        d, _, _ = shared.hang("engine-stall", 0)
+        assert d["verdict"] == "engine_stall", d["summary"]
+        assert d["culprit_ranks"] == []
+        assert all(r["state"] == "idle" for r in d["ranks"].values())
 
 
 @pytest.mark.parametrize("rank", [0, 1])
@@ -215,7 +282,10 @@ def test_worker_killed(tmp_path: Path, rank: int) -> None:
     d, ev, _ = run_fault(tmp_path, f"worker-killed:{rank}:{FAULT_STEP}")
     assert d["verdict"] == "worker_dead", d["summary"]
     assert d["culprit_ranks"] == [rank]
-    assert ev["stall"]["kind"] == "process_exit"
+    # The agent notices the exit itself (process_exit), or, when it is starved on this loaded machine
+    # and polls late, the peer's step open past its deadline first (open_step): the evidence then
+    # read shows the rank gone either way.
+    assert ev["stall"]["kind"] in ("process_exit", "open_step"), ev["stall"]
 
 
 def test_watchdog_run_restarts_a_hung_vllm_and_every_stream_survives(tmp_path: Path) -> None:
@@ -323,13 +393,6 @@ def test_size_mismatch_in_the_logits_gather(tmp_path: Path, rank: int) -> None:
     div = d["first_divergence"]
     assert div is not None and div["per_rank"][str(rank)]["op"] == "all_gather"
     assert div["per_rank"]["0"]["numel"] != div["per_rank"]["1"]["numel"]
-
-
-def test_engine_stall_in_the_scheduler(tmp_path: Path) -> None:
-    d, _, _ = run_fault(tmp_path, f"engine-stall:0:{FAULT_STEP}")
-    assert d["verdict"] == "engine_stall", d["summary"]
-    assert d["culprit_ranks"] == []
-    assert all(r["state"] == "idle" for r in d["ranks"].values())
 
 
 def test_the_vllm_demo_names_the_culprit_restarts_and_every_text_survives(

@@ -24,6 +24,11 @@ With ``VLLM_TEST_FAULT_ONCE=PATH`` the defect is there only until it first bites
 created then): a server restarted after the incident runs clean, as one whose bug a safer
 configuration avoided would.
 
+With ``VLLM_TEST_FAULT_FILE=PATH`` instead, the two hangs (``host-hang``, ``engine-stall``) are armed
+and released while the server runs, so tests that leave it working can share one server: writing
+``KIND:RANK:AFTER`` into PATH arms the hang to bite ``AFTER`` steps after the process reads it (``PATH.bit``
+is written when it bites); removing or rewriting PATH releases the leaked lock and the server goes on.
+
 Steps count the model runner's ``execute_model`` calls with a forward pass, from 1, on each rank
 (the engine counts its ``schedule`` calls). The all-reduce faults wrap the tensor-parallel group's
 ``all_reduce`` in a ``torch.library`` custom op so they decide at run time inside torch.compile'd
@@ -34,10 +39,12 @@ code (the compiled graph calls the op; Dynamo does not trace into it).
 import os
 import signal
 import threading
+import time
 from typing import Any
 
 ENV = "VLLM_TEST_FAULT"
 ONCE_ENV = "VLLM_TEST_FAULT_ONCE"
+FILE_ENV = "VLLM_TEST_FAULT_FILE"
 DESCRIPTIONS = {
     "none": "no fault: a healthy server (any incident is a false alarm)",
     "host-hang": "rank R blocks on a leaked lock in its input preparation at step S (host code)",
@@ -54,6 +61,8 @@ CORRUPTS_OUTPUT = ("skip-allreduce", "size-mismatch")
 # The faults that wrap the all-reduce in a custom op change the compiled graph: their servers need a
 # compile cache of their own (a cached graph calling the op cannot load where it is not registered).
 WRAPS_ALLREDUCE = ("skip-allreduce", "worker-killed")
+# The faults a server recovers from once they are released (VLLM_TEST_FAULT_FILE).
+RELEASABLE = ("host-hang", "engine-stall")
 
 
 def _plan() -> tuple[str, int, int] | None:
@@ -85,9 +94,69 @@ _ADMIT_LOCK = threading.Lock()
 _DONE = False
 
 
+class _Armed:
+    """A hang armed and released at run time through the control file (``VLLM_TEST_FAULT_FILE``)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.seen: tuple[int, int] | None = None
+        self.plan: tuple[str, int, int] | None = None  # kind, rank, the step from which it bites
+
+    def _key(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return st.st_mtime_ns, st.st_size
+
+    def poll(self, count: int) -> None:
+        """Once per step (one stat): a new plan when the file changed, none when it is gone."""
+        key = self._key()
+        if key == self.seen:
+            return
+        self.seen, self.plan = key, None
+        if key is None:
+            return
+        try:
+            with open(self.path) as f:
+                kind, rank, after = f.read().strip().split(":")
+        except (OSError, ValueError):
+            return
+        if kind in RELEASABLE:
+            self.plan = kind, int(rank), count + int(after)
+
+    def bites(self, kind: str, rank: int, count: int) -> bool:
+        plan = self.plan
+        return plan is not None and plan[0] == kind and plan[1] == rank and count >= plan[2]
+
+    def leak(self) -> threading.Lock:
+        """The defect: a lock leaked (held), which the caller takes again and blocks on; a thread
+        releases it once the file changes."""
+        self.plan = None
+        with open(self.path + ".bit", "w") as f:
+            f.write(str(os.getpid()))
+        leaked, armed = threading.Lock(), self.seen
+        leaked.acquire()
+
+        def release() -> None:
+            while self._key() == armed:
+                time.sleep(0.1)
+            leaked.release()
+
+        threading.Thread(target=release, name="fault-release", daemon=True).start()
+        return leaked
+
+
 def register() -> None:
+    if getattr(register, "done", False):
+        return
+    control = os.environ.get(FILE_ENV, "")
+    if control:
+        register.done = True  # type: ignore[attr-defined]
+        _releasable(_Armed(control))
+        return
     plan = _plan()
-    if plan is None or getattr(register, "done", False):
+    if plan is None:
         return
     register.done = True  # type: ignore[attr-defined]
     kind, rank, step = plan
@@ -95,6 +164,42 @@ def register() -> None:
         _engine_stall(step)
     else:
         _worker_faults(kind, rank, step)
+
+
+def _releasable(armed: _Armed) -> None:
+    """The two hangs, armed from the control file: the engine's scheduler (its calls counted) and a
+    worker's input preparation (its model-runner steps counted)."""
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    schedule, run, update = Scheduler.schedule, GPUModelRunner.execute_model, GPUModelRunner._update_states
+    calls = [0]
+
+    def scheduled(self: Any, *args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        armed.poll(calls[0])
+        if armed.bites("engine-stall", 0, calls[0]) and self.waiting and self.running:
+            armed.leak().acquire()  # blocks here, in the scheduler's call, until released
+        return schedule(self, *args, **kwargs)
+
+    def execute_model(self: Any, scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
+        if scheduler_output.total_num_scheduled_tokens > 0:
+            _Worker.steps += 1
+            armed.poll(_Worker.steps)
+            if _Worker.rank < 0:
+                from vllm.distributed.parallel_state import get_tp_group
+
+                _Worker.rank = get_tp_group().rank_in_group
+        return run(self, scheduler_output, *args, **kwargs)
+
+    def _update_states(self: Any, scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
+        if armed.bites("host-hang", _Worker.rank, _Worker.steps):
+            armed.leak().acquire()  # blocks here, in the input preparation, until released
+        return update(self, scheduler_output, *args, **kwargs)
+
+    Scheduler.schedule = scheduled
+    GPUModelRunner.execute_model = execute_model
+    GPUModelRunner._update_states = _update_states
 
 
 def _engine_stall(step: int) -> None:
