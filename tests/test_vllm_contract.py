@@ -19,29 +19,33 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from vllm_envs import VERSIONS, child_env, python_or_skip
 
-pytestmark = pytest.mark.vllm  # runs real vLLM code (environments built once by tests/vllm_envs.py)
+# Real vLLM code (environments built once by tests/vllm_envs.py); one worker runs the module (--dist
+# loadgroup), so each version's child runs once.
+pytestmark = [pytest.mark.vllm, pytest.mark.xdist_group("vllm-contract")]
 
 ROOT = Path(__file__).resolve().parent.parent
 CHILD = Path(__file__).parent / "vllm_contract_child.py"
-
-
-def _run(version: str, mode: str, **env: str) -> dict[str, object]:
-    python = python_or_skip(version)
-    res = subprocess.run(
-        [str(python), str(CHILD), mode], capture_output=True, text=True, timeout=240, env=child_env(**env), cwd=ROOT
-    )
-    line = next((ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")), None)
-    assert line is not None, f"child failed (exit {res.returncode}): {res.stderr[-2000:]}"
-    return json.loads(line[len("RESULT ") :])  # type: ignore[no-any-return]
 
 
 _BOTH: dict[str, dict[str, Any]] = {}
 
 
 def _both(version: str, ledger_dir: Path) -> dict[str, Any]:
-    """Targets checked and plugins loaded in one child per version (one vLLM import: CI time)."""
+    """Targets checked and plugins loaded in one child per version (one vLLM import: CI time; the
+    tests of a version share an xdist group, so one worker runs that child once)."""
     if version not in _BOTH:
-        _BOTH[version] = _run(version, "both", WATCHDOG_LEDGER_DIR=str(ledger_dir))
+        python = python_or_skip(version)
+        res = subprocess.run(
+            [str(python), str(CHILD)],
+            capture_output=True,
+            text=True,
+            timeout=240,
+            env=child_env(WATCHDOG_LEDGER_DIR=str(ledger_dir)),
+            cwd=ROOT,
+        )
+        line = next((ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        assert line is not None, f"child failed (exit {res.returncode}): {res.stderr[-2000:]}"
+        _BOTH[version] = json.loads(line[len("RESULT ") :])
     return _BOTH[version]
 
 
@@ -59,17 +63,18 @@ def test_every_hook_target_exists_with_its_signature(version: str, tmp_path_fact
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("version", VERSIONS)
 def test_plugin_loads_through_load_general_plugins(version: str, tmp_path_factory: pytest.TempPathFactory) -> None:
-    out = _both(version, tmp_path_factory.mktemp(f"ledgers-{version}"))["plugins"]
+    both = _both(version, tmp_path_factory.mktemp(f"ledgers-{version}"))
+    out = both["plugins"]
     assert "watchdog=collectors.vllm:register" in out["entry_points"], (
         "entry point vllm.general_plugins 'watchdog = collectors.vllm:register' is not installed: "
         "add it to pyproject.toml and reinstall the project (pip install -e .)"
     )
     assert "vllm.distributed.parallel_state:GroupCoordinator._all_reduce_out_place" in out["wrapped"]
     assert len(out["wrapped"]) >= 10
-    # filtered out by VLLM_PLUGINS, or no ledger directory: nothing is wrapped
-    other = tmp_path_factory.mktemp("other")
-    assert _run(version, "plugins", WATCHDOG_LEDGER_DIR=str(other), VLLM_PLUGINS="other")["wrapped"] == []
-    assert _run(version, "plugins", WATCHDOG_LEDGER_DIR="")["wrapped"] == []
+    # filtered out by VLLM_PLUGINS, or no ledger directory: nothing is wrapped (loaded before, in the
+    # same process)
+    assert both["filtered"]["wrapped"] == [] and both["no_ledger_dir"]["wrapped"] == [], both
+    assert "watchdog=collectors.vllm:register" in both["filtered"]["entry_points"]
 
 
 def test_a_half_extracted_environment_is_not_used(tmp_path: Path) -> None:

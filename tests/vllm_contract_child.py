@@ -1,12 +1,13 @@
-"""Runs inside a real-vLLM environment (tests/vllm_envs.py): checks every hook target (``targets``), loads
-the plugin through vLLM's own ``load_general_plugins()`` (``plugins``), or both in one process
-(``both``). Prints one JSON object."""
+"""Runs inside a real-vLLM environment (tests/vllm_envs.py), in one process (one vLLM import: CI time):
+checks every hook target, then loads the plugin through vLLM's own ``load_general_plugins()`` three
+times: filtered out by ``VLLM_PLUGINS`` and with no ledger directory (both must wrap nothing), then
+for real. Prints one JSON object."""
 
 from __future__ import annotations
 
 import inspect
 import json
-import sys
+import os
 
 from collectors.vllm.hooks import TARGETS, WRAPPED, resolve
 
@@ -45,13 +46,18 @@ def _wrapped(t: object) -> bool:
 
 
 if __name__ == "__main__":
-    mode = sys.argv[1]
-    if mode == "targets":
-        out = check_targets()
-    elif mode == "plugins":
-        out = load_plugins()
-    else:  # "both": one vLLM import for the two checks (targets first: it wraps nothing)
-        out = {"targets": check_targets(), "plugins": load_plugins()}
+    import vllm.plugins
+
+    out: dict[str, object] = {"targets": check_targets()}  # first: it wraps nothing
+    ledgers = os.environ.pop("WATCHDOG_LEDGER_DIR", "")
+    os.environ["VLLM_PLUGINS"] = "other"
+    out["filtered"] = load_plugins()
+    del os.environ["VLLM_PLUGINS"]
+    vllm.plugins.plugins_loaded = False  # vLLM loads its plugins once per process
+    out["no_ledger_dir"] = load_plugins()
+    os.environ["WATCHDOG_LEDGER_DIR"] = ledgers
+    vllm.plugins.plugins_loaded = False
+    out["plugins"] = load_plugins()
     from importlib.metadata import version
 
     out["vllm"] = version("vllm")
