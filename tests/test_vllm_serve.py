@@ -8,10 +8,10 @@ the stacks of every process said, and that ``watchdog diagnose`` gives the same 
 the bundle. A healthy server must give no incident at all while it serves.
 
 A server start is most of a test's time here (~40 s alone, 60-90 s beside the other test workers),
-so the tests that leave the server working share one (``TestOneServer``: the healthy run, then the
-two hangs, armed and released while it runs through the fault plugin's control file, each followed
-by the server serving again). A fault that breaks the server (a dead worker, ranks out of step) gets
-a server of its own.
+so tests share one where they can (``TestOneServer``: the healthy run, then the hangs, armed and
+released while it runs through the fault plugin's control file, each followed by the server serving
+again, and last a size mismatch, which breaks it). The other faults that break the server get a
+server of their own.
 """
 
 from __future__ import annotations
@@ -179,19 +179,28 @@ class Shared:
     def __init__(self, server: VllmServer, incidents: Path, control: Path) -> None:
         self.server, self.incidents, self.control = server, incidents, control
 
-    def hang(self, kind: str, rank: int, after: int = 5) -> tuple[dict[str, Any], dict[str, Any], Path]:
-        """Arm a releasable hang ``after`` steps from now under load, take the incident it causes,
-        release it, and wait until the server answers again (the next test starts from a working one)."""
+    def arm(self, kind: str, rank: int, after: int = 5) -> Path:
+        """Arm ``kind`` on ``rank`` ``after`` steps from now, under load; the incident it causes."""
         known = len(bundles(self.incidents))
-        bit = self.control.with_name(self.control.name + ".bit")
-        bit.unlink(missing_ok=True)
+        self.bit.unlink(missing_ok=True)
+        with Load(self.server.port):
+            self.control.write_text(f"{kind}:{rank}:{after}")
+            bundle = wait_incident(self.incidents, known=known)
+        assert self.bit.exists(), "an incident, but the armed fault never bit"
+        return bundle
+
+    @property
+    def bit(self) -> Path:
+        return self.control.with_name(self.control.name + ".bit")
+
+    def hang(self, kind: str, rank: int) -> tuple[dict[str, Any], dict[str, Any], Path]:
+        """A releasable hang: its incident, then released, and the server answers again (the next
+        test starts from a working one)."""
+        known = len(bundles(self.incidents))
         try:
-            with Load(self.server.port):
-                self.control.write_text(f"{kind}:{rank}:{after}")
-                bundle = wait_incident(self.incidents, known=known)
+            bundle = self.arm(kind, rank)
         finally:
             self.control.unlink(missing_ok=True)  # released: the leaked lock is let go
-        assert bit.exists(), "an incident, but the armed hang never bit"
         deadline = time.monotonic() + 120
         while True:
             try:
@@ -216,7 +225,8 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shared]:
 
 class TestOneServer:
     """The tests that leave the server working, on one server and one agent, in this order: the
-    healthy run first (no incident from a fresh server), then each hang, released once diagnosed."""
+    healthy run first (no incident from a fresh server), then each hang, released once diagnosed,
+    and last a fault that breaks the server."""
 
     def test_healthy_server_records_every_step_and_raises_no_incident(self, shared: Shared) -> None:
         server, incidents = shared.server, shared.incidents
@@ -275,6 +285,10 @@ class TestOneServer:
         assert d["verdict"] == "engine_stall", d["summary"]
         assert d["culprit_ranks"] == []
         assert all(r["state"] == "idle" for r in d["ranks"].values())
+
+    def test_size_mismatch_in_the_logits_gather(self, shared: Shared) -> None:
+        """Rank 0's logits shard one column short (the last test here: the server is broken after it)."""
+        assert_size_mismatch(read_bundle(shared.arm("size-mismatch", 0))[0], 0)
 
 
 @pytest.mark.parametrize("rank", [0, 1])
@@ -385,9 +399,13 @@ def test_rank_skips_an_allreduce_inside_the_compiled_model(tmp_path: Path, rank:
     assert div is not None and div["step"] == d["step"], d
 
 
-@pytest.mark.parametrize("rank", [0, 1])
-def test_size_mismatch_in_the_logits_gather(tmp_path: Path, rank: int) -> None:
-    d, _, _ = run_fault(tmp_path, f"size-mismatch:{rank}:{FAULT_STEP}")
+def test_size_mismatch_in_the_logits_gather(tmp_path: Path) -> None:
+    """Rank 1's logits shard one column short, on a server of its own, the fault set from its start
+    (rank 0's: ``TestOneServer``)."""
+    assert_size_mismatch(run_fault(tmp_path, f"size-mismatch:1:{FAULT_STEP}")[0], 1)
+
+
+def assert_size_mismatch(d: dict[str, Any], rank: int) -> None:
     assert d["verdict"] == "collective_mismatch", d["summary"]
     assert d["culprit_ranks"] == [rank] or len(d["culprit_ranks"]) == 2, d["summary"]
     div = d["first_divergence"]

@@ -24,10 +24,11 @@ With ``VLLM_TEST_FAULT_ONCE=PATH`` the defect is there only until it first bites
 created then): a server restarted after the incident runs clean, as one whose bug a safer
 configuration avoided would.
 
-With ``VLLM_TEST_FAULT_FILE=PATH`` instead, the two hangs (``host-hang``, ``engine-stall``) are armed
-and released while the server runs, so tests that leave it working can share one server: writing
-``KIND:RANK:AFTER`` into PATH arms the hang to bite ``AFTER`` steps after the process reads it (``PATH.bit``
-is written when it bites); removing or rewriting PATH releases the leaked lock and the server goes on.
+With ``VLLM_TEST_FAULT_FILE=PATH`` instead, the faults that need nothing in the compiled graph
+(``host-hang``, ``engine-stall``, ``size-mismatch``) are armed while the server runs, so tests can
+share one server: writing ``KIND:RANK:AFTER`` into PATH arms the fault to bite ``AFTER`` steps after the
+process reads it (``PATH.bit`` is written when it bites). The hangs are released by removing or
+rewriting PATH (the leaked lock is let go and the server goes on); a size mismatch is final.
 
 Steps count the model runner's ``execute_model`` calls with a forward pass, from 1, on each rank
 (the engine counts its ``schedule`` calls). The all-reduce faults wrap the tensor-parallel group's
@@ -61,8 +62,8 @@ CORRUPTS_OUTPUT = ("skip-allreduce", "size-mismatch")
 # The faults that wrap the all-reduce in a custom op change the compiled graph: their servers need a
 # compile cache of their own (a cached graph calling the op cannot load where it is not registered).
 WRAPS_ALLREDUCE = ("skip-allreduce", "worker-killed")
-# The faults a server recovers from once they are released (VLLM_TEST_FAULT_FILE).
-RELEASABLE = ("host-hang", "engine-stall")
+# The faults armed at run time (VLLM_TEST_FAULT_FILE); the hangs are released the same way.
+ARMABLE = ("host-hang", "engine-stall", "size-mismatch")
 
 
 def _plan() -> tuple[str, int, int] | None:
@@ -122,19 +123,22 @@ class _Armed:
                 kind, rank, after = f.read().strip().split(":")
         except (OSError, ValueError):
             return
-        if kind in RELEASABLE:
+        if kind in ARMABLE:
             self.plan = kind, int(rank), count + int(after)
 
     def bites(self, kind: str, rank: int, count: int) -> bool:
         plan = self.plan
         return plan is not None and plan[0] == kind and plan[1] == rank and count >= plan[2]
 
-    def leak(self) -> threading.Lock:
-        """The defect: a lock leaked (held), which the caller takes again and blocks on; a thread
-        releases it once the file changes."""
+    def bit(self) -> None:
         self.plan = None
         with open(self.path + ".bit", "w") as f:
             f.write(str(os.getpid()))
+
+    def leak(self) -> threading.Lock:
+        """The defect: a lock leaked (held), which the caller takes again and blocks on; a thread
+        releases it once the file changes."""
+        self.bit()
         leaked, armed = threading.Lock(), self.seen
         leaked.acquire()
 
@@ -153,7 +157,7 @@ def register() -> None:
     control = os.environ.get(FILE_ENV, "")
     if control:
         register.done = True  # type: ignore[attr-defined]
-        _releasable(_Armed(control))
+        _armable(_Armed(control))
         return
     plan = _plan()
     if plan is None:
@@ -166,9 +170,10 @@ def register() -> None:
         _worker_faults(kind, rank, step)
 
 
-def _releasable(armed: _Armed) -> None:
-    """The two hangs, armed from the control file: the engine's scheduler (its calls counted) and a
-    worker's input preparation (its model-runner steps counted)."""
+def _armable(armed: _Armed) -> None:
+    """The faults armed from the control file: the engine's scheduler (its calls counted), a worker's
+    input preparation and its logits gather (its model-runner steps counted)."""
+    from vllm.model_executor.layers.logits_processor import LogitsProcessor
     from vllm.v1.core.sched.scheduler import Scheduler
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
@@ -197,9 +202,17 @@ def _releasable(armed: _Armed) -> None:
             armed.leak().acquire()  # blocks here, in the input preparation, until released
         return update(self, scheduler_output, *args, **kwargs)
 
+    def _gather_logits(self: Any, logits: Any) -> Any:
+        if armed.bites("size-mismatch", _Worker.rank, _Worker.steps):
+            armed.bit()
+            logits = logits[..., :-1]  # the defect: a shard sliced one column short
+        return gather(self, logits)
+
+    gather = LogitsProcessor._gather_logits
     Scheduler.schedule = scheduled
     GPUModelRunner.execute_model = execute_model
     GPUModelRunner._update_states = _update_states
+    LogitsProcessor._gather_logits = _gather_logits
 
 
 def _engine_stall(step: int) -> None:
