@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -503,25 +501,8 @@ def test_property_demo_flag(before: list[list[str]], after: list[list[str]], old
 def test_vllm_parses_the_emitted_flag(version: str) -> None:
     """One merged --compilation-config: vLLM's parser sees the new mode and keeps the other keys."""
     sys.path.insert(0, str(Path(__file__).parent))
-    from vllm_envs import EnvUnavailable, env_python
+    from vllm_envs import run_child
 
-    try:
-        python = env_python(version)
-    except EnvUnavailable as exc:
-        if os.environ.get("WATCHDOG_CI") == "1":
-            pytest.fail(f"vLLM {version} environment could not be built: {exc}")
-        pytest.skip(f"vLLM {version} environment could not be built (no network?): {exc}")
-    root = Path(__file__).resolve().parent.parent
-    res = subprocess.run(
-        [str(python), str(Path(__file__).with_name("cmdline_vllm_child.py")), "FULL_DECODE_ONLY", "NONE"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=root,
-        env={**os.environ, "PYTHONPATH": str(root), "VLLM_LOGGING_LEVEL": "ERROR"},
-    )
-    line = next((ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")), None)
-    assert line is not None, f"exit {res.returncode}: {res.stderr[-2000:]}"
-    got = json.loads(line[len("RESULT ") :])
+    got = run_child(version, "cmdline_vllm_child.py", "FULL_DECODE_ONLY", "NONE", timeout=300)
     for mode in ("FULL_DECODE_ONLY", "NONE"):
         assert got[mode] == {"cudagraph_mode": mode, "custom_ops": ["+rms_norm"], "mode": 3}, (version, got)

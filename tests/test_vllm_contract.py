@@ -8,8 +8,6 @@ this test process never imports vLLM.
 
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,14 +15,11 @@ from typing import Any
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from vllm_envs import VERSIONS, child_env, python_or_skip
+from vllm_envs import VERSIONS, run_child
 
 # Real vLLM code (environments built once by tests/vllm_envs.py); one worker runs the module (--dist
 # loadgroup), so each version's child runs once.
 pytestmark = [pytest.mark.vllm, pytest.mark.xdist_group("vllm-contract")]
-
-ROOT = Path(__file__).resolve().parent.parent
-CHILD = Path(__file__).parent / "vllm_contract_child.py"
 
 
 _BOTH: dict[str, dict[str, Any]] = {}
@@ -34,18 +29,7 @@ def _both(version: str, ledger_dir: Path) -> dict[str, Any]:
     """Targets checked and plugins loaded in one child per version (one vLLM import: CI time; the
     tests of a version share an xdist group, so one worker runs that child once)."""
     if version not in _BOTH:
-        python = python_or_skip(version)
-        res = subprocess.run(
-            [str(python), str(CHILD)],
-            capture_output=True,
-            text=True,
-            timeout=240,
-            env=child_env(WATCHDOG_LEDGER_DIR=str(ledger_dir)),
-            cwd=ROOT,
-        )
-        line = next((ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")), None)
-        assert line is not None, f"child failed (exit {res.returncode}): {res.stderr[-2000:]}"
-        _BOTH[version] = json.loads(line[len("RESULT ") :])
+        _BOTH[version] = run_child(version, "vllm_contract_child.py", WATCHDOG_LEDGER_DIR=str(ledger_dir))
     return _BOTH[version]
 
 

@@ -11,8 +11,6 @@ those keys, step by step, with the padded request slots and draft placeholders.
 
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,7 +18,7 @@ from typing import Any
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from vllm_envs import VERSIONS, child_env, python_or_skip
+from vllm_envs import VERSIONS, python_or_skip, run_child
 
 from collectors.format import CUDAGraphMode, GraphKey, Role, StepBegin, StepEnd
 from collectors.format import launches as format_launches
@@ -28,23 +26,9 @@ from collectors.reader import read_ledger
 
 pytestmark = pytest.mark.vllm  # runs real vLLM code (environments built once by tests/vllm_envs.py)
 
-ROOT = Path(__file__).resolve().parent.parent
-CHILD = Path(__file__).parent / "vllm_dispatch_child.py"
-
 
 def _child(version: str, mode: str, ledger_dir: Path) -> dict[str, Any]:
-    python = python_or_skip(version)
-    res = subprocess.run(
-        [str(python), str(CHILD), mode],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env=child_env(WATCHDOG_LEDGER_DIR=str(ledger_dir)),
-        cwd=ROOT,
-    )
-    line = next((ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")), None)
-    assert line is not None, f"child failed (exit {res.returncode}): {res.stderr[-3000:]}"
-    out: dict[str, Any] = json.loads(line[len("RESULT ") :])
+    out = run_child(version, "vllm_dispatch_child.py", mode, WATCHDOG_LEDGER_DIR=str(ledger_dir))
     assert out["vllm"] == version
     return out
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -26,6 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 _COMMON = [
     "aiohappyeyeballs==2.7.1",
@@ -251,6 +253,24 @@ def child_env(**extra: str) -> dict[str, str]:
     """Environment for a child in a vLLM environment: this project importable, vLLM quiet."""
     root = Path(__file__).resolve().parent.parent
     return {**os.environ, "PYTHONPATH": str(root), "VLLM_LOGGING_LEVEL": "ERROR", **extra}
+
+
+def run_child(version: str, script: str, *args: str, timeout: float = 240, **env: str) -> dict[str, Any]:
+    """``tests/<script>`` run by the environment's python (skipped or failed as ``python_or_skip``),
+    from the project's root: the JSON object of its ``RESULT {json}`` line."""
+    python = python_or_skip(version)
+    here = Path(__file__).resolve().parent
+    res = subprocess.run(
+        [str(python), str(here / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=child_env(**env),
+        cwd=here.parent,
+    )
+    line = next((ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    assert line is not None, f"{script} failed (exit {res.returncode}): {res.stderr[-3000:]}"
+    return json.loads(line[len("RESULT ") :])  # type: ignore[no-any-return]
 
 
 if __name__ == "__main__":
