@@ -17,8 +17,8 @@ follows (a hang, a crash, ranks out of step) comes from vLLM's own mechanism:
 - ``size-mismatch``: rank RANK's logits all-gather at step STEP (eager: after the compiled model)
   sends its shard one vocabulary column short.
 - ``worker-killed``: rank RANK is SIGKILLed inside the first all-reduce of step STEP.
-- ``engine-stall``: the scheduler takes its own admission lock twice on the first step at or after
-  STEP that has requests waiting: EngineCore blocks in ``Scheduler.schedule`` with requests pending.
+- ``engine-stall``: the scheduler takes a lock it leaked on the first step at or after STEP that has
+  requests waiting: EngineCore blocks in ``Scheduler.schedule`` with requests pending.
 
 With ``VLLM_TEST_FAULT_ONCE=PATH`` the defect is there only until it first bites (the file is
 created then): a server restarted after the incident runs clean, as one whose bug a safer
@@ -66,7 +66,8 @@ WRAPS_ALLREDUCE = ("skip-allreduce", "worker-killed")
 ARMABLE = ("host-hang", "engine-stall", "size-mismatch")
 
 
-def _plan() -> tuple[str, int, int] | None:
+def _fixed() -> tuple[str, int, int] | None:
+    """The fault ``VLLM_TEST_FAULT`` sets from the start, unless ``VLLM_TEST_FAULT_ONCE`` says it bit."""
     raw = os.environ.get(ENV, "")
     once = os.environ.get(ONCE_ENV, "")
     if not raw or (once and os.path.exists(once)):
@@ -83,35 +84,26 @@ class _Worker:
     rank = -1
 
 
-def _bit() -> None:
-    once = os.environ.get(ONCE_ENV, "")
-    if once:
-        with open(once, "w") as f:
-            f.write(os.environ.get(ENV, ""))
+class _Plan:
+    """When and where the fault bites (once): set from the start (``VLLM_TEST_FAULT``), or armed and,
+    for a hang, released at run time through the control file (``VLLM_TEST_FAULT_FILE``)."""
 
-
-_STATS_LOCK = threading.Lock()
-_ADMIT_LOCK = threading.Lock()
-_DONE = False
-
-
-class _Armed:
-    """A hang armed and released at run time through the control file (``VLLM_TEST_FAULT_FILE``)."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.seen: tuple[int, int] | None = None
-        self.plan: tuple[str, int, int] | None = None  # kind, rank, the step from which it bites
+    def __init__(self, plan: tuple[str, int, int] | None, control: str = "") -> None:
+        self.plan = plan  # kind, rank, the step from which it bites; None: nothing (more) to bite
+        self.control = control
+        self.seen: tuple[int, int] | None = None  # the control file's (mtime, size) last read
 
     def _key(self) -> tuple[int, int] | None:
         try:
-            st = os.stat(self.path)
+            st = os.stat(self.control)
         except OSError:
             return None
         return st.st_mtime_ns, st.st_size
 
     def poll(self, count: int) -> None:
-        """Once per step (one stat): a new plan when the file changed, none when it is gone."""
+        """Once per step (one stat, with a control file): a new plan when the file changed, none when it is gone."""
+        if not self.control:
+            return
         key = self._key()
         if key == self.seen:
             return
@@ -119,25 +111,33 @@ class _Armed:
         if key is None:
             return
         try:
-            with open(self.path) as f:
+            with open(self.control) as f:
                 kind, rank, after = f.read().strip().split(":")
         except (OSError, ValueError):
             return
         if kind in ARMABLE:
             self.plan = kind, int(rank), count + int(after)
 
-    def bites(self, kind: str, rank: int, count: int) -> bool:
+    def bites(self, kind: str, rank: int | None, count: int) -> bool:
+        """Whether ``kind`` bites now on ``rank`` (None: wherever it is set) at step ``count``."""
         plan = self.plan
-        return plan is not None and plan[0] == kind and plan[1] == rank and count >= plan[2]
+        return plan is not None and plan[0] == kind and rank in (None, plan[1]) and count >= plan[2]
 
     def bit(self) -> None:
+        """It bites: never again; the file that says so (``VLLM_TEST_FAULT_ONCE``, or the control file's ``.bit``)."""
         self.plan = None
-        with open(self.path + ".bit", "w") as f:
-            f.write(str(os.getpid()))
+        if self.control:
+            with open(self.control + ".bit", "w") as f:
+                f.write(str(os.getpid()))
+            return
+        once = os.environ.get(ONCE_ENV, "")
+        if once:
+            with open(once, "w") as f:
+                f.write(os.environ.get(ENV, ""))
 
     def leak(self) -> threading.Lock:
-        """The defect: a lock leaked (held), which the caller takes again and blocks on; a thread
-        releases it once the file changes."""
+        """The defect of the hangs: a lock leaked (held), which the caller takes again and blocks on. With a
+        control file a thread releases it once the file changes; otherwise it is held for good."""
         self.bit()
         leaked, armed = threading.Lock(), self.seen
         leaked.acquire()
@@ -147,7 +147,8 @@ class _Armed:
                 time.sleep(0.1)
             leaked.release()
 
-        threading.Thread(target=release, name="fault-release", daemon=True).start()
+        if self.control:
+            threading.Thread(target=release, name="fault-release", daemon=True).start()
         return leaked
 
 
@@ -155,42 +156,25 @@ def register() -> None:
     if getattr(register, "done", False):
         return
     control = os.environ.get(FILE_ENV, "")
-    if control:
-        register.done = True  # type: ignore[attr-defined]
-        _armable(_Armed(control))
-        return
-    plan = _plan()
-    if plan is None:
+    fixed = None if control else _fixed()
+    if fixed is None and not control:
         return
     register.done = True  # type: ignore[attr-defined]
-    kind, rank, step = plan
-    if kind == "engine-stall":
-        _engine_stall(step)
-    else:
-        _worker_faults(kind, rank, step)
+    _install(_Plan(fixed, control), ARMABLE if fixed is None else (fixed[0],))
 
 
-def _armable(armed: _Armed) -> None:
-    """The faults armed from the control file: the engine's scheduler (its calls counted), a worker's
-    input preparation and its logits gather (its model-runner steps counted)."""
-    from vllm.model_executor.layers.logits_processor import LogitsProcessor
-    from vllm.v1.core.sched.scheduler import Scheduler
+def _install(plan: _Plan, kinds: tuple[str, ...]) -> None:
+    """Wrap what ``kinds`` need: the engine's scheduler (its calls counted), a worker's step, input
+    preparation and logits gather (its model-runner steps counted), the tensor-parallel all-reduce."""
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    schedule, run, update = Scheduler.schedule, GPUModelRunner.execute_model, GPUModelRunner._update_states
-    calls = [0]
-
-    def scheduled(self: Any, *args: Any, **kwargs: Any) -> Any:
-        calls[0] += 1
-        armed.poll(calls[0])
-        if armed.bites("engine-stall", 0, calls[0]) and self.waiting and self.running:
-            armed.leak().acquire()  # blocks here, in the scheduler's call, until released
-        return schedule(self, *args, **kwargs)
+    run, update = GPUModelRunner.execute_model, GPUModelRunner._update_states
 
     def execute_model(self: Any, scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
         if scheduler_output.total_num_scheduled_tokens > 0:
             _Worker.steps += 1
-            armed.poll(_Worker.steps)
+            _Worker.reduces = 0
+            plan.poll(_Worker.steps)
             if _Worker.rank < 0:
                 from vllm.distributed.parallel_state import get_tp_group
 
@@ -198,24 +182,21 @@ def _armable(armed: _Armed) -> None:
         return run(self, scheduler_output, *args, **kwargs)
 
     def _update_states(self: Any, scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
-        if armed.bites("host-hang", _Worker.rank, _Worker.steps):
-            armed.leak().acquire()  # blocks here, in the input preparation, until released
+        if plan.bites("host-hang", _Worker.rank, _Worker.steps):
+            plan.leak().acquire()  # blocks here, in the input preparation
         return update(self, scheduler_output, *args, **kwargs)
 
-    def _gather_logits(self: Any, logits: Any) -> Any:
-        if armed.bites("size-mismatch", _Worker.rank, _Worker.steps):
-            armed.bit()
-            logits = logits[..., :-1]  # the defect: a shard sliced one column short
-        return gather(self, logits)
-
-    gather = LogitsProcessor._gather_logits
-    Scheduler.schedule = scheduled
     GPUModelRunner.execute_model = execute_model
     GPUModelRunner._update_states = _update_states
-    LogitsProcessor._gather_logits = _gather_logits
+    if "engine-stall" in kinds:
+        _scheduler_fault(plan)
+    if "size-mismatch" in kinds:
+        _gather_fault(plan)
+    for kind in set(kinds) & set(WRAPS_ALLREDUCE):
+        _allreduce_fault(plan, kind)
 
 
-def _engine_stall(step: int) -> None:
+def _scheduler_fault(plan: _Plan) -> None:
     from vllm.v1.core.sched.scheduler import Scheduler
 
     orig = Scheduler.schedule
@@ -223,61 +204,29 @@ def _engine_stall(step: int) -> None:
 
     def schedule(self: Any, *args: Any, **kwargs: Any) -> Any:
         calls[0] += 1
-        with _ADMIT_LOCK:
-            if calls[0] >= step and self.waiting and self.running:
-                _bit()
-                _ADMIT_LOCK.acquire()  # the defect: re-entered instead of released
-            return orig(self, *args, **kwargs)
+        plan.poll(calls[0])
+        if plan.bites("engine-stall", None, calls[0]) and self.waiting and self.running:
+            plan.leak().acquire()  # blocks here, in the scheduler's call, with requests waiting
+        return orig(self, *args, **kwargs)
 
     Scheduler.schedule = schedule
 
 
-def _worker_faults(kind: str, rank: int, step: int) -> None:
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
-
-    run = GPUModelRunner.execute_model
-    update = GPUModelRunner._update_states
-
-    def execute_model(self: Any, scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
-        if scheduler_output.total_num_scheduled_tokens > 0:
-            _Worker.steps += 1
-            _Worker.reduces = 0
-            if _Worker.rank < 0:
-                from vllm.distributed.parallel_state import get_tp_group
-
-                _Worker.rank = get_tp_group().rank_in_group
-        return run(self, scheduler_output, *args, **kwargs)
-
-    def _update_states(self: Any, scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
-        if kind == "host-hang" and _Worker.rank == rank and _Worker.steps == step:
-            _bit()
-            _STATS_LOCK.acquire()  # leaked by the stats path: never released
-            _STATS_LOCK.acquire()
-        return update(self, scheduler_output, *args, **kwargs)
-
-    GPUModelRunner.execute_model = execute_model
-    GPUModelRunner._update_states = _update_states
-    if kind in WRAPS_ALLREDUCE:
-        _allreduce_fault(kind, rank, step)
-    elif kind == "size-mismatch":
-        _gather_fault(rank, step)
-
-
-def _gather_fault(rank: int, step: int) -> None:
+def _gather_fault(plan: _Plan) -> None:
     from vllm.model_executor.layers.logits_processor import LogitsProcessor
 
     orig = LogitsProcessor._gather_logits
 
     def _gather_logits(self: Any, logits: Any) -> Any:
-        if _Worker.rank == rank and _Worker.steps == step:
-            _bit()
+        if plan.bites("size-mismatch", _Worker.rank, _Worker.steps):
+            plan.bit()
             logits = logits[..., :-1]  # the defect: a shard sliced one column short
         return orig(self, logits)
 
     LogitsProcessor._gather_logits = _gather_logits
 
 
-def _allreduce_fault(kind: str, rank: int, step: int) -> None:
+def _allreduce_fault(plan: _Plan, kind: str) -> None:
     import torch
     from vllm.distributed.parallel_state import GroupCoordinator, get_tp_group
 
@@ -288,9 +237,9 @@ def _allreduce_fault(kind: str, rank: int, step: int) -> None:
         # Decided here, at run time: a compiled graph (traced once, or loaded from vLLM's compile
         # cache) calls this op on every step without running the Python that traced it.
         _Worker.reduces += 1
-        bites = _Worker.rank == rank and _Worker.steps == step and _Worker.reduces == 1
+        bites = _Worker.reduces == 1 and plan.bites(kind, _Worker.rank, _Worker.steps)
         if bites:
-            _bit()
+            plan.bit()
         if bites and kind == "skip-allreduce":
             return x.clone()  # the defect: the model's all-reduce not issued on this rank
         if bites and kind == "worker-killed":
